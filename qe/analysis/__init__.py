@@ -1,0 +1,1 @@
+"""Channel-importance estimators, streamed statistics and analysis reports."""

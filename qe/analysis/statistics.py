@@ -1,0 +1,188 @@
+"""Streamed per-linear statistics of calibration inputs.
+
+Statistics are accumulated batch by batch as the calibration tokens flow through a block;
+no full activation matrix is kept. Linears that read the same input (a smoothing group, e.g.
+q/k/v) share one :class:`InputStats` (Hessian, maxima, moments, token sample); each linear
+has its own :class:`ImportanceStats`, because importance depends on its weight.
+
+Token positions are global indices into the concatenated calibration stream, so the bounded
+token sample (``sample_positions``) picks the same tokens for every linear of every block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from qe.errors import NumericalError
+from qe.models.base import MODALITIES
+
+NUM_MODALITIES = len(MODALITIES)
+
+
+def choose_sample_positions(total_tokens: int, max_tokens: int, seed: int = 0) -> torch.Tensor:
+    """Sorted global positions of a uniform random token sample of at most ``max_tokens``."""
+    if total_tokens <= max_tokens:
+        return torch.arange(total_tokens)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(total_tokens, generator=g)[:max_tokens].sort().values
+
+
+class InputStats:
+    """Statistics of one linear input (shared by the linears that read it).
+
+    * ``xtx``: ``Σ_t x_t x_tᵀ`` in float64 (the Hessian of the layer-wise objective, up to 2).
+    * ``absmax``: ``max_t |x_tc|``; ``moments``: ``Σ x^p`` for p = 1..4 (mean, variance, kurtosis).
+    * ``sample``: the inputs at the sampled global positions, with their modality.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        sample_positions: torch.Tensor | None = None,
+        hessian: bool = True,
+        moments: bool = True,
+        where: str = "",
+    ):
+        self.d_in = d_in
+        self.where = where
+        self.n_tokens = 0
+        self.n_by_modality = torch.zeros(NUM_MODALITIES, dtype=torch.long)
+        self.absmax = torch.zeros(d_in)
+        self.xtx = torch.zeros(d_in, d_in, dtype=torch.float64) if hessian else None
+        self.moments = torch.zeros(4, d_in, dtype=torch.float64) if moments else None
+        self.sample_positions = sample_positions
+        self._sample_chunks: list[torch.Tensor] = []
+        self._sample_mod_chunks: list[torch.Tensor] = []
+
+    def update(self, x: torch.Tensor, modality: torch.Tensor, offset: int) -> None:
+        """Add tokens ``x`` ``(T, d_in)`` whose global positions start at ``offset``."""
+        x = x.detach().reshape(-1, self.d_in).float()
+        if not torch.isfinite(x).all():
+            raise NumericalError(f"NaN or Inf in the calibration inputs of {self.where}: check the model's dtype and the data")
+        T = x.shape[0]
+        self.n_tokens += T
+        self.n_by_modality += torch.bincount(modality.long(), minlength=NUM_MODALITIES)[:NUM_MODALITIES].cpu()
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(0).cpu())
+        if self.xtx is not None:
+            self.xtx += (x.T @ x).double().cpu()
+        if self.moments is not None:
+            xd = x.double()
+            p = xd
+            for i in range(4):
+                self.moments[i] += p.sum(0).cpu()
+                if i < 3:
+                    p = p * xd
+        if self.sample_positions is not None:
+            pos = self.sample_positions
+            lo = torch.searchsorted(pos, offset)
+            hi = torch.searchsorted(pos, offset + T)
+            if hi > lo:
+                idx = (pos[lo:hi] - offset).to(x.device)
+                self._sample_chunks.append(x[idx].cpu())
+                self._sample_mod_chunks.append(modality[idx.cpu()].cpu())
+
+    @property
+    def sample(self) -> torch.Tensor:
+        """``(S, d_in)`` sampled input tokens (float32)."""
+        if not self._sample_chunks:
+            return torch.zeros(0, self.d_in)
+        if len(self._sample_chunks) > 1:
+            self._sample_chunks = [torch.cat(self._sample_chunks)]
+        return self._sample_chunks[0]
+
+    @property
+    def sample_modality(self) -> torch.Tensor:
+        if not self._sample_mod_chunks:
+            return torch.zeros(0, dtype=torch.int8)
+        if len(self._sample_mod_chunks) > 1:
+            self._sample_mod_chunks = [torch.cat(self._sample_mod_chunks)]
+        return self._sample_mod_chunks[0]
+
+    def mean(self) -> torch.Tensor:
+        return (self.moments[0] / max(self.n_tokens, 1)).float()
+
+    def kurtosis(self) -> torch.Tensor:
+        """Per-channel excess-free (Pearson) kurtosis ``E[(x-μ)^4] / Var^2``."""
+        n = max(self.n_tokens, 1)
+        m1, m2, m3, m4 = (self.moments[i] / n for i in range(4))
+        var = (m2 - m1**2).clamp_min(1e-30)
+        c4 = m4 - 4 * m3 * m1 + 6 * m2 * m1**2 - 3 * m1**4
+        return (c4 / var**2).float()
+
+
+class ImportanceStats:
+    """Per-token top-k importance of one linear's input channels (QE-METHOD.md §1).
+
+    * ``counts[m, c]``: number of tokens of modality ``m`` whose top-k set holds channel c
+      (``m_c`` split by modality).
+    * ``score_sum[c]``: sum of scores (mean saliency = score_sum / n_tokens).
+    * ``topk``: ``(T, k)`` int16 top-k channel indices of every token, in stream order, and
+      ``topk_modality`` ``(T,)``: kept (2 bytes per index) so co-occurrence among ``C_r`` can be
+      counted once ``C_r`` is known, without a second forward pass.
+    """
+
+    def __init__(self, d_in: int, k: int, channel_factor: torch.Tensor | None, estimator, keep_topk: bool = True, where: str = ""):
+        if k > d_in:
+            raise ValueError(f"k={k} exceeds the input width {d_in} of {where}")
+        self.d_in, self.k = d_in, k
+        self.where = where
+        self.estimator = estimator
+        self.channel_factor = channel_factor
+        self.n_tokens = 0
+        self.counts = torch.zeros(NUM_MODALITIES, d_in, dtype=torch.long)
+        self.score_sum = torch.zeros(d_in, dtype=torch.float64)
+        self.keep_topk = keep_topk
+        self._topk_chunks: list[torch.Tensor] = []
+        self._mod_chunks: list[torch.Tensor] = []
+        self.recorded_scores: torch.Tensor | None = None
+        self.record_range: tuple[int, int] | None = None
+
+    def update(self, x: torch.Tensor, modality: torch.Tensor, offset: int) -> None:
+        x = x.detach().reshape(-1, self.d_in).float()
+        scores = self.estimator.score(x, self.channel_factor)
+        T = scores.shape[0]
+        idx = scores.topk(self.k, dim=1).indices  # (T, k)
+        mod = modality.long().to(idx.device)
+        flat = (mod[:, None] * self.d_in + idx).reshape(-1)
+        self.counts += torch.bincount(flat, minlength=NUM_MODALITIES * self.d_in).reshape(NUM_MODALITIES, self.d_in).cpu()
+        self.score_sum += scores.double().sum(0).cpu()
+        self.n_tokens += T
+        if self.keep_topk:
+            self._topk_chunks.append(idx.to(torch.int16).cpu())
+            self._mod_chunks.append(modality.to(torch.int8).cpu())
+        if self.record_range is not None:
+            lo, hi = max(self.record_range[0], offset), min(self.record_range[1], offset + T)
+            if hi > lo:
+                part = scores[lo - offset : hi - offset].cpu()
+                self.recorded_scores = part if self.recorded_scores is None else torch.cat([self.recorded_scores, part])
+
+    @property
+    def topk(self) -> torch.Tensor:
+        if len(self._topk_chunks) > 1:
+            self._topk_chunks = [torch.cat(self._topk_chunks)]
+        return self._topk_chunks[0] if self._topk_chunks else torch.zeros(0, self.k, dtype=torch.int16)
+
+    @property
+    def topk_modality(self) -> torch.Tensor:
+        if len(self._mod_chunks) > 1:
+            self._mod_chunks = [torch.cat(self._mod_chunks)]
+        return self._mod_chunks[0] if self._mod_chunks else torch.zeros(0, dtype=torch.int8)
+
+    def total_counts(self) -> torch.Tensor:
+        return self.counts.sum(0)
+
+
+@dataclass
+class LinearStats:
+    """Everything the pipeline streamed for one linear layer."""
+
+    name: str  # full module name
+    input: InputStats
+    importance: ImportanceStats | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def hessian(self) -> torch.Tensor | None:
+        return self.input.xtx

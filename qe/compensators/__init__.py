@@ -1,0 +1,1 @@
+"""Quantization-error compensators: none, global low-rank, Quant Experts."""

@@ -1,0 +1,9 @@
+"""The trivial compensator: quantization error left as it is."""
+
+from qe.compensators.base import Compensator
+
+
+class NoCompensation(Compensator):
+    """No compensation: the quantized layer alone."""
+
+    name = "none"

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, caption likelihood, layer errors."""

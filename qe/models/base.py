@@ -1,0 +1,232 @@
+"""Model adapters: how qe reads a VLM's language model, block by block.
+
+An adapter answers, for one model family: where the language model's decoder blocks are,
+which linears each block has and which share an input (smoothing groups, with the norm
+before them where there is one), and how a calibration sample becomes model inputs with a
+per-token modality mask (vision / text prompt / answer).
+
+All transformers 5.x VLM families this project supports keep a Llama-style decoder
+(``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, ``input_layernorm``,
+``post_attention_layernorm``) under different parents, so :class:`ModelAdapter` implements
+that layout once and a family adapter names its parent module, its image token and its
+prompt format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from qe.data.samples import Sample
+from qe.errors import DataError, ModelError
+
+
+class Modality(IntEnum):
+    TEXT = 0  # text prompt (and plain text)
+    VISION = 1
+    ANSWER = 2
+
+
+MODALITIES = tuple(m.name.lower() for m in Modality)
+
+
+@dataclass
+class SmoothingGroup:
+    """Linears that read the same input; ``norm`` is the module producing it, if foldable."""
+
+    linears: list[str]  # names relative to the block, e.g. "self_attn.q_proj"
+    norm: str | None = None  # name relative to the block, e.g. "input_layernorm"
+
+
+@dataclass
+class EncodedSample:
+    """Model inputs for one sample (batch dimension 1) and its per-token modality."""
+
+    inputs: dict[str, Any]
+    modality: torch.Tensor  # (T,) int8, values of Modality
+    origin: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.modality.numel())
+
+    def modality_counts(self) -> dict[str, int]:
+        return {name: int((self.modality == m).sum()) for name, m in zip(MODALITIES, Modality)}
+
+
+LLAMA_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+class ModelAdapter:
+    """Base adapter for a Llama-style decoder behind a vision tower.
+
+    Subclasses set ``model_types`` (``config.model_type`` values they serve) and
+    ``language_model_path`` (attribute path from the top-level model to the module that owns
+    ``layers``); override what differs.
+    """
+
+    kind: ClassVar[str] = "model_adapter"
+    name: ClassVar[str]
+    priority: ClassVar[int] = 10
+    model_types: ClassVar[tuple[str, ...]] = ()
+    language_model_path: ClassVar[str] = "model.language_model"
+    blocks_attr: ClassVar[str] = "layers"
+    image_placeholder: ClassVar[str] = "<image>"
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.Config()
+
+    # ------------------------------------------------------------------ recognition
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return getattr(getattr(model, "config", None), "model_type", None) in cls.model_types
+
+    # ------------------------------------------------------------------ structure
+    def language_model(self, model: nn.Module) -> nn.Module:
+        try:
+            return model.get_submodule(self.language_model_path)
+        except AttributeError:
+            raise ModelError(
+                f"{type(model).__name__}: adapter {self.name!r} looked for the language model at "
+                f"{self.language_model_path!r} and found nothing"
+            ) from None
+
+    def blocks_prefix(self, model: nn.Module) -> str:
+        return f"{self.language_model_path}.{self.blocks_attr}"
+
+    def decoder_blocks(self, model: nn.Module) -> nn.ModuleList:
+        blocks = getattr(self.language_model(model), self.blocks_attr, None)
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+            raise ModelError(f"{type(model).__name__}: no decoder blocks at {self.blocks_prefix(model)!r}")
+        return blocks
+
+    def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
+        """The quantizable linears of one decoder block, by name relative to the block."""
+        out = {}
+        for name in LLAMA_LINEARS:
+            try:
+                mod = block.get_submodule(name)
+            except AttributeError:
+                continue
+            if isinstance(mod, nn.Linear):
+                out[name] = mod
+        if not out:
+            raise ModelError(f"block {type(block).__name__} has none of the linears {', '.join(LLAMA_LINEARS)}")
+        return out
+
+    def smoothing_groups(self, block: nn.Module) -> list[SmoothingGroup]:
+        """Linears sharing one input, with the norm to fold smoothing scales into."""
+        have = self.block_linears(block)
+        groups = [
+            SmoothingGroup(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "input_layernorm"),
+            SmoothingGroup(["self_attn.o_proj"], None),
+            SmoothingGroup(["mlp.gate_proj", "mlp.up_proj"], "post_attention_layernorm"),
+            SmoothingGroup(["mlp.down_proj"], None),
+        ]
+        out = []
+        for g in groups:
+            linears = [n for n in g.linears if n in have]
+            if not linears:
+                continue
+            norm = g.norm if g.norm and _has_submodule(block, g.norm) else None
+            out.append(SmoothingGroup(linears, norm))
+        return out
+
+    def image_token_id(self, model: nn.Module) -> int | None:
+        cfg = model.config
+        for attr in ("image_token_id", "image_token_index"):
+            value = getattr(cfg, attr, None)
+            if value is not None:
+                return int(value)
+        return None
+
+    # ------------------------------------------------------------------ data
+    def format_prompt(self, processor, prompt: str) -> str:
+        """The prompt text (with the image placeholder) that precedes the answer."""
+        template = getattr(processor, "chat_template", None)
+        if template:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            try:
+                text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception:  # a template that cannot render image items: plain format
+                text = ""
+            if self._image_marker(processor) in text:
+                return text
+        return f"USER: {self._image_marker(processor)}\n{prompt} ASSISTANT:"
+
+    def _image_marker(self, processor) -> str:
+        return getattr(processor, "image_token", None) or self.image_placeholder
+
+    def processor_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def encode(self, processor, sample: Sample, default_prompt: str, model: nn.Module | None = None) -> EncodedSample:
+        """Turn a sample into model inputs and a modality mask.
+
+        Image samples: prompt with image (processor) then the answer tokens appended, so the
+        answer span is known exactly. Text samples: all tokens are ``TEXT``.
+        """
+        tokenizer = getattr(processor, "tokenizer", processor)
+        if sample.token_ids is not None:
+            ids = torch.tensor([list(sample.token_ids)], dtype=torch.long)
+            return EncodedSample(
+                {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                torch.full((ids.shape[1],), int(Modality.TEXT), dtype=torch.int8),
+                sample.origin,
+            )
+        if not sample.has_image:
+            ids = tokenizer(sample.text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            if ids.shape[1] == 0:
+                raise DataError(f"{sample.origin}: text gives no tokens")
+            return EncodedSample(
+                {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                torch.full((ids.shape[1],), int(Modality.TEXT), dtype=torch.int8),
+                sample.origin,
+            )
+        image = sample.load_image()
+        prompt_text = self.format_prompt(processor, sample.prompt or default_prompt)
+        inputs = dict(processor(text=[prompt_text], images=[image], return_tensors="pt", **self.processor_kwargs()))
+        answer = tokenizer(" " + sample.text.strip(), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        n_prompt = inputs["input_ids"].shape[1]
+        n_answer = answer.shape[1]
+        for key, value in list(inputs.items()):
+            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == (1, n_prompt):
+                if key == "input_ids":
+                    inputs[key] = torch.cat([value, answer.to(value.dtype)], 1)
+                elif key == "attention_mask":
+                    inputs[key] = torch.cat([value, torch.ones((1, n_answer), dtype=value.dtype)], 1)
+                else:  # token type ids: answer tokens are text (0)
+                    inputs[key] = torch.cat([value, torch.zeros((1, n_answer), dtype=value.dtype)], 1)
+        modality = torch.full((n_prompt + n_answer,), int(Modality.TEXT), dtype=torch.int8)
+        image_id = self.image_token_id(model) if model is not None else None
+        if image_id is None:
+            image_id = tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", self.image_placeholder))
+        modality[:n_prompt][inputs["input_ids"][0, :n_prompt] == image_id] = int(Modality.VISION)
+        modality[n_prompt:] = int(Modality.ANSWER)
+        if not bool((modality == int(Modality.VISION)).any()):
+            raise DataError(f"{sample.origin}: the processor produced no image tokens (id {image_id}) for this image")
+        return EncodedSample(inputs, modality, sample.origin)
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+        return True
+    except AttributeError:
+        return False

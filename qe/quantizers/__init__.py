@@ -1,0 +1,1 @@
+"""Weight quantizers, quantization grids, packing and the quantized linear module."""

@@ -1,0 +1,148 @@
+"""The quantized linear module that replaces ``nn.Linear`` in a quantized model.
+
+    x̃ = x / input_scale                       (explicit smoothing; absent when folded into a norm)
+    y = Q_a(x̃ ⊙ act_keep) · Q_w(W̃)ᵀ + b + compensator(x̃)
+
+``Q_w(W̃)`` is stored packed (:mod:`qe.quantizers.packing`) with per-row or per-group scales
+and zero points; ``Q_a`` is per-token dynamic symmetric (or static per-tensor) fake
+quantization; ``act_keep`` zeroes the exempt channels before ``Q_a`` so their outliers do not
+set the per-token scale (those channels reach the output only through the compensator,
+which reads the unquantized ``x̃``). The forward picks the Triton kernels on CUDA and their
+torch twins elsewhere (``QE_KERNELS=torch|triton`` forces one, see :mod:`qe.kernels`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from qe.quantizers.base import QuantizedWeight
+from qe.quantizers.grid import fake_quantize_activations
+from qe.quantizers.packing import pack, packed_columns, unpack
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bits: int,
+        group_size: int,
+        symmetric: bool,
+        a_bits: int = 16,
+        bias: bool = False,
+        input_scale: bool = False,
+        act_keep: bool = False,
+        static_act_scale: bool = False,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric, self.a_bits = bits, group_size, symmetric, a_bits
+        n_groups = 1 if group_size == 0 else -(-in_features // group_size)
+        self.register_buffer("qweight", torch.zeros(out_features, packed_columns(in_features, bits), dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, n_groups))
+        self.register_buffer("zeros", torch.zeros(out_features, n_groups))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("input_scale", torch.ones(in_features) if input_scale else None)
+        self.register_buffer("act_keep", torch.ones(in_features, dtype=torch.bool) if act_keep else None)
+        self.register_buffer("static_act_scale", torch.ones(()) if static_act_scale else None)
+        self.compensator: nn.Module | None = None
+        self._dequantized: torch.Tensor | None = None  # cache for the torch path
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_quantized(
+        cls,
+        q: QuantizedWeight,
+        *,
+        a_bits: int,
+        bias: torch.Tensor | None = None,
+        input_scale: torch.Tensor | None = None,
+        act_exempt: torch.Tensor | None = None,
+        static_act_scale: torch.Tensor | None = None,
+        compensator: nn.Module | None = None,
+    ) -> "QuantLinear":
+        d_out, d_in = q.shape
+        m = cls(
+            d_in, d_out, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, a_bits=a_bits,
+            bias=bias is not None, input_scale=input_scale is not None, act_keep=act_exempt is not None,
+            static_act_scale=static_act_scale is not None,
+        )
+        codes = q.codes.clone()
+        if q.exempt is not None:
+            # Exempt columns dequantize to exactly zero: store the zero point as their code.
+            g = q.group_index()
+            codes[:, q.exempt] = q.zeros[:, g[q.exempt]].round().to(codes.dtype)
+        m.qweight.copy_(pack(codes, q.bits))
+        m.scales.copy_(q.scales)
+        m.zeros.copy_(q.zeros)
+        if bias is not None:
+            m.bias.copy_(bias)
+        if input_scale is not None:
+            m.input_scale.copy_(input_scale)
+        if act_exempt is not None:
+            m.act_keep.copy_(~act_exempt)
+        if static_act_scale is not None:
+            m.static_act_scale.copy_(static_act_scale)
+        m.compensator = compensator
+        return m
+
+    def layout(self) -> dict[str, Any]:
+        """What :meth:`from_layout` needs to rebuild an empty module (saved in the manifest)."""
+        return {
+            "in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
+            "group_size": self.group_size, "symmetric": self.symmetric, "a_bits": self.a_bits,
+            "bias": self.bias is not None, "input_scale": self.input_scale is not None,
+            "act_keep": self.act_keep is not None, "static_act_scale": self.static_act_scale is not None,
+        }
+
+    @classmethod
+    def from_layout(cls, layout: dict[str, Any]) -> "QuantLinear":
+        layout = dict(layout)
+        return cls(layout.pop("in_features"), layout.pop("out_features"), **layout)
+
+    # ------------------------------------------------------------------ weights
+    def codes(self) -> torch.Tensor:
+        return unpack(self.qweight, self.bits, self.in_features)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        g = self.group_size if self.group_size > 0 else self.in_features
+        gi = torch.arange(self.in_features, device=self.qweight.device) // g
+        return ((self.codes().to(dtype) - self.zeros[:, gi].to(dtype)) * self.scales[:, gi].to(dtype))
+
+    def _apply(self, fn, recurse=True):
+        self._dequantized = None  # device or dtype changes invalidate the cache
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dequantized = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    # ------------------------------------------------------------------ forward
+    def smooth_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.input_scale.to(x.dtype) if self.input_scale is not None else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = self.smooth_input(x)
+        xq = xs if self.act_keep is None else xs * self.act_keep.to(xs.dtype)
+        xq = fake_quantize_activations(xq, self.a_bits, self.static_act_scale)
+        if self._dequantized is None or self._dequantized.dtype != x.dtype:
+            self._dequantized = self.dequantized_weight(x.dtype)
+        y = torch.nn.functional.linear(xq, self._dequantized, self.bias.to(x.dtype) if self.bias is not None else None)
+        if self.compensator is not None:
+            y = y + self.compensator(xs).to(y.dtype)
+        return y
+
+    def storage_bytes(self, include_compensator: bool = True) -> int:
+        n = sum(b.numel() * b.element_size() for b in self.buffers(recurse=False) if b is not None)
+        if include_compensator and self.compensator is not None:
+            n += sum(t.numel() * t.element_size() for t in self.compensator.state_dict().values())
+        return n
+
+    def extra_repr(self) -> str:
+        gran = "ch" if self.group_size == 0 else f"g{self.group_size}"
+        return (f"in={self.in_features}, out={self.out_features}, W{self.bits}A{self.a_bits}{gran}"
+                f"{'sym' if self.symmetric else 'asym'}, smoothed={self.input_scale is not None}")

@@ -1,0 +1,29 @@
+"""Round-to-nearest weight quantization."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qe.errors import ConfigError
+from qe.quantizers.base import Quantizer
+from qe.quantizers.grid import quantize_rtn
+
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+@dataclass(frozen=True)
+class RTNConfig:
+    clip: bool = False  # search an MSE-optimal clip ratio per row/group over CLIP_GRID
+
+
+class RTN(Quantizer):
+    """Round-to-nearest onto the setting's grid (optional MSE clip search)."""
+
+    name = "rtn"
+    Config = RTNConfig
+
+    def quantize(self, weight, setting, *, hessian=None, exempt=None, layer_name=""):
+        if not setting.quantizes_weights:
+            raise ConfigError(f"{layer_name}: setting {setting} keeps 16-bit weights; nothing to quantize")
+        return quantize_rtn(weight, setting.w_bits, setting.group_size, setting.symmetric, exempt,
+                            CLIP_GRID if self.config.clip else None)

@@ -1,0 +1,29 @@
+"""Test configuration shared by the whole suite.
+
+TRITON_INTERPRET must be set before any Triton kernel is defined: kernels run on the CPU in
+interpreter mode here.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+settings.register_profile(
+    "qe", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "qe"))
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded default model (built into the cache on first use)."""
+    from qe.models.loading import load_model
+
+    return load_model(None)
