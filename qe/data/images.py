@@ -86,6 +86,18 @@ def load_image(ref: str, origin: str = ""):
             image.load()
         except (UnidentifiedImageError, OSError) as e:
             raise DataError(f"cannot read image {ref}{where}: {e.__class__.__name__}; replace or remove the record") from None
-    if image.mode != "RGB":
-        image = image.convert("RGBA").convert("RGB") if image.mode in ("P", "LA") else image.convert("RGB")
-    return image
+    return to_rgb(image)
+
+
+def to_rgb(image):
+    """RGB copy of a PIL image; transparent parts are laid over white (as viewers show them)."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

@@ -9,6 +9,7 @@ from torch import nn
 from qe.errors import ModelError
 from qe.hookspecs import hookimpl
 from qe.models.base import LLAMA_LINEARS, ModelAdapter, SmoothingGroup
+from qe.models.families import FAMILY_ADAPTERS
 
 
 class LlavaAdapter(ModelAdapter):
@@ -92,4 +93,4 @@ class GenericAdapter(ModelAdapter):
 
 @hookimpl
 def qe_model_adapters():
-    return [LlavaAdapter, CausalLMAdapter, GenericAdapter]
+    return [LlavaAdapter, *FAMILY_ADAPTERS, CausalLMAdapter, GenericAdapter]

@@ -58,6 +58,7 @@ class LoadedModel:
 
 
 def select_adapter(model: nn.Module, manager=None) -> ModelAdapter:
+    """The highest-priority adapter that reads ``model``; a one-line error naming what was tried."""
     from qe.plugins import default_manager
 
     manager = manager or default_manager()
@@ -65,11 +66,34 @@ def select_adapter(model: nn.Module, manager=None) -> ModelAdapter:
     for entry in entries:
         if entry.cls.matches(model):
             return entry.cls()
-    model_type = getattr(getattr(model, "config", None), "model_type", "?")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    known = sorted({t for e in entries for t in getattr(e.cls, "model_types", ())})
     raise ModelError(
-        f"no model adapter reads {type(model).__name__} (model_type {model_type!r}): adapters are "
-        f"{', '.join(e.name for e in entries)}; none found decoder blocks (a ModuleList of blocks with nn.Linear layers)"
+        f"no model adapter reads {type(model).__name__} (model_type {model_type!r}): the family adapters serve "
+        f"model types {', '.join(known)}, and the generic fallback found no ModuleList of decoder blocks holding "
+        "nn.Linear layers outside the vision tower; write a model adapter plugin (qe_model_adapters hook)"
     )
+
+
+def load_processor(path: str, adapter: ModelAdapter, config=None):
+    """The model's processor: the adapter's own loader where it has one, else ``AutoProcessor``.
+
+    Some families' stock processors need torchvision for a video processor; their adapters
+    rebuild an image-only processor (``load_processor`` classmethod). Text-only checkpoints
+    fall back to their tokenizer.
+    """
+    from transformers import AutoProcessor, AutoTokenizer
+
+    own = getattr(adapter, "load_processor", None)
+    if own is not None:
+        return own(path, config)
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, TypeError, ImportError):
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load a processor or tokenizer from {path}: {str(e).splitlines()[0]}") from None
 
 
 def load_model(
@@ -84,31 +108,41 @@ def load_model(
 ) -> LoadedModel:
     """Load a VLM (or text LM) from a local path or hub id; ``None`` means the embedded default.
 
+    ``tiny:<family>`` (or ``tiny:<family>@<seed>``) names a tiny random model of a supported
+    family (:mod:`qe.models.tiny`), written once to the cache and loaded like any checkpoint.
     ``device_map``, ``max_memory`` and ``offload_folder`` go to accelerate unchanged, so a
-    model larger than one device is spread over devices or offloaded to disk.
+    model larger than one device is spread over devices or offloaded to disk (see
+    :mod:`qe.models.offload` for reading offloaded blocks).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from qe.models import default_model
+    from qe.models import default_model, tiny
 
     torch_dtype = parse_dtype(dtype)
     notes: list[str] = []
+    tiny_spec = tiny.parse_tiny_name(name_or_path) if isinstance(name_or_path, str) else None
     if name_or_path in DEFAULT_MODEL_NAMES:
         path = str(default_model.ensure_default_model())
         name = default_model.NAME
+    elif tiny_spec is not None:
+        path = str(tiny.tiny_model_dir(*tiny_spec))
+        name = str(name_or_path)
     else:
         path = str(name_or_path)
         name = Path(path).name if Path(path).exists() else path
     card = default_model.read_model_card(Path(path)) if Path(path).is_dir() else None
     if card and card.get("note"):
         notes.append(card["note"])
+    marker = tiny.read_marker(path) if Path(path).is_dir() else None
+    if marker:
+        notes.append(f"tiny:{marker['family']}: {marker['note']}")
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
     if max_memory is not None:
         kwargs["max_memory"] = max_memory
     if offload_folder is not None:
-        kwargs["offload_folder"] = offload_folder
+        kwargs["offload_folder"] = str(offload_folder)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -120,10 +154,6 @@ def load_model(
     model.eval()
     if device is not None and device_map is None:
         model.to(device)
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError, TypeError, ImportError):
-        processor = AutoTokenizer.from_pretrained(path)
-    del config
     adapter = select_adapter(model, manager)
+    processor = load_processor(path, adapter, config)
     return LoadedModel(model, processor, adapter, name, path, notes, card)

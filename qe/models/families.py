@@ -1,0 +1,94 @@
+"""Adapters for the transformers-native VLM families beyond LLaVA.
+
+Each family keeps the Llama-style decoder that :class:`~qe.models.base.ModelAdapter`
+reads; an adapter here names where the language model sits, the image placeholder of the
+plain prompt format and, where the stock processor cannot be loaded offline, how to rebuild
+it. Remote-code checkpoints (InternVL2 with fused ``wqkv``) are not covered.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qe.errors import ModelError
+from qe.models.base import ModelAdapter
+
+
+class ImageOnlyProcessorMixin:
+    """For families whose stock processor builds a torchvision video processor.
+
+    torchvision cannot be installed beside every torch, and ``AutoProcessor`` then falls back
+    to a bare tokenizer; these adapters rebuild an image-only processor from the checkpoint's
+    tokenizer and (PIL) image processor files instead.
+    """
+
+    @classmethod
+    def processor_init_kwargs(cls, config) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def load_processor(cls, path: str | Path, config=None):
+        from qe.models.tiny import image_only_processor_class
+
+        model_type = getattr(config, "model_type", None) or cls.model_types[0]
+        processor_cls = image_only_processor_class(model_type)
+        try:
+            return processor_cls.from_pretrained(str(path), **cls.processor_init_kwargs(config))
+        except (OSError, ValueError, TypeError) as e:
+            raise ModelError(
+                f"cannot build the {model_type} processor from {path}: {str(e).splitlines()[0]}; the folder needs "
+                "the tokenizer files and preprocessor_config.json (or processor_config.json)"
+            ) from None
+
+
+class QwenVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
+    """Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense): M-RoPE decoder at ``model.language_model``.
+
+    Their processors emit ``mm_token_type_ids`` (0 text, 1 image, 2 video) beside
+    ``image_grid_thw``; the model needs both to place image tokens in its 3-D rotary
+    positions. Answer tokens appended by :meth:`encode` are text (0).
+    """
+
+    name = "qwen-vl"
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    language_model_path = "model.language_model"
+    image_placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+
+    def _image_marker(self, processor) -> str:
+        image_token = getattr(processor, "image_token", None) or "<|image_pad|>"
+        return f"<|vision_start|>{image_token}<|vision_end|>"
+
+
+class Idefics3Adapter(ModelAdapter):
+    """Idefics3 and SmolVLM: Llama decoder at ``model.text_model``, pixel-shuffle connector.
+
+    The processor wraps each image's ``<image>`` tokens in ``<fake_token_around_image>`` and a
+    ``<global-img>`` tag; only ``<image>`` tokens count as vision.
+    """
+
+    name = "idefics3"
+    model_types = ("idefics3", "smolvlm")
+    language_model_path = "model.text_model"
+    image_placeholder = "<image>"
+
+
+class InternVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
+    """InternVL (transformers-native ``InternVLForConditionalGeneration``, InternVL3 ``-hf``).
+
+    Each image becomes ``<img>`` + ``<IMG_CONTEXT>`` x N + ``</img>``; only the context tokens
+    count as vision. The processor's ``image_seq_length`` comes from the model config.
+    """
+
+    name = "internvl"
+    model_types = ("internvl",)
+    language_model_path = "model.language_model"
+    image_placeholder = "<IMG_CONTEXT>"
+
+    @classmethod
+    def processor_init_kwargs(cls, config) -> dict[str, Any]:
+        seq = getattr(config, "image_seq_length", None)
+        return {"image_seq_length": int(seq)} if seq else {}
+
+
+FAMILY_ADAPTERS = [QwenVLAdapter, Idefics3Adapter, InternVLAdapter]
