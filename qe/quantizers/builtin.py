@@ -1,9 +1,11 @@
 """Built-in quantizers (registered through the ``qe_quantizers`` hook)."""
 
 from qe.hookspecs import hookimpl
+from qe.quantizers.gptq import GPTQ
 from qe.quantizers.rtn import RTN
+from qe.quantizers.smoothquant import SmoothQuant
 
 
 @hookimpl
 def qe_quantizers():
-    return [RTN]
+    return [RTN, GPTQ, SmoothQuant]

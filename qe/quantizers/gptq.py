@@ -1,0 +1,213 @@
+"""GPTQ: quantize column by column, feeding each column's rounding error back into the
+columns not yet quantized, weighted by the inverse Hessian of the layer-wise objective
+``tr((W − Ŵ) H (W − Ŵ)ᵀ)``, ``H = XᵀX`` (Frantar et al., 2023).
+
+With ``U`` the upper Cholesky factor of ``(H + λI)⁻¹``, column ``c`` (in processing order) gets
+
+    q_c = quant(w_c);   e_c = (w_c − q_c) / U_cc;   W[:, c+1:] −= e_c ⊗ U[c, c+1:]
+
+applied lazily: inside a block of ``block_size`` columns the rank-1 updates touch only the
+block, and the block's errors reach the columns after it in one matrix product.
+
+Choices (see :class:`GPTQConfig`):
+
+* act-order processes columns by decreasing ``H_cc``; group parameters are then "static",
+  computed on the original column order before any update, so the stored format keeps plain
+  contiguous groups and needs no per-column group index;
+* damping ``λ = damp · mean diag(H)``, the mean taken over the live columns (so dropping a
+  column is exactly the same as deleting it); a failed Cholesky retries with 10× the damping;
+* dead input channels (``H_cc = 0``) and exempt columns are dropped: ``H[c, :] = H[:, c] = 0``,
+  ``H_cc = 1``, ``W[:, c] = 0``. They quantize to exactly zero with zero error and, being
+  decoupled in ``H``, neither send nor receive updates. Their codes are the zero point.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from qe.errors import ConfigError, DataError, NumericalError
+from qe.quantizers.base import QuantizedWeight, Quantizer
+from qe.quantizers.grid import (
+    check_finite,
+    check_group_size,
+    check_weight_bits,
+    column_groups,
+    dequantize_codes,
+    group_params,
+    num_groups,
+    quantize_to_codes,
+)
+from qe.quantizers.rtn import CLIP_GRID, require_weight_bits
+
+DAMP_RETRIES = 4  # a failed Cholesky is retried with 10x, 100x, ... the damping
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    damp: float = 0.01  # relative to the mean Hessian diagonal
+    block_size: int = 128  # columns per lazy batch update
+    act_order: bool = True  # process columns by decreasing Hessian diagonal
+    clip: bool = False  # MSE clip search for the group parameters (over rtn.CLIP_GRID)
+    static_groups: bool = True  # group parameters from the original weight, before any update
+
+    def __post_init__(self) -> None:
+        if not self.damp > 0:
+            raise ConfigError(f"damp={self.damp} must be positive (a fraction of the mean Hessian diagonal), e.g. 0.01")
+        if self.block_size < 1:
+            raise ConfigError(f"block_size={self.block_size} must be at least 1, e.g. 128")
+        if self.act_order and not self.static_groups:
+            raise ConfigError(
+                "act_order=true with static_groups=false needs a per-column group index that the stored "
+                "format lacks: keep static_groups=true or set act_order=false"
+            )
+
+
+def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float, mean_diag: float, layer_name: str) -> torch.Tensor:
+    """``U`` upper triangular with ``Uᵀ U = (H + damp·mean_diag·I)⁻¹``; raises the damping ×10 while
+    Cholesky fails.
+
+    Without forming the inverse: the Cholesky factor of ``H`` with its index order reversed
+    gives ``H = R Rᵀ`` with ``R`` upper triangular, so ``H⁻¹ = R⁻ᵀ R⁻¹`` and ``U = R⁻¹``.
+    """
+    where = f" on {layer_name}" if layer_name else ""
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for _ in range(DAMP_RETRIES + 1):
+        Hd = H.flip(0, 1)
+        Hd.diagonal().add_(damp * mean_diag)
+        M, info = torch.linalg.cholesky_ex(Hd)  # lower, J H J = M Mᵀ
+        if int(info) == 0:
+            R = M.flip(0, 1)  # upper, H = R Rᵀ
+            U = torch.linalg.solve_triangular(R, eye, upper=True)
+            if bool(torch.isfinite(U).all()):
+                return U
+        warnings.warn(
+            f"GPTQ{where}: the Hessian with damping {damp:g} is not positive definite; retrying with damping {damp * 10:g}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        damp *= 10
+    raise NumericalError(
+        f"GPTQ{where}: the Hessian stays singular up to damping {damp / 10:g}; check the calibration data or use rtn"
+    )
+
+
+def _block_bounds(d_in: int, block_size: int, group_size: int, dynamic_groups: bool) -> list[int]:
+    """Block boundaries; with dynamic groups every group starts a block, so its parameters are
+    computed from fully updated columns."""
+    bounds = set(range(0, d_in, block_size))
+    if dynamic_groups:
+        bounds |= set(range(0, d_in, group_size))
+    return sorted(bounds) + [d_in]
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    *,
+    exempt: torch.Tensor | None = None,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = True,
+    static_groups: bool = True,
+    clip_grid: tuple[float, ...] | None = None,
+    layer_name: str = "",
+) -> QuantizedWeight:
+    """GPTQ of ``weight`` ``(d_out, d_in)`` with ``hessian`` ``(d_in, d_in)`` (any positive multiple of XᵀX)."""
+    d_out, d_in = weight.shape
+    check_weight_bits(bits, layer_name)
+    check_group_size(d_in, group_size, layer_name)
+    if tuple(hessian.shape) != (d_in, d_in):
+        raise DataError(f"the Hessian of {layer_name or 'the layer'} is {tuple(hessian.shape)}, expected ({d_in}, {d_in})")
+    if exempt is not None and tuple(exempt.shape) != (d_in,):
+        raise ConfigError(f"the exempt mask of {layer_name or 'the layer'} has shape {tuple(exempt.shape)}, expected ({d_in},)")
+    check_finite(weight, "weight", layer_name)
+    check_finite(hessian, "Hessian", layer_name)
+    dynamic_groups = group_size > 0 and not static_groups
+    if dynamic_groups and act_order:
+        raise ConfigError("GPTQ act-order needs static groups: the stored format has no per-column group index")
+
+    # Columns of W are rows of Wt, so each column's work reads and writes contiguous memory.
+    Wt = weight.detach().to(torch.float64).T.contiguous()  # (d_in, d_out), updated in place
+    H = hessian.detach().to(device=Wt.device, dtype=torch.float64).clone()  # (d_in, d_in)
+    dropped = torch.diagonal(H) == 0  # dead input channels
+    if exempt is not None:
+        exempt = exempt.to(device=Wt.device, dtype=torch.bool)
+        dropped |= exempt
+    live = ~dropped
+    mean_diag = float(torch.diagonal(H)[live].mean()) if bool(live.any()) else 1.0
+    H[dropped, :] = 0
+    H[:, dropped] = 0
+    H.diagonal()[dropped] = 1
+    Wt[dropped] = 0
+
+    n_g = num_groups(d_in, group_size)
+    g_of = column_groups(d_in, group_size, Wt.device)  # (d_in,) group of each original column
+    if dynamic_groups:
+        scales = torch.zeros(d_out, n_g, device=Wt.device)
+        zeros = torch.zeros(d_out, n_g, device=Wt.device)
+    else:  # per channel, or static groups: parameters from the weight before any update
+        scales, zeros = group_params(Wt.T.float(), bits, symmetric, group_size, clip_grid)
+
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    else:
+        perm = torch.arange(d_in, device=Wt.device)
+    Wt = Wt.index_select(0, perm)
+    H = H.index_select(0, perm).index_select(1, perm)
+    U = _upper_cholesky_of_inverse(H, damp, mean_diag, layer_name)  # (d_in, d_in) upper, permuted order
+    # (d_in, d_out) grid parameters of each processed column
+    col_scale = scales.T.index_select(0, g_of[perm]).contiguous()
+    col_zero = zeros.T.index_select(0, g_of[perm]).contiguous()
+    codes_t = torch.zeros(d_in, d_out, device=Wt.device)  # codes, transposed like Wt
+
+    bounds = _block_bounds(d_in, block_size, group_size, dynamic_groups)
+    for i1, i2 in zip(bounds[:-1], bounds[1:]):
+        if dynamic_groups and i1 % group_size == 0:  # a group starts: parameters from its current columns
+            g = i1 // group_size
+            s, z = group_params(Wt[i1 : i1 + group_size].T.float(), bits, symmetric, 0, clip_grid)
+            scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+            col_scale[i1 : i1 + group_size], col_zero[i1 : i1 + group_size] = s.T, z.T
+        W1 = Wt[i1:i2]  # (B, d_out): the block's columns as left by the earlier blocks' updates
+        Err1 = torch.zeros_like(W1)  # (B, d_out) scaled errors e_c
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            # Column i after the rank-1 updates of the block's earlier columns, summed in one
+            # matrix-vector product: the same as W1[:, i+1:] -= e_i ⊗ U1[i, i+1:] done eagerly,
+            # but one small BLAS call per column instead of a rank-1 update of the whole block.
+            w = torch.addmv(W1[i], Err1[:i].T, U1[:i, i], alpha=-1)
+            s, z = col_scale[i1 + i], col_zero[i1 + i]
+            c = quantize_to_codes(w.float(), s, z, bits)  # the float32 grid, exactly as RTN rounds
+            codes_t[i1 + i] = c
+            Err1[i] = (w - dequantize_codes(c, s, z).double()) / U1[i, i]
+        Wt[i2:] -= U[i1:i2, i2:].T @ Err1  # lazy update of the columns after the block
+
+    codes = codes_t.index_select(0, torch.argsort(perm)).T
+    if exempt is not None:
+        codes[:, exempt] = zeros[:, g_of[exempt]]
+    return QuantizedWeight(codes.to(torch.uint8).contiguous(), scales, zeros, bits, group_size, symmetric, exempt)
+
+
+class GPTQ(Quantizer):
+    """GPTQ: Hessian-weighted error feedback (act-order, static groups, lazy block updates)."""
+
+    name = "gptq"
+    Config = GPTQConfig
+    needs_hessian = True
+
+    def quantize(self, weight, setting, *, hessian=None, exempt=None, layer_name="") -> QuantizedWeight:
+        require_weight_bits(setting, layer_name)
+        if hessian is None:
+            where = f" for {layer_name}" if layer_name else ""
+            raise ConfigError(f"GPTQ needs calibration data: no Hessian (XᵀX) was given{where}; give calibration samples or use rtn")
+        cfg = self.config
+        return gptq_quantize(
+            weight, hessian, setting.w_bits, setting.group_size, setting.symmetric, exempt=exempt,
+            damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups,
+            clip_grid=CLIP_GRID if cfg.clip else None, layer_name=layer_name,
+        )

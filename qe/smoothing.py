@@ -1,0 +1,221 @@
+"""The smoothing transform shared by SmoothQuant-style quantization and QE's planning step.
+
+Per smoothing group (the linears that read one input, e.g. q/k/v after the input norm), one
+scale vector ``s`` (``d_in``) moves activation outliers into the weights (QE-METHOD.md §3.1):
+
+    s_j = max|X_j|^α / max_{linears, o} |W[o, j]|^(1−α)
+    W̃ = W · diag(s)          x̃ = x / s          H̃ = diag(1/s) H diag(1/s)
+
+so ``x̃ W̃ᵀ = x Wᵀ`` in full precision. ``1/s`` is folded into the preceding norm where there
+is one (:func:`fold_into_norm`), else kept as an explicit per-channel input scale.
+
+``α = None`` means no smoothing (``s ≡ 1``); ``α = 0`` is *not* that: it gives
+``s_j = 1 / max|W_{:,j}|``. :func:`choose_alpha` picks α per group from candidates by the
+group's relative output error on calibration tokens, given a caller's weight-quantization
+function, so it knows nothing of which quantizer or compensator is used.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from qe.errors import ConfigError, NumericalError
+from qe.quantizers.grid import fake_quantize_activations
+
+SCALE_RANGE = (1e-5, 1e5)  # s is clamped to this range so no channel is scaled to 0 or ∞
+
+# quantize_fn(weight_smoothed (d_out, d_in), hessian_smoothed (d_in, d_in) | None, exempt (d_in,) | None)
+#   -> dequantized weight (d_out, d_in)
+QuantizeFn = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
+
+
+# --------------------------------------------------------------------------- the transform
+
+
+def smoothing_scales(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float | None) -> torch.Tensor:
+    """``(d_in,)`` float32 scales ``s_j = max|X_j|^α / max|W_{:,j}|^(1−α)`` over the group's weights.
+
+    ``alpha=None`` gives ones (no smoothing). Channels whose activation or weight maximum is 0
+    get ``s = 1``; the rest are clamped to :data:`SCALE_RANGE`.
+    """
+    d_in = act_absmax.shape[0]
+    if alpha is None:
+        return torch.ones(d_in, device=act_absmax.device)
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"smoothing alpha {alpha} is outside 0..1 (None means no smoothing)")
+    if not weights:
+        raise ConfigError("smoothing needs at least one weight in the group")
+    for w in weights:
+        if w.shape[1] != d_in:
+            raise ConfigError(f"a weight of the smoothing group has {w.shape[1]} input columns; the activations have {d_in}")
+    a = act_absmax.detach().double().abs()
+    w_max = torch.stack([w.detach().abs().amax(0).to(a) for w in weights]).amax(0)  # (d_in,)
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(w_max).all())):
+        raise NumericalError("NaN or Inf in the activation maxima or weights given to smoothing: check the model's dtype")
+    s = a.pow(alpha) / w_max.pow(1.0 - alpha)
+    s = s.clamp(*SCALE_RANGE)
+    s = torch.where((a > 0) & (w_max > 0), s, torch.ones_like(s))
+    return s.float()
+
+
+def smooth_weight(weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``W̃ = W · diag(s)``: ``(d_out, d_in)``."""
+    return weight * s.to(weight)[None, :]
+
+
+def smooth_tokens(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``x̃ = x / s`` (``(..., d_in)``)."""
+    return x / s.to(x)
+
+
+def smooth_hessian(hessian: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``H̃ = diag(1/s) H diag(1/s)`` for ``x̃ = x / s`` (``(d_in, d_in)``, H's dtype)."""
+    s = s.to(hessian)
+    return hessian / (s[:, None] * s[None, :])
+
+
+# --------------------------------------------------------------------------- folding
+
+_warned_norms: set[str] = set()
+
+
+def _norm_kind(norm: nn.Module) -> str | None:
+    """``"layernorm"`` (weight and bias), ``"rms"`` (``x̂ · w``), ``"gemma"`` (``x̂ · (1 + w)``) or None."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return None
+    cls = type(norm).__name__
+    if isinstance(norm, nn.LayerNorm):
+        return "layernorm"
+    if "Gemma" in cls and "RMSNorm" in cls:
+        return "gemma"
+    if isinstance(norm, nn.RMSNorm) or "RMSNorm" in cls:
+        return "rms"
+    return None
+
+
+def fold_into_norm(norm: nn.Module, s: torch.Tensor) -> bool:
+    """Divide the norm's output by ``s`` in place, so it produces ``x̃ = x / s``.
+
+    Handles ``nn.LayerNorm`` (weight and bias), RMSNorm-style modules with ``x̂ · weight``
+    (``nn.RMSNorm``, Llama/Qwen2/SmolLM ``*RMSNorm``) and Gemma's ``x̂ · (1 + weight)``. The fold is
+    checked on a probe input; a norm of another kind, or one the check refuses, is left
+    unchanged and False is returned (with one warning per norm class): the caller then keeps
+    an explicit input scale on the layers instead.
+    """
+    kind = _norm_kind(norm)
+    cls = type(norm).__name__
+    if kind is None:
+        _warn_once(cls, f"cannot fold smoothing scales into {cls} (an unknown norm kind); keeping an explicit input scale")
+        return False
+    weight: torch.Tensor = norm.weight
+    bias = getattr(norm, "bias", None) if kind == "layernorm" else None
+    s32 = s.detach().float().to(weight.device)
+    if s32.shape != weight.shape:
+        raise ConfigError(f"smoothing scales of length {s32.numel()} do not fit {cls} of width {weight.numel()}")
+    saved_weight = weight.detach().clone()
+    saved_bias = bias.detach().clone() if bias is not None else None
+    probe = torch.randn(4, weight.numel(), generator=torch.Generator().manual_seed(0)).to(weight)
+    with torch.no_grad():
+        before = norm(probe).float()
+        if kind == "gemma":
+            weight.copy_(((1.0 + weight.float()) / s32 - 1.0).to(weight.dtype))
+        else:
+            weight.copy_((weight.float() / s32).to(weight.dtype))
+        if bias is not None:
+            bias.copy_((bias.float() / s32).to(bias.dtype))
+        after = norm(probe).float()
+    expected = before / s32
+    tol = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 2e-2
+    if torch.allclose(after, expected, rtol=tol, atol=tol * float(expected.abs().max().clamp_min(1e-30))):
+        return True
+    with torch.no_grad():  # the module does not behave like the kind it looks like: undo
+        weight.copy_(saved_weight)
+        if bias is not None:
+            bias.copy_(saved_bias)
+    _warn_once(cls, f"folding smoothing scales into {cls} did not give x/s on a probe input; keeping an explicit input scale")
+    return False
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned_norms:
+        _warned_norms.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+# --------------------------------------------------------------------------- choosing α
+
+
+def relative_group_error(
+    tokens: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    dequantized: Sequence[torch.Tensor],
+    s: torch.Tensor,
+    a_bits: int,
+    exempt: torch.Tensor | None = None,
+    act_exempt: torch.Tensor | None = None,
+) -> float:
+    """``Σ_i ‖X W_iᵀ − Ŷ_i‖² / Σ_i ‖X W_iᵀ‖²`` on ``tokens`` ``X`` ``(S, d_in)``.
+
+    ``Ŷ_i = Q_a(x̃ ⊙ keep) Ŵ_iᵀ + x̃_E W̃_{i,E}ᵀ``: the quantized path reads the per-token
+    quantized ``x̃`` with the activation-exempt channels zeroed, and the columns ``E`` it leaves
+    out (weight- or activation-exempt) are added exactly, as a compensator absorbs them, so
+    the figure measures what the quantized path gets wrong.
+    """
+    x = tokens.float()
+    xs = smooth_tokens(x, s)  # (S, d_in)
+    left_out = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
+    for mask in (exempt, act_exempt):
+        if mask is not None:
+            left_out |= mask.to(device=x.device, dtype=torch.bool)
+    xq_in = xs if act_exempt is None else xs.masked_fill(act_exempt.to(x.device), 0.0)
+    xq = fake_quantize_activations(xq_in, a_bits)
+    num = den = 0.0
+    for w, w_hat in zip(weights, dequantized):
+        w = w.float()
+        y = x @ w.T  # (S, d_out)
+        w_hat = w_hat.float().masked_fill(left_out[None, :], 0.0)
+        y_hat = xq @ w_hat.T
+        if bool(left_out.any()):
+            y_hat = y_hat + xs[:, left_out] @ smooth_weight(w, s)[:, left_out].T
+        num += float((y - y_hat).double().pow(2).sum())
+        den += float(y.double().pow(2).sum())
+    return num / max(den, 1e-30)
+
+
+def choose_alpha(
+    candidates: Sequence[float | None],
+    act_absmax: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    tokens: torch.Tensor,
+    quantize_fn: QuantizeFn,
+    a_bits: int,
+    *,
+    hessian: torch.Tensor | None = None,
+    exempt: torch.Tensor | None = None,
+    act_exempt: torch.Tensor | None = None,
+) -> tuple[float | None, dict[float | None, float]]:
+    """Pick the smoothing α of one group by its relative output error on calibration tokens.
+
+    For each candidate (``None`` = no smoothing): ``s`` from :func:`smoothing_scales`, each
+    linear's ``W̃`` quantized by ``quantize_fn(W̃, H̃, exempt)`` (``H̃`` is None when no
+    ``hessian`` is given), activations quantized per token at ``a_bits``, and the error of
+    :func:`relative_group_error` on ``tokens`` ``(S, d_in)`` (original, unsmoothed basis).
+    Returns ``(best α, {α: error})``; ties keep the earlier candidate.
+    """
+    if not candidates:
+        raise ConfigError("choose_alpha needs at least one candidate (None means no smoothing)")
+    if tokens.dim() != 2 or tokens.shape[0] == 0:
+        raise ConfigError("choose_alpha needs a non-empty (tokens, d_in) sample of calibration inputs")
+    errors: dict[float | None, float] = {}
+    for alpha in candidates:
+        s = smoothing_scales(act_absmax, weights, alpha)
+        h = smooth_hessian(hessian, s) if hessian is not None else None
+        dequantized = [quantize_fn(smooth_weight(w.float(), s), h, exempt) for w in weights]
+        errors[alpha] = relative_group_error(tokens, weights, dequantized, s, a_bits, exempt, act_exempt)
+    best = min(errors, key=lambda a: errors[a])  # dicts keep insertion order: ties go to the earlier
+    return best, errors
