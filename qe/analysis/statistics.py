@@ -59,21 +59,19 @@ class InputStats:
     def update(self, x: torch.Tensor, modality: torch.Tensor, offset: int) -> None:
         """Add tokens ``x`` ``(T, d_in)`` whose global positions start at ``offset``."""
         x = x.detach().reshape(-1, self.d_in).float()
-        if not torch.isfinite(x).all():
-            raise NumericalError(f"NaN or Inf in the calibration inputs of {self.where}: check the model's dtype and the data")
         T = x.shape[0]
+        batch_absmax = x.abs().amax(0)
+        # NaN and Inf propagate through amax: checking d_in values is as good as T·d_in.
+        if not torch.isfinite(batch_absmax).all():
+            raise NumericalError(f"NaN or Inf in the calibration inputs of {self.where}: check the model's dtype and the data")
         self.n_tokens += T
         self.n_by_modality += torch.bincount(modality.long(), minlength=NUM_MODALITIES)[:NUM_MODALITIES].cpu()
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(0).cpu())
+        self.absmax = torch.maximum(self.absmax, batch_absmax.cpu())
         if self.xtx is not None:
-            self.xtx += (x.T @ x).double().cpu()
+            self.xtx += (x.T @ x).double().cpu()  # fp32 GEMM per batch, fp64 accumulation across batches
         if self.moments is not None:
-            xd = x.double()
-            p = xd
-            for i in range(4):
-                self.moments[i] += p.sum(0).cpu()
-                if i < 3:
-                    p = p * xd
+            x2 = x * x
+            self.moments += torch.stack([x.sum(0), x2.sum(0), (x2 * x).sum(0), (x2 * x2).sum(0)]).double().cpu()
         if self.sample_positions is not None:
             pos = self.sample_positions
             lo = torch.searchsorted(pos, offset)
@@ -130,6 +128,7 @@ class ImportanceStats:
         self.where = where
         self.estimator = estimator
         self.channel_factor = channel_factor
+        self.prepared = channel_factor is not None
         self.n_tokens = 0
         self.counts = torch.zeros(NUM_MODALITIES, d_in, dtype=torch.long)
         self.score_sum = torch.zeros(d_in, dtype=torch.float64)

@@ -85,6 +85,11 @@ class Compensator:
     def smoothing_candidates(self) -> tuple[float | None, ...] | None:
         return None
 
+    def importance_k(self) -> int | None:
+        """Top-k size of the per-token channel importance this compensator needs in
+        ``layer.stats.importance`` (QE's k), or None when it needs none."""
+        return None
+
     def validate_layer(self, name: str, d_in: int, d_out: int) -> None:
         """Raise ConfigError if this compensator cannot serve a layer of this shape."""
 
