@@ -98,38 +98,57 @@ def read_jsonl(path: Path) -> list[Sample]:
         raise DataError(f"calibration file {path} not found: give an existing JSONL file or a source name (images, pydoc)")
     samples = []
     base = path.parent
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = file_origin(path, lineno)
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: a record must be a JSON object with a \"text\" field")
-            unknown = set(rec) - {"image", "prompt", "text"}
-            if unknown:
-                raise DataError(f"{where}: unknown field(s) {sorted(unknown)}; records hold image, prompt and text")
-            text = rec.get("text")
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{where}: \"text\" must be a non-empty string")
-            image = rec.get("image")
-            if image is not None:
-                if not isinstance(image, str) or not image:
-                    raise DataError(f"{where}: \"image\" must be a file path")
-                p = Path(image)
-                image = str(p if p.is_absolute() else base / p)
-                if not Path(image).is_file():
-                    raise DataError(f"{where}: image file {image} not found; fix the path or remove the record")
-            prompt = rec.get("prompt")
-            if prompt is not None and not isinstance(prompt, str):
-                raise DataError(f"{where}: \"prompt\" must be a string")
-            if prompt is not None and image is None:
-                raise DataError(f"{where}: \"prompt\" needs an \"image\"; text-only records hold only \"text\"")
-            samples.append(Sample(text=text, image=image, prompt=prompt, origin=where))
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as e:
+        raise DataError(f"cannot read calibration file {path}: {e.strerror}") from None
+    for lineno, raw in enumerate(lines, 1):
+        where = file_origin(path, lineno)
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{where}: not UTF-8 text; save the file as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: a record must be a JSON object with a \"text\" field")
+        unknown = set(rec) - {"image", "prompt", "text"}
+        if unknown:
+            raise DataError(f"{where}: unknown field(s) {sorted(unknown)}; records hold image, prompt and text")
+        text = rec.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: \"text\" must be a non-empty string")
+        image = rec.get("image")
+        if image is not None:
+            if not isinstance(image, str) or not image:
+                raise DataError(f"{where}: \"image\" must be a file path")
+            p = Path(image)
+            image = str(p if p.is_absolute() else base / p)
+            if not Path(image).is_file():
+                raise DataError(f"{where}: image file {image} not found; fix the path or remove the record")
+            _check_image(image, where)
+        prompt = rec.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise DataError(f"{where}: \"prompt\" must be a string")
+        if prompt is not None and image is None:
+            raise DataError(f"{where}: \"prompt\" needs an \"image\"; text-only records hold only \"text\"")
+        samples.append(Sample(text=text, image=image, prompt=prompt, origin=where))
     return require_nonempty(samples, f"calibration file {path}")
+
+
+def _check_image(image: str, where: str) -> None:
+    """Fail now, naming the record, on an image PIL cannot identify (reads the header only)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{where}: cannot read image {image} ({e.__class__.__name__}); replace or remove the record") from None
 
 
 def resolve_source(spec: str | None, manager=None) -> CalibrationSource:

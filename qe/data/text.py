@@ -13,6 +13,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from qe.errors import DataError
+
 WINDOW = 512
 CALIB_FRACTION = 0.6
 CALIB_WINDOWS = 64
@@ -43,12 +45,26 @@ def split_tokens(ids: np.ndarray, calib_fraction: float = CALIB_FRACTION) -> Tex
     return TextSplit(ids[:cut], ids[cut:], 0, cut)
 
 
+def calibration_starts(n_calib: int, n: int = CALIB_WINDOWS, window: int = WINDOW) -> np.ndarray:
+    """Start positions of ``n`` windows evenly spaced over ``n_calib`` calibration tokens."""
+    if n < 1:
+        raise DataError(f"need at least one calibration window, not {n}")
+    if n_calib < window:
+        raise DataError(f"calibration text has {n_calib} tokens, fewer than one window of {window}")
+    return np.linspace(0, n_calib - window, n).round().astype(int)
+
+
 def calibration_windows(calib_ids: np.ndarray, n: int = CALIB_WINDOWS, window: int = WINDOW) -> list[np.ndarray]:
     """``n`` windows of ``window`` tokens, evenly spaced over the calibration part."""
-    if len(calib_ids) < window:
-        raise ValueError(f"calibration text has {len(calib_ids)} tokens, fewer than one window of {window}")
-    starts = np.linspace(0, len(calib_ids) - window, n).round().astype(int)
-    return [calib_ids[s : s + window] for s in starts]
+    return [calib_ids[s : s + window] for s in calibration_starts(len(calib_ids), n, window)]
+
+
+def eval_starts(n_eval: int, window: int = WINDOW, max_tokens: int | None = None) -> np.ndarray:
+    """Start positions (within the held-out part) of its non-overlapping windows."""
+    if window < 2:
+        raise DataError(f"a perplexity window needs at least 2 tokens, not {window}")
+    n_used = n_eval if max_tokens is None else min(n_eval, max_tokens)
+    return np.arange(n_used // window) * window
 
 
 def eval_windows(eval_ids: np.ndarray, window: int = WINDOW, max_tokens: int | None = None) -> list[np.ndarray]:
@@ -56,6 +72,4 @@ def eval_windows(eval_ids: np.ndarray, window: int = WINDOW, max_tokens: int | N
 
     ``max_tokens`` keeps only a prefix of the held-out part (a documented budget cut).
     """
-    ids = eval_ids if max_tokens is None else eval_ids[:max_tokens]
-    n = len(ids) // window
-    return [ids[i * window : (i + 1) * window] for i in range(n)]
+    return [eval_ids[s : s + window] for s in eval_starts(len(eval_ids), window, max_tokens)]

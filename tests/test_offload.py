@@ -1,0 +1,116 @@
+"""Blocks offloaded to disk by accelerate: onloaded() makes them real, and they compute the same."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qe.models import tiny
+from qe.models.loading import load_model
+from qe.models.offload import execution_device, is_offloaded, onloaded
+
+DISK_MAP = {
+    "model.vision_tower": "cpu",
+    "model.multi_modal_projector": "cpu",
+    "model.language_model.embed_tokens": "cpu",
+    "model.language_model.layers.0": "disk",
+    "model.language_model.layers.1": "disk",
+    "model.language_model.norm": "cpu",
+    "model.language_model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    path = tiny.tiny_model_dir("llava")
+    reference = load_model(str(path))
+    offloaded = load_model(str(path), device_map=DISK_MAP, offload_folder=tmp_path_factory.mktemp("offload"))
+    return reference, offloaded
+
+
+def _block_inputs(loaded, T=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(1, T, 64, generator=g)
+    lm = loaded.adapter.language_model(loaded.model)
+    position_embeddings = lm.rotary_emb(hidden, torch.arange(T)[None])
+    return hidden, position_embeddings
+
+
+def _out(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
+def test_blocks_are_offloaded_to_meta(pair):
+    _, off = pair
+    for block in off.blocks:
+        assert is_offloaded(block)
+        assert all(p.device.type == "meta" for p in block.parameters())
+    assert not is_offloaded(off.adapter.language_model(off.model).embed_tokens)
+    assert execution_device(off.blocks[0]) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_onloaded_weights_equal_originals(pair, index):
+    ref, off = pair
+    block, ref_block = off.blocks[index], ref.blocks[index]
+    reference = dict(ref_block.named_parameters())
+    with onloaded(block, "cpu") as b:
+        assert b is block
+        got = dict(block.named_parameters())
+        assert got.keys() == reference.keys()
+        for name, value in got.items():
+            assert value.device.type == "cpu"
+            assert torch.equal(value, reference[name]), name
+    assert all(p.device.type == "meta" for p in block.parameters())  # dropped again on exit
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_onloaded_block_forward_equals_plain_block(pair, index):
+    ref, off = pair
+    hidden, pe = _block_inputs(ref, seed=index)
+    with torch.no_grad():
+        expected = _out(ref.blocks[index](hidden, position_embeddings=pe))
+        with onloaded(off.blocks[index]):
+            first = _out(off.blocks[index](hidden, position_embeddings=pe))
+            # forwards inside the context must not drop the weights for the next read
+            assert off.blocks[index].self_attn.q_proj.weight.device.type == "cpu"
+            second = _out(off.blocks[index](hidden, position_embeddings=pe))
+    assert torch.equal(first, expected)
+    assert torch.equal(second, expected)
+
+
+def test_offloaded_model_forward_still_works_outside_onloaded(pair):
+    ref, off = pair
+    ids = torch.randint(4, 990, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(off.model(input_ids=ids).logits, ref.model(input_ids=ids).logits, atol=1e-6)
+
+
+def test_onloaded_is_a_no_op_for_plain_modules(pair):
+    ref, _ = pair
+    block = ref.blocks[0]
+    before = {n: (p.data_ptr(), p.device) for n, p in block.named_parameters()}
+    assert not is_offloaded(block) and execution_device(block) is None
+    with onloaded(block, "meta") as b:  # not moved, even when a device is named
+        assert b is block
+        assert {n: (p.data_ptr(), p.device) for n, p in block.named_parameters()} == before
+    assert {n: (p.data_ptr(), p.device) for n, p in block.named_parameters()} == before
+
+
+def test_weights_are_dropped_even_when_the_body_raises(pair):
+    _, off = pair
+    with pytest.raises(RuntimeError, match="boom"):
+        with onloaded(off.blocks[0]):
+            raise RuntimeError("boom")
+    assert all(p.device.type == "meta" for p in off.blocks[0].parameters())
+    with onloaded(off.blocks[0]):  # and can be onloaded again
+        assert off.blocks[0].mlp.down_proj.weight.device.type == "cpu"
