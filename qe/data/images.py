@@ -6,6 +6,7 @@ scikit-learn, matplotlib); captions live in ``image_captions.json`` beside this 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from functools import lru_cache
 from importlib import resources
@@ -60,9 +61,14 @@ def _load_reference(ref: str):
             array = array.astype("uint8") * 255
         return Image.fromarray(array)
     if kind == "sklearn":
-        from sklearn.datasets import load_sample_image
-
-        return Image.fromarray(load_sample_image(name))
+        # Read the JPEG that ships inside scikit-learn directly: importing sklearn takes seconds.
+        spec = importlib.util.find_spec("sklearn")
+        if spec is None or not spec.submodule_search_locations:
+            raise DataError("built-in images need scikit-learn: `pip install scikit-learn`")
+        path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "images" / name
+        if not path.is_file():
+            raise DataError(f"scikit-learn sample image {name} is missing at {path}: reinstall scikit-learn")
+        return Image.open(path)
     if kind == "matplotlib":
         import matplotlib
 
