@@ -37,12 +37,13 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         c = torch.cat([c, torch.zeros(rows, pad, dtype=torch.int64, device=c.device)], 1)
     if bits == 8:
         return c.to(torch.uint8)
-    c = c.reshape(rows, -1, 8)
+    n8 = c.shape[1] // 8
+    c = c.reshape(rows, n8, 8)
     shifts = torch.arange(8, device=c.device) * bits
     word = (c << shifts).sum(-1)  # (rows, n8): 8 codes of ≤ 7 bits fit in 56 bits, no sign bit touched
     byte_shifts = torch.arange(bits, device=c.device) * 8
     out = (word[..., None] >> byte_shifts) & 0xFF  # (rows, n8, bits)
-    return out.reshape(rows, -1).to(torch.uint8)
+    return out.reshape(rows, n8 * bits).to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
@@ -53,9 +54,10 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
         raise ValueError(f"{width} packed bytes per row do not hold {cols} codes of {bits} bits")
     if bits == 8:
         return packed[:, :cols].to(torch.uint8)
-    p = packed.to(torch.int64).reshape(rows, -1, bits)
+    n8 = width // bits
+    p = packed.to(torch.int64).reshape(rows, n8, bits)
     byte_shifts = torch.arange(bits, device=p.device) * 8
     word = (p << byte_shifts).sum(-1)  # (rows, n8)
     shifts = torch.arange(8, device=p.device) * bits
     codes = (word[..., None] >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(rows, -1)[:, :cols].to(torch.uint8)
+    return codes.reshape(rows, n8 * 8)[:, :cols].to(torch.uint8)
