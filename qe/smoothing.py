@@ -83,60 +83,60 @@ def smooth_hessian(hessian: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 _warned_norms: set[str] = set()
 
 
-def _norm_kind(norm: nn.Module) -> str | None:
-    """``"layernorm"`` (weight and bias), ``"rms"`` (``x̂ · w``), ``"gemma"`` (``x̂ · (1 + w)``) or None."""
+def _candidate_kinds(norm: nn.Module) -> list[str]:
+    """Ways the norm may apply its weight, most likely first: ``"layernorm"`` (weight and bias),
+    ``"rms"`` (``x̂ · w``), ``"gemma"`` (``x̂ · (1 + w)``). Empty when it has no per-channel weight."""
     weight = getattr(norm, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
-        return None
+        return []
     cls = type(norm).__name__
     if isinstance(norm, nn.LayerNorm):
-        return "layernorm"
-    if "Gemma" in cls and "RMSNorm" in cls:
-        return "gemma"
+        return ["layernorm"]
     if isinstance(norm, nn.RMSNorm) or "RMSNorm" in cls:
-        return "rms"
-    return None
+        # Gemma's norms scale by (1 + w), but not all of them (Gemma3n's scale by w): the probe decides.
+        return ["gemma", "rms"] if "Gemma" in cls else ["rms", "gemma"]
+    return []
 
 
 def fold_into_norm(norm: nn.Module, s: torch.Tensor) -> bool:
     """Divide the norm's output by ``s`` in place, so it produces ``x̃ = x / s``.
 
     Handles ``nn.LayerNorm`` (weight and bias), RMSNorm-style modules with ``x̂ · weight``
-    (``nn.RMSNorm``, Llama/Qwen2/SmolLM ``*RMSNorm``) and Gemma's ``x̂ · (1 + weight)``. The fold is
-    checked on a probe input; a norm of another kind, or one the check refuses, is left
-    unchanged and False is returned (with one warning per norm class): the caller then keeps
-    an explicit input scale on the layers instead.
+    (``nn.RMSNorm``, Llama/Qwen2/SmolLM ``*RMSNorm``) and Gemma's ``x̂ · (1 + weight)``. Each fold
+    is checked on a probe input (``norm(probe)`` must become ``norm(probe) / s``). A norm of
+    another kind, or one no fold passes the check for, is left unchanged and False is returned
+    (with one warning per norm class): the caller then keeps an explicit input scale instead.
     """
-    kind = _norm_kind(norm)
     cls = type(norm).__name__
-    if kind is None:
+    kinds = _candidate_kinds(norm)
+    if not kinds:
         _warn_once(cls, f"cannot fold smoothing scales into {cls} (an unknown norm kind); keeping an explicit input scale")
         return False
     weight: torch.Tensor = norm.weight
-    bias = getattr(norm, "bias", None) if kind == "layernorm" else None
     s32 = s.detach().float().to(weight.device)
     if s32.shape != weight.shape:
         raise ConfigError(f"smoothing scales of length {s32.numel()} do not fit {cls} of width {weight.numel()}")
+    bias = getattr(norm, "bias", None)
+    bias = bias if isinstance(bias, torch.Tensor) and kinds == ["layernorm"] else None
     saved_weight = weight.detach().clone()
     saved_bias = bias.detach().clone() if bias is not None else None
     probe = torch.randn(4, weight.numel(), generator=torch.Generator().manual_seed(0)).to(weight)
-    with torch.no_grad():
-        before = norm(probe).float()
-        if kind == "gemma":
-            weight.copy_(((1.0 + weight.float()) / s32 - 1.0).to(weight.dtype))
-        else:
-            weight.copy_((weight.float() / s32).to(weight.dtype))
-        if bias is not None:
-            bias.copy_((bias.float() / s32).to(bias.dtype))
-        after = norm(probe).float()
-    expected = before / s32
     tol = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 2e-2
-    if torch.allclose(after, expected, rtol=tol, atol=tol * float(expected.abs().max().clamp_min(1e-30))):
-        return True
-    with torch.no_grad():  # the module does not behave like the kind it looks like: undo
-        weight.copy_(saved_weight)
-        if bias is not None:
-            bias.copy_(saved_bias)
+    with torch.no_grad():
+        expected = norm(probe).float() / s32
+        for kind in kinds:
+            if kind == "gemma":
+                weight.copy_(((1.0 + saved_weight.float()) / s32 - 1.0).to(weight.dtype))
+            else:
+                weight.copy_((saved_weight.float() / s32).to(weight.dtype))
+            if bias is not None:
+                bias.copy_((saved_bias.float() / s32).to(bias.dtype))
+            after = norm(probe).float()
+            if torch.allclose(after, expected, rtol=tol, atol=tol * float(expected.abs().max().clamp_min(1e-30))):
+                return True
+            weight.copy_(saved_weight)  # this is not how the module applies its weight: undo
+            if bias is not None:
+                bias.copy_(saved_bias)
     _warn_once(cls, f"folding smoothing scales into {cls} did not give x/s on a probe input; keeping an explicit input scale")
     return False
 
