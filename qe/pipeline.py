@@ -1,0 +1,313 @@
+"""The quantization pipeline: one composition applied block by block.
+
+Per decoder block:
+
+1. stream the statistics of its linears over the block's calibration inputs (full-precision
+   block): Hessian ``XᵀX`` where a plugin needs it, per-token top-k importance where the
+   compensator needs it, and a bounded token sample;
+2. per smoothing group: the compensator's plan (exempt columns), the smoothing scale (the
+   quantizer's α, or the compensator's candidates chosen by calibration output error), then
+   per linear: quantize, fit the compensator, replace the ``nn.Linear`` by a
+   :class:`~qe.quantizers.qlinear.QuantLinear`, record the layer's figures;
+3. produce the next block's inputs: by running the quantized block (``quantized``
+   propagation, as deployed) or from the full-precision pass (``fp-inputs``).
+
+Event hooks (``qe_block_start`` …) are called on the plugin manager so progress and report
+plugins can watch without touching this code.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qe.analysis.statistics import LinearStats, choose_sample_positions
+from qe.capture import BlockInputs, StreamContext, attach_stats, capture_block_inputs, run_block
+from qe.compensators.base import LayerContext, LayerPlan
+from qe.composition import Composition
+from qe.errors import ConfigError, NumericalError
+from qe.models.base import MODALITIES, EncodedSample, Modality
+from qe.models.loading import LoadedModel
+from qe.plugins import QEPluginManager, default_manager
+from qe.quantizers.grid import fake_quantize_activations
+from qe.quantizers.qlinear import QuantLinear
+
+Propagation = Literal["quantized", "fp-inputs"]
+
+
+@dataclass
+class PipelineOptions:
+    propagation: Propagation = "quantized"
+    max_tokens: int = 16384  # bounded token sample per linear (fitting steps, figures)
+    batch_size: int = 8
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
+    skip: tuple[str, ...] = ()  # fnmatch patterns of full linear names left in full precision
+
+    def __post_init__(self):
+        if self.propagation not in ("quantized", "fp-inputs"):
+            raise ConfigError(f"propagation {self.propagation!r} unknown: use quantized or fp-inputs")
+        if self.max_tokens < 1:
+            raise ConfigError("max_tokens must be at least 1")
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    block: int
+    shape: tuple[int, int]
+    figures: dict[str, float] = field(default_factory=dict)
+    alpha: float | None = None
+    smoothing: str = "none"  # none | folded | explicit
+
+
+@dataclass
+class PipelineResult:
+    layers: list[LayerRecord] = field(default_factory=list)
+    blocks: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+def relative_error(y_ref: torch.Tensor, y: torch.Tensor) -> float:
+    den = y_ref.double().pow(2).sum()
+    return float((y_ref.double() - y.double()).pow(2).sum() / den.clamp_min(1e-30))
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or re.search(p, name) for p in patterns)
+
+
+class QuantizationPipeline:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        composition: Composition,
+        options: PipelineOptions | None = None,
+        manager: QEPluginManager | None = None,
+    ):
+        self.loaded = loaded
+        self.composition = composition
+        self.options = options or PipelineOptions()
+        self.manager = manager or default_manager()
+        self.estimator = composition.estimator.create()
+        self.quantizer = composition.quantizer.create()
+        self.compensator = composition.compensator.create()
+        self.setting = composition.setting
+        self._validate_layers()
+
+    # ------------------------------------------------------------------ checks
+    def _validate_layers(self) -> None:
+        adapter, model = self.loaded.adapter, self.loaded.model
+        for block in adapter.decoder_blocks(model):
+            for name, lin in adapter.block_linears(block).items():
+                self.compensator.validate_layer(name, lin.in_features, lin.out_features)
+                gs = self.setting.group_size
+                if gs > lin.in_features:
+                    raise ConfigError(
+                        f"group size {gs} exceeds the input width {lin.in_features} of {name}: use at most {lin.in_features}"
+                    )
+            break  # Llama-style decoders repeat one block shape
+
+    @property
+    def needs_hessian(self) -> bool:
+        return bool(getattr(self.quantizer, "needs_hessian", False) or getattr(self.compensator, "needs_hessian", False))
+
+    # ------------------------------------------------------------------ run
+    def run(
+        self,
+        encoded: list[EncodedSample],
+        *,
+        start_block: int = 0,
+        on_block_done: Callable[[int, "PipelineResult"], None] | None = None,
+    ) -> PipelineResult:
+        """Quantize every decoder block from ``start_block`` on (earlier ones must already be
+        quantized in the model: that is how ``--resume`` continues)."""
+        opts = self.options
+        hook = self.manager.hook
+        result = PipelineResult()
+        t_start = time.perf_counter()
+        adapter, model = self.loaded.adapter, self.loaded.model
+        blocks = adapter.decoder_blocks(model)
+        prefix = adapter.blocks_prefix(model)
+        inputs = capture_block_inputs(self.loaded, encoded, device=opts.device, batch_size=opts.batch_size,
+                                      progress=opts.progress)
+        sample_positions = choose_sample_positions(inputs.total_tokens, opts.max_tokens, opts.seed)
+        # Blocks finished by an earlier run: replay them (quantized, or full precision in
+        # fp-inputs mode, whose inputs never saw quantized blocks).
+        for i in range(start_block):
+            if opts.propagation == "quantized":
+                inputs = inputs.with_hidden(run_block(blocks[i], inputs, device=opts.device, block_index=i))
+            else:
+                raise ConfigError("resume is supported in quantized propagation only")
+        bar = tqdm(range(start_block, len(blocks)), desc=f"quantize {self.composition.label}", disable=not opts.progress)
+        for i in bar:
+            hook.qe_block_start(block_index=i, num_blocks=len(blocks))
+            inputs, block_figures = self._quantize_block(i, blocks[i], f"{prefix}.{i}", inputs, sample_positions, result)
+            result.blocks.append(block_figures)
+            hook.qe_block_end(block_index=i, num_blocks=len(blocks), figures=block_figures)
+            if on_block_done is not None:
+                on_block_done(i, result)
+        result.seconds = time.perf_counter() - t_start
+        return result
+
+    def _quantize_block(self, index, block, prefix, inputs: BlockInputs, sample_positions, result: PipelineResult):
+        opts = self.options
+        adapter = self.loaded.adapter
+        context = StreamContext()
+        k = self.compensator.importance_k()
+        linear_names = {n for n in adapter.block_linears(block) if not _matches(f"{prefix}.{n}", opts.skip)}
+        with attach_stats(block, adapter, prefix=prefix, context=context, sample_positions=sample_positions,
+                          hessian=self.needs_hessian, moments=False,
+                          estimator=self.estimator if k else None, k=k or 32, linears=linear_names) as stats:
+            fp_out = run_block(block, inputs, device=opts.device, context=context, block_index=index)
+        for group in adapter.smoothing_groups(block):
+            names = [n for n in group.linears if n in linear_names]
+            if names:
+                self._quantize_group(index, block, prefix, group, names, stats, result)
+        q_out = run_block(block, inputs, device=opts.device, block_index=index)
+        # The block's own error: quantized vs full-precision block on the same inputs.
+        figures = {"block_rel_error": _mean_rel_error(fp_out, q_out)}
+        next_hidden = q_out if opts.propagation == "quantized" else fp_out
+        return inputs.with_hidden(next_hidden), figures
+
+    def _quantize_group(self, index, block, prefix, group, names, stats: dict[str, LinearStats], result: PipelineResult):
+        from qe import smoothing
+
+        hook = self.manager.hook
+        linears = {n: block.get_submodule(n) for n in names}
+        shared = stats[names[0]].input
+        tokens = shared.sample
+        token_modality = shared.sample_modality
+        weights = {n: linears[n].weight.detach().float() for n in names}
+        for n, w in weights.items():
+            if not torch.isfinite(w).all():
+                raise NumericalError(f"NaN or Inf in the weight of {prefix}.{n}: the checkpoint is damaged")
+        plans: dict[str, LayerPlan] = {}
+        for n in names:
+            ctx = self._context(index, prefix, n, linears[n], weights[n], stats[n], None, tokens, token_modality)
+            plans[n] = self.compensator.plan(ctx)
+
+        alpha = self.quantizer.smoothing_alpha()
+        candidates = self.compensator.smoothing_candidates()
+        alpha_errors: dict = {}
+        if alpha is None and candidates:
+            def quantize_fn(w_s, h_s, exempt):
+                return self.quantizer.quantize(w_s, self.setting, hessian=h_s, exempt=exempt, layer_name=prefix).dequantize()
+
+            # One α per group: exemptions of the group's linears are pooled for the choice.
+            alpha, alpha_errors = smoothing.choose_alpha(
+                candidates,
+                shared.absmax,
+                [weights[n] for n in names],
+                tokens,
+                quantize_fn,
+                self.setting.a_bits,
+                hessian=shared.xtx,
+                exempt=_union([plans[n].exempt for n in names]),
+                act_exempt=_union([plans[n].act_exempt for n in names]),
+            )
+        scale = None
+        mode = "none"
+        if alpha is not None:
+            scale = smoothing.smoothing_scales(shared.absmax, [weights[n] for n in names], alpha)
+            if group.norm is not None and smoothing.fold_into_norm(block.get_submodule(group.norm), scale):
+                mode = "folded"
+            else:
+                if group.norm is not None:
+                    result.warnings.append(f"{prefix}.{group.norm}: cannot fold smoothing into this norm; using an explicit input scale")
+                mode = "explicit"
+        hessian = shared.xtx
+        if scale is not None:
+            tokens = smoothing.smooth_tokens(tokens, scale)
+            hessian = smoothing.smooth_hessian(hessian, scale) if hessian is not None else None
+        for n in names:
+            full = f"{prefix}.{n}"
+            hook.qe_layer_start(block_index=index, layer_name=full)
+            lin = linears[n]
+            w = weights[n] if scale is None else smoothing.smooth_weight(weights[n], scale)
+            ctx = self._context(index, prefix, n, lin, w, stats[n], hessian, tokens, token_modality, scale)
+            t0 = time.perf_counter()
+            q = self.quantizer.quantize(w, self.setting, hessian=hessian, exempt=plans[n].exempt, layer_name=full)
+            t1 = time.perf_counter()
+            module = self.compensator.fit(ctx, q, plans[n])
+            t2 = time.perf_counter()
+            ql = QuantLinear.from_quantized(
+                q, a_bits=self.setting.a_bits,
+                bias=lin.bias.detach().float() if lin.bias is not None else None,
+                input_scale=scale if mode == "explicit" else None,
+                act_exempt=plans[n].act_exempt, compensator=module,
+            ).to(lin.weight.device)
+            figures = layer_figures(tokens, token_modality, w, ql)
+            figures.update(quantize_seconds=t1 - t0, fit_seconds=t2 - t1)
+            fit_figures = getattr(module, "fit_figures", None) or {}
+            figures.update({k: float(v) for k, v in fit_figures.items() if isinstance(v, (int, float))})
+            if alpha_errors:
+                figures["alpha_error"] = float(alpha_errors.get(alpha, float("nan")))
+            block.set_submodule(n, ql)
+            result.layers.append(LayerRecord(full, index, (lin.out_features, lin.in_features), figures, alpha, mode))
+            hook.qe_layer_end(block_index=index, layer_name=full, figures=figures)
+
+    def _context(self, index, prefix, name, lin, weight, stats, hessian, tokens, modality, scale=None) -> LayerContext:
+        return LayerContext(
+            name=f"{prefix}.{name}", block_index=index, weight=weight,
+            bias=lin.bias.detach().float() if lin.bias is not None else None,
+            setting=self.setting, stats=stats, hessian=hessian, tokens=tokens, token_modality=modality,
+            input_scale=scale, seed=self.options.seed,
+        )
+
+
+def _union(masks: list[torch.Tensor | None]) -> torch.Tensor | None:
+    present = [m for m in masks if m is not None]
+    if not present:
+        return None
+    out = present[0].clone()
+    for m in present[1:]:
+        out |= m
+    return out
+
+
+def _mean_rel_error(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
+    num = sum(float((r.double() - o.double()).pow(2).sum()) for r, o in zip(ref, out))
+    den = sum(float(r.double().pow(2).sum()) for r in ref)
+    return num / max(den, 1e-30)
+
+
+@torch.no_grad()
+def layer_figures(tokens: torch.Tensor, modality: torch.Tensor, weight: torch.Tensor, ql: QuantLinear) -> dict[str, float]:
+    """Relative output error of one quantized linear on its (smoothed) token sample, before
+    (``rel_error_base``) and after (``rel_error``) compensation, overall and per modality."""
+    if tokens.numel() == 0:
+        return {}
+    x = tokens.to(ql.scales.device)
+    y_ref = x @ weight.to(x.device).T
+    xq = x if ql.act_keep is None else x * ql.act_keep.to(x.dtype)
+    xq = fake_quantize_activations(xq, ql.a_bits, ql.static_act_scale)
+    y_base = xq @ ql.dequantized_weight().T
+    y = y_base + ql.compensator(x) if ql.compensator is not None else y_base
+    out = {"rel_error_base": relative_error(y_ref, y_base), "rel_error": relative_error(y_ref, y)}
+    for name, m in zip(MODALITIES, Modality):
+        mask = modality == int(m)
+        if int(mask.sum()) > 0:
+            out[f"rel_error_{name}"] = relative_error(y_ref[mask], y[mask])
+    return out
+
+
+def quantize_model(
+    loaded: LoadedModel,
+    composition: Composition,
+    encoded: list[EncodedSample],
+    options: PipelineOptions | None = None,
+    manager: QEPluginManager | None = None,
+    **run_kwargs,
+) -> PipelineResult:
+    """Quantize ``loaded.model`` in place with ``composition``; return per-layer figures."""
+    return QuantizationPipeline(loaded, composition, options, manager).run(encoded, **run_kwargs)

@@ -1,0 +1,41 @@
+"""The command line: shared options, one-line errors, qe info."""
+
+import json
+
+import pytest
+
+from qe import cli
+
+
+def test_unknown_setting_is_one_line_error(capsys):
+    from qe.settings import parse_setting
+    from qe.errors import QEError
+
+    with pytest.raises(QEError):
+        parse_setting("W4B8")
+
+
+def test_help_lists_shared_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["info", "--help"])
+    out = capsys.readouterr().out
+    for opt in ["--model", "--calib", "--samples", "--device", "--dtype", "--seed", "--quiet", "--out"]:
+        assert opt in out
+
+
+def test_bad_model_path_is_one_line_error(tmp_path, capsys):
+    code = cli.main(["info", "--model", str(tmp_path / "missing"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("qe info: error:") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_info_on_default_model(default_model, tmp_path, capsys):
+    out_file = tmp_path / "info.json"
+    assert cli.main(["info", "--quiet", "--out", str(out_file)]) == 0
+    text = capsys.readouterr().out
+    assert "adapter   llava" in text and "blocks 0-29" in text and "SYNTHETIC" in text
+    info = json.loads(out_file.read_text())
+    counts = info["calibration_sample"]["modality_tokens"]
+    assert counts["vision"] == 196 and counts["text"] > 0 and counts["answer"] > 0
+    assert info["blocks"][0]["linears"]["mlp.down_proj"] == [1536, 576]
