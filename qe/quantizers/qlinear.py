@@ -86,7 +86,7 @@ class QuantLinear(nn.Module):
         if act_exempt is not None:
             m.act_keep.copy_(~act_exempt)
         if static_act_scale is not None:
-            m.static_act_scale.copy_(static_act_scale)
+            m.static_act_scale.copy_(static_act_scale.reshape(()))  # one per-tensor scale, whatever its shape
         m.compensator = compensator
         return m
 
