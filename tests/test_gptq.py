@@ -162,6 +162,9 @@ def test_dead_channels_come_out_zero():
     H[:, [2, 7]] = 0
     q = gptq_quantize(W, H, 4, 0, True)
     assert (q.dequantize()[:, [2, 7]] == 0).all() and q.exempt is None
+    with pytest.warns(RuntimeWarning, match="no input channel is live.*o_proj"):
+        q = gptq_quantize(W, torch.zeros_like(H), 4, 0, True, layer_name="o_proj")
+    assert (q.dequantize() == 0).all()
 
 
 # --------------------------------------------------------------------------- plugin and bad input

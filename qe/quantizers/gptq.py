@@ -140,6 +140,9 @@ def gptq_quantize(
         exempt = exempt.to(device=Wt.device, dtype=torch.bool)
         dropped |= exempt
     live = ~dropped
+    if not bool(live.any()):
+        warnings.warn(f"GPTQ on {layer_name or 'a layer'}: no input channel is live (all exempt or never active in the "
+                      "calibration data); its weight quantizes to zero", RuntimeWarning, stacklevel=2)
     mean_diag = float(torch.diagonal(H)[live].mean()) if bool(live.any()) else 1.0
     H[dropped, :] = 0
     H[:, dropped] = 0

@@ -166,6 +166,7 @@ def quantize_rtn(
     check_group_size(d_in, group_size, layer_name)
     check_finite(w, "weight", layer_name)
     if exempt is not None:
+        exempt = exempt.to(device=w.device, dtype=torch.bool)
         w = w.clone()
         w[:, exempt] = 0.0  # zero columns never widen a range: max|w| and min/max ignore them
     scales, zeros = group_params(w, bits, symmetric, group_size, clip_grid)
@@ -191,6 +192,7 @@ def quantize_rtn_per_tensor(
     w = weight.detach().float()
     check_finite(w, "weight", layer_name)
     if exempt is not None:
+        exempt = exempt.to(device=w.device, dtype=torch.bool)
         w = w.clone()
         w[:, exempt] = 0.0
     scale, zero = grid_params(w.reshape(1, -1), bits, symmetric)
