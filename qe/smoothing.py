@@ -158,8 +158,10 @@ def relative_group_error(
     a_bits: int,
     exempt: torch.Tensor | None = None,
     act_exempt: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> float:
-    """``Σ_i ‖X W_iᵀ − Ŷ_i‖² / Σ_i ‖X W_iᵀ‖²`` on ``tokens`` ``X`` ``(S, d_in)``.
+    """``Σ_i ‖X W_iᵀ − Ŷ_i‖² / Σ_i ‖X W_iᵀ‖²`` on ``tokens`` ``X`` ``(S, d_in)``; with
+    ``token_weights`` ``(S,)`` each token's squared errors (and norms) count that many times.
 
     ``Ŷ_i = Q_a(x̃ ⊙ keep) Ŵ_iᵀ + x̃_E W̃_{i,E}ᵀ``: the quantized path reads the per-token
     quantized ``x̃`` with the activation-exempt channels zeroed, and the columns ``E`` it leaves
@@ -174,6 +176,7 @@ def relative_group_error(
             left_out |= mask.to(device=x.device, dtype=torch.bool)
     xq_in = xs if act_exempt is None else xs.masked_fill(act_exempt.to(x.device), 0.0)
     xq = fake_quantize_activations(xq_in, a_bits)
+    tw = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if token_weights is None else token_weights.double().to(x.device)
     num = den = 0.0
     for w, w_hat in zip(weights, dequantized):
         w = w.float()
@@ -182,8 +185,8 @@ def relative_group_error(
         y_hat = xq @ w_hat.T
         if bool(left_out.any()):
             y_hat = y_hat + xs[:, left_out] @ smooth_weight(w, s)[:, left_out].T
-        num += float((y - y_hat).double().pow(2).sum())
-        den += float(y.double().pow(2).sum())
+        num += float(tw @ (y - y_hat).double().pow(2).sum(1))
+        den += float(tw @ y.double().pow(2).sum(1))
     return num / max(den, 1e-30)
 
 
@@ -219,3 +222,57 @@ def choose_alpha(
         errors[alpha] = relative_group_error(tokens, weights, dequantized, s, a_bits, exempt, act_exempt)
     best = min(errors, key=lambda a: errors[a])  # dicts keep insertion order: ties go to the earlier
     return best, errors
+
+
+# --------------------------------------------------------------------------- AWQ-style search
+
+
+def activation_scales(act_meanabs: torch.Tensor, ratio: float) -> torch.Tensor:
+    """AWQ's scale family: ``s_j = mean|X_j|^ratio``, normalised so ``max(s)·min(s) = 1``.
+
+    ``ratio = 0`` gives ``s ≡ 1`` (no smoothing). Channels that never fire are floored at
+    ``1e-4`` of the largest mean before the power, so no scale is 0.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ConfigError(f"AWQ ratio {ratio} is outside 0..1")
+    m = act_meanabs.detach().double().abs()
+    m = m.clamp_min(1e-4 * float(m.max().clamp_min(1e-30)))
+    s = m.pow(ratio)
+    s = s / (s.max() * s.min()).sqrt()
+    return s.clamp(*SCALE_RANGE).float()
+
+
+def search_activation_scales(
+    weights: Sequence[torch.Tensor],
+    tokens: torch.Tensor,
+    quantize_fn: QuantizeFn,
+    a_bits: int,
+    *,
+    grid: int = 20,
+    hessian: torch.Tensor | None = None,
+    exempt: torch.Tensor | None = None,
+    act_exempt: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float, dict[float, float]]:
+    """AWQ-style search over ``s = mean|X|^r`` (``r = 0, 1/grid, …, (grid−1)/grid``) of one
+    smoothing group, by the group's (token-weighted) relative output error on ``tokens``.
+
+    ``token_weights`` ``(S,)`` weigh each token's error, e.g. by modality as MBQ does.
+    Returns ``(s, best r, {r: error})``; ``r = 0`` is no smoothing, and ties keep the smaller r.
+    """
+    if grid < 1:
+        raise ConfigError(f"the AWQ grid needs at least one point, got {grid}")
+    if tokens.dim() != 2 or tokens.shape[0] == 0:
+        raise ConfigError("the AWQ search needs a non-empty (tokens, d_in) sample of calibration inputs")
+    act_meanabs = tokens.float().abs().mean(0)
+    errors: dict[float, float] = {}
+    best_s, best_r = None, 0.0
+    for k in range(grid):
+        r = k / grid
+        s = activation_scales(act_meanabs, r)
+        h = smooth_hessian(hessian, s) if hessian is not None else None
+        dequantized = [quantize_fn(smooth_weight(w.float(), s), h, exempt) for w in weights]
+        errors[r] = relative_group_error(tokens, weights, dequantized, s, a_bits, exempt, act_exempt, token_weights)
+        if best_s is None or errors[r] < errors[best_r]:
+            best_s, best_r = s, r
+    return best_s, best_r, errors

@@ -14,6 +14,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from qe.errors import ConfigError
 from qe.plugins import default_manager
+from qe.quantizers.awq import AWQ, AWQConfig
 from qe.quantizers.gptq import GPTQ
 from qe.quantizers.grid import fake_quantize_activations, quantize_rtn
 from qe.quantizers.rtn import RTN
@@ -21,9 +22,11 @@ from qe.quantizers.smoothquant import SmoothQuant, SmoothQuantConfig
 from qe.settings import parse_setting
 from qe.smoothing import (
     SCALE_RANGE,
+    activation_scales,
     choose_alpha,
     fold_into_norm,
     relative_group_error,
+    search_activation_scales,
     smooth_hessian,
     smooth_tokens,
     smooth_weight,
@@ -284,3 +287,66 @@ def test_smoothquant_quantize_delegates_to_the_inner_quantizer():
         SmoothQuant(SmoothQuantConfig(inner="gptq")).quantize(w, setting)
     c = SmoothQuant().quantize(w, setting)
     assert torch.equal(c.codes, RTN().quantize(w, setting).codes)
+
+
+# --------------------------------------------------------------------------- AWQ-style search (MBQ weighting)
+
+
+@given(st.integers(0, 2**31 - 1), st.floats(0.0, 1.0))
+def test_awq_scales_are_normalised_powers_of_the_mean_magnitude(seed, ratio):
+    g = torch.Generator().manual_seed(seed)
+    meanabs = torch.rand(12, generator=g) * 10 + 0.01
+    s = activation_scales(meanabs, ratio)
+    assert float(s.max() * s.min()) == pytest.approx(1.0, rel=1e-5)
+    order = torch.argsort(meanabs)
+    assert (s[order].diff() >= -1e-6).all()  # larger mean magnitude, larger scale
+    torch.testing.assert_close(s / s[0], (meanabs / meanabs[0]).double().pow(ratio).float(), rtol=1e-5, atol=0)
+    assert (activation_scales(meanabs, 0.0) == 1).all()
+
+
+def test_awq_search_reports_its_grid_and_beats_no_scaling_on_salient_channels():
+    x, weights = outlier_group(tokens=128, d_in=64)
+    setting = parse_setting("W3A16ch")
+    s, ratio, errors = search_activation_scales(weights, x, rtn_fn(setting), 16, grid=10)
+    assert list(errors) == [k / 10 for k in range(10)]
+    assert errors[ratio] == min(errors.values()) and ratio > 0
+    assert errors[ratio] < 0.7 * errors[0.0]
+    torch.testing.assert_close(s, activation_scales(x.abs().mean(0), ratio))
+
+
+def test_mbq_token_weights_restrict_the_loss_to_the_weighted_tokens():
+    x, weights = outlier_group(tokens=96, d_in=32)
+    modality = torch.tensor([0, 1, 2], dtype=torch.int8).repeat(32)
+    x[modality == 1] *= torch.linspace(0.1, 30, 32)  # vision tokens with their own outliers
+    setting = parse_setting("W3A16ch")
+    awq = AWQ(AWQConfig(grid=5, vision_weight=0.0))
+    weights_by_token = awq.token_weights(modality, 96)
+    assert weights_by_token.tolist() == [1.0, 0.0, 1.0] * 32
+    awq.search_smoothing_scales(weights, x, modality, setting)
+    errors = awq.searches[-1].errors
+    keep = modality != 1
+    for r, err in errors.items():
+        s = activation_scales(x.abs().mean(0), r)
+        deq = [rtn_fn(setting)(smooth_weight(w, s), None, None) for w in weights]
+        assert err == pytest.approx(relative_group_error(x[keep], weights, deq, s, 16), rel=1e-6)
+
+
+def test_awq_plugin_config_and_protocol():
+    with pytest.raises(ConfigError):
+        AWQConfig(grid=0)
+    with pytest.raises(ConfigError):
+        AWQConfig(inner="smoothquant")
+    with pytest.raises(ConfigError):
+        AWQConfig(vision_weight=-1.0)
+    assert isinstance(AWQ().inner, RTN) and not AWQ().needs_hessian
+    assert isinstance(AWQ(AWQConfig(inner="gptq")).inner, GPTQ) and AWQ(AWQConfig(inner="gptq")).needs_hessian
+    x, weights = outlier_group(tokens=32, d_in=16)
+    setting = parse_setting("W4A16ch")
+    awq = AWQ()
+    with pytest.raises(ConfigError, match="search_smoothing_scales"):
+        awq.quantize(weights[0], setting)  # a pipeline that skips the search fails loudly
+    s = awq.search_smoothing_scales(weights, x, None, setting)
+    q = awq.quantize(smooth_weight(weights[0], s), setting)
+    assert torch.equal(q.codes, RTN().quantize(smooth_weight(weights[0], s), setting).codes)
+    with pytest.raises(ConfigError, match="calibration data"):
+        AWQ(AWQConfig(inner="gptq")).search_smoothing_scales(weights, x, None, setting)
