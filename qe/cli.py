@@ -70,7 +70,46 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _plot_blocks(text: str | None):
+    if text is None:
+        return None
+    from qe.errors import ConfigError
+
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ConfigError(f"--plot-layers {text!r}: give block indices separated by commas, e.g. 0,15,29") from None
+
+
+def cmd_analyze(args) -> int:
+    from qe.api import analyze
+
+    out, summary = analyze(
+        args.model, calib=args.calib, samples=args.samples or 32, out=args.out, estimator=args.estimator, k=args.k,
+        num_experts=args.num_experts, layers=args.layers, plot_blocks=_plot_blocks(args.plot_layers), seed=args.seed,
+        device=_device(args), dtype=args.dtype, progress=not args.quiet, force=args.force,
+    )
+    run = summary["run"]
+    layers = summary["layers"]
+    print(f"qe analyze: {len(layers)} layers of {run['model']}, {run['calibration']['samples']} samples "
+          f"({run['seconds']['statistics']:.1f} s statistics, {run['seconds']['report']:.1f} s report)")
+    for note in run.get("notes", []):
+        print(f"note: {note}")
+    print(f"qe analyze: report written to {out}/index.html (summary.json, channels.csv, plots)")
+    return 0
+
+
+def _analyze_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layers", default=None, help="regular expression on full linear names (default: all decoder linears)")
+    p.add_argument("--estimator", default="act-weight", help="importance estimator plugin (qe plugins lists them)")
+    p.add_argument("--k", type=int, default=32, help="top-k channels per token (default 32)")
+    p.add_argument("--num-experts", type=int, default=8, help="N_r: token-dependent channels are the next N_r·k (default 8)")
+    p.add_argument("--plot-layers", default=None, help="blocks with per-layer plots, e.g. 0,15,29 (default: first, middle, last)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
 COMMANDS = {
+    "analyze": (cmd_analyze, "per-token and per-modality channel-importance report"),
     "info": (cmd_info, "show a model's decoder structure, adapter and calibration token counts"),
     "plugins": (cmd_plugins, "list every plugin by kind with its origin and parameters"),
 }
@@ -94,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EXTRA_ARGUMENTS: dict = {}
+EXTRA_ARGUMENTS: dict = {"analyze": _analyze_arguments}
 
 
 def _quiet_libraries(quiet: bool) -> None:

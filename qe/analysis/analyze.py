@@ -1,0 +1,292 @@
+"""``qe analyze``: which input channels matter, for which tokens and modalities.
+
+One full-precision pass over the calibration set, block by block (:mod:`qe.capture`). Per
+linear the statistics are streamed (:mod:`qe.analysis.statistics`): per-token top-k sets and
+their counts per modality, maxima and moments, a bounded token sample. Once a block is done,
+each of its linears is summarised (:func:`summarize_linear`) — frequencies, the token-
+independent set ``C_s`` and token-dependent set ``C_r`` (QE-METHOD.md §1), per-modality top
+sets and their overlap, how far each token's set strays from ``C_s``, outlier figures, NPMI
+co-occurrence among ``C_r`` and its spectral clusters (§4) — and the block's raw statistics
+are dropped. Writing the report is :mod:`qe.analysis.report`'s job.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from qe.analysis import channels as ch
+from qe.analysis.statistics import LinearStats, choose_sample_positions
+from qe.capture import StreamContext, attach_stats, capture_block_inputs, run_block
+from qe.errors import ConfigError
+from qe.models.base import MODALITIES, EncodedSample, Modality
+from qe.models.loading import LoadedModel
+from qe.plugins import QEPluginManager, default_manager
+
+MODALITY_PAIRS = (("vision", "text"), ("vision", "answer"), ("text", "answer"))
+
+
+@dataclass
+class AnalyzeOptions:
+    estimator: str = "act-weight"
+    k: int = 32
+    num_experts: int = 8
+    layers: str | None = None  # regex on full linear names
+    plot_blocks: tuple[int, ...] | None = None  # None: first, middle and last block
+    max_tokens: int = 16384  # token sample (per-channel medians)
+    seed: int = 0
+    batch_size: int = 8
+    device: str = "cpu"
+    progress: bool = True
+    cluster_assign: str = "cluster_qr"  # spectral clustering's label assignment (see channels.spectral_clusters)
+
+
+@dataclass
+class LayerPlotData:
+    """What the per-layer plots need beyond the summary."""
+
+    frequencies: dict[str, torch.Tensor]  # modality -> f per channel (d_in,)
+    sample_scores: torch.Tensor | None  # (T0, d_in) scores of the first calibration sample
+    sample_modality: torch.Tensor | None  # (T0,)
+    npmi: torch.Tensor  # (n, n) among C_r, in C_r order
+    labels: torch.Tensor  # (n,) cluster of each C_r channel
+
+
+@dataclass
+class AnalysisResult:
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    channel_rows: list[dict[str, Any]] = field(default_factory=list)
+    plots: dict[str, LayerPlotData] = field(default_factory=dict)
+    run: dict[str, Any] = field(default_factory=dict)
+    statistics_seconds: float = 0.0
+
+
+def select_layers(loaded: LoadedModel, pattern: str | None) -> dict[int, list[str]]:
+    """Linears (by block, relative names) whose full name matches ``pattern``."""
+    adapter, model = loaded.adapter, loaded.model
+    prefix = adapter.blocks_prefix(model)
+    out: dict[int, list[str]] = {}
+    all_names = []
+    try:
+        regex = re.compile(pattern) if pattern else None
+    except re.error as e:
+        raise ConfigError(f"--layers {pattern!r} is not a valid regular expression ({e})") from None
+    for i, block in enumerate(adapter.decoder_blocks(model)):
+        for name in adapter.block_linears(block):
+            full = f"{prefix}.{i}.{name}"
+            all_names.append(full)
+            if regex is None or regex.search(full):
+                out.setdefault(i, []).append(name)
+    if not out:
+        examples = ", ".join(all_names[:3] + all_names[-1:])
+        raise ConfigError(f"--layers {pattern!r} matches no linear; names look like {examples}")
+    return out
+
+
+def check_widths(loaded: LoadedModel, selected: dict[int, list[str]], k: int, num_experts: int) -> None:
+    adapter = loaded.adapter
+    blocks = adapter.decoder_blocks(loaded.model)
+    for i, names in selected.items():
+        linears = adapter.block_linears(blocks[i])
+        for n in names:
+            d_in = linears[n].in_features
+            if k > d_in:
+                raise ConfigError(f"--k {k} exceeds the input width {d_in} of {n}: use --k at most {d_in}")
+            ch.check_split(d_in, k, num_experts, n)
+
+
+def default_plot_blocks(num_blocks: int) -> tuple[int, ...]:
+    return tuple(sorted({0, num_blocks // 2, num_blocks - 1}))
+
+
+@torch.no_grad()
+def run_analysis(
+    loaded: LoadedModel,
+    encoded: list[EncodedSample],
+    options: AnalyzeOptions | None = None,
+    manager: QEPluginManager | None = None,
+) -> AnalysisResult:
+    opts = options or AnalyzeOptions()
+    manager = manager or default_manager()
+    estimator = manager.create("estimator", opts.estimator)
+    selected = select_layers(loaded, opts.layers)
+    check_widths(loaded, selected, opts.k, opts.num_experts)
+    adapter, model = loaded.adapter, loaded.model
+    blocks = adapter.decoder_blocks(model)
+    prefix = adapter.blocks_prefix(model)
+    plot_blocks = set(opts.plot_blocks if opts.plot_blocks is not None else default_plot_blocks(len(blocks)))
+    bad = [b for b in plot_blocks if not 0 <= b < len(blocks)]
+    if bad:
+        raise ConfigError(f"--plot-layers {bad} outside the model's blocks 0..{len(blocks) - 1}")
+
+    result = AnalysisResult()
+    t0 = time.perf_counter()
+    inputs = capture_block_inputs(loaded, encoded, device=opts.device, batch_size=opts.batch_size, progress=opts.progress)
+    positions = choose_sample_positions(inputs.total_tokens, opts.max_tokens, opts.seed)
+    first_sample = (0, encoded[0].num_tokens)
+    context = StreamContext()
+    last_block = max(selected)
+    for i in tqdm(range(last_block + 1), desc="analyze", disable=not opts.progress):
+        block = blocks[i]
+        names = set(selected.get(i, ()))
+        if names:
+            with attach_stats(block, adapter, prefix=f"{prefix}.{i}", context=context, sample_positions=positions,
+                              hessian=False, moments=True, estimator=estimator, k=opts.k, keep_topk=True,
+                              linears=names, record_range=first_sample if i in plot_blocks else None) as stats:
+                out = run_block(block, inputs, device=opts.device, context=context, block_index=i)
+            for name in adapter.block_linears(block):
+                if name in stats:
+                    summary, rows, plot = summarize_linear(stats[name], i, name, opts, want_plot=i in plot_blocks)
+                    result.layers.append(summary)
+                    result.channel_rows.extend(rows)
+                    if plot is not None:
+                        result.plots[summary["name"]] = plot
+            del stats
+        else:
+            out = run_block(block, inputs, device=opts.device, block_index=i)
+        inputs = inputs.with_hidden(out)
+    result.statistics_seconds = time.perf_counter() - t0
+    return result
+
+
+def _top(counts: torch.Tensor, k: int) -> list[int]:
+    return ch.frequency_order(counts)[:k].tolist()
+
+
+def _overlap(a: list[int], b: list[int]) -> dict[str, float]:
+    sa, sb = set(a), set(b)
+    union = len(sa | sb)
+    return {"shared": len(sa & sb), "jaccard": len(sa & sb) / union if union else float("nan")}
+
+
+def summarize_linear(st: LinearStats, block_index: int, name: str, opts: AnalyzeOptions, want_plot: bool = False):
+    """The per-layer summary (a JSON-ready dict), its channel rows, and plot data."""
+    imp, inp = st.importance, st.input
+    k, n_r = opts.k, opts.num_experts
+    d_in = inp.d_in
+    counts = imp.counts  # (M, d_in) per modality
+    total = counts.sum(0)
+    n_mod = {m: int(inp.n_by_modality[int(Modality[m.upper()])]) for m in MODALITIES}
+    present = [m for m in MODALITIES if n_mod[m] > 0]
+    missing = [m for m in MODALITIES if n_mod[m] == 0]
+
+    f_all = ch.channel_frequencies(total, k)
+    freqs = {"all": f_all}
+    for m in present:
+        freqs[m] = counts[int(Modality[m.upper()])].double() / n_mod[m]
+    C_s, C_r = ch.split_channels(total, k, n_r, st.name)
+    top = {"all": _top(total, k)}
+    for m in present:
+        top[m] = _top(counts[int(Modality[m.upper()])], k)
+    overlap = {}
+    for a, b in MODALITY_PAIRS:
+        key = f"{a}_{b}"
+        overlap[key] = _overlap(top[a], top[b]) if a in top and b in top else None
+
+    share_dependent = float(1 - total[C_s].sum() / total.sum().clamp_min(1))
+
+    # How far each token's top-k set strays from C_s: the fraction of its k channels outside C_s.
+    topk, topk_mod = imp.topk, imp.topk_modality
+    in_cs = ch.membership(topk, C_s, d_in).sum(1)  # (T,)
+    stray = 1 - in_cs / k
+    stray_by = {m: float(stray[topk_mod == int(Modality[m.upper()])].mean()) for m in present}
+    hist = torch.bincount((k - in_cs).long(), minlength=k + 1)[: k + 1]
+
+    # Outliers: max |x| over median |x| per channel (median over the token sample), kurtosis.
+    absmax = inp.absmax
+    sample = inp.sample
+    median = sample.abs().median(dim=0).values if sample.shape[0] else torch.full((d_in,), float("nan"))
+    ratio = absmax / median.clamp_min(1e-12)
+    kurt = inp.kurtosis()
+    top_ratio = torch.argsort(ratio, descending=True)[:8]
+
+    # Co-occurrence of C_r channels, NPMI, spectral clusters (QE-METHOD.md §4).
+    p_i, p_ij = ch.cooccurrence(topk, C_r, d_in)
+    S = ch.npmi(p_i, p_ij)
+    labels = ch.spectral_clusters(S, n_r, seed=opts.seed, assign_labels=opts.cluster_assign) if n_r > 0 else torch.zeros(0, dtype=torch.long)
+    sizes, within = ch.cluster_summary(S, labels) if n_r > 0 else ([], [])
+    n = S.shape[0]
+    off = S[~torch.eye(n, dtype=torch.bool)] if n > 1 else torch.zeros(0)
+
+    mean_score = (imp.score_sum / max(imp.n_tokens, 1)).float()
+    summary: dict[str, Any] = {
+        "name": st.name,
+        "block": block_index,
+        "linear": name,
+        "d_in": d_in,
+        "tokens": n_mod,
+        "missing_modalities": missing,
+        "token_independent": C_s.tolist(),
+        "token_dependent": C_r.tolist(),
+        "top_channels": top,
+        "overlap": overlap,
+        "token_dependent_share": share_dependent,
+        "stray": {"mean": float(stray.mean()), "by_modality": stray_by, "histogram": hist.tolist()},
+        "outliers": {
+            "max_abs": float(absmax.max()),
+            "top_max_over_median": [[int(c), float(ratio[c])] for c in top_ratio],
+            "kurtosis_max": float(kurt.max()),
+            "kurtosis_median": float(kurt.median()),
+            "top_kurtosis_channels": torch.argsort(kurt, descending=True)[:8].tolist(),
+        },
+        "clusters": {
+            "labels": labels.tolist(),
+            "sizes": sizes,
+            "mean_within_npmi": within,
+            "mean_npmi": float(off.mean()) if off.numel() else float("nan"),
+        },
+    }
+    summary["finding"] = finding(summary, k)
+
+    role = torch.zeros(d_in, dtype=torch.long) - 1  # -1 none, -2 shared, >= 0 cluster
+    role[C_s] = -2
+    if n_r > 0:
+        role[C_r] = labels
+    rows = []
+    for c in range(d_in):
+        r = int(role[c])
+        rows.append({
+            "layer": st.name, "channel": c,
+            "f_all": float(f_all[c]),
+            **{f"f_{m}": (float(freqs[m][c]) if m in freqs else None) for m in MODALITIES},
+            "max_abs": float(absmax[c]), "median_abs": float(median[c]), "kurtosis": float(kurt[c]),
+            "mean_score": float(mean_score[c]),
+            "set": "token_independent" if r == -2 else (f"token_dependent:{r}" if r >= 0 else ""),
+        })
+    plot = None
+    if want_plot:
+        rec = imp.recorded_scores
+        plot = LayerPlotData(
+            frequencies={m: v.float() for m, v in freqs.items()},
+            sample_scores=rec,
+            sample_modality=topk_mod[: rec.shape[0]] if rec is not None else None,
+            npmi=S, labels=labels,
+        )
+    return summary, rows, plot
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def finding(s: dict, k: int) -> str:
+    """One sentence generated from a layer's numbers."""
+    parts = []
+    ov = s["overlap"].get("vision_text")
+    if ov is not None:
+        parts.append(f"vision and text share {ov['shared']} of {k} top channels")
+    elif s["missing_modalities"]:
+        parts.append(f"no {' or '.join(s['missing_modalities'])} tokens in the calibration set")
+    parts.append(f"{_pct(s['token_dependent_share'])} of top-{k} memberships fall outside the {k} token-independent channels")
+    c, r = s["outliers"]["top_max_over_median"][0]
+    parts.append(f"channel {c} peaks at {r:.0f}× its median magnitude")
+    within = [w for w in s["clusters"]["mean_within_npmi"] if w == w]
+    if within:
+        parts.append(f"routed clusters have mean within-cluster NPMI {sum(within) / len(within):.2f}")
+    text = "; ".join(parts)
+    return text[0].upper() + text[1:] + "."
