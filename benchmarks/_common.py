@@ -1,0 +1,75 @@
+"""Shared helpers for the benchmark scripts: timing, memory, table output, resumable results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+
+def peak_rss_gb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def machine() -> dict:
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "machine": platform.machine(), "load_avg": os.getloadavg()[0]}
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+class ResultStore:
+    """A JSON file of finished rows keyed by name, rewritten atomically after each row, so an
+    interrupted benchmark resumes where it stopped."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.rows: dict[str, dict] = json.loads(self.path.read_text())["rows"] if self.path.exists() else {}
+
+    def has(self, key: str) -> bool:
+        return key in self.rows
+
+    def put(self, key: str, row: dict) -> None:
+        self.rows[key] = row
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"machine": machine(), "rows": self.rows}, indent=1))
+        os.replace(tmp, self.path)
+
+    def write_csv(self, path: Path, columns: list[str]) -> None:
+        import csv
+
+        with Path(path).open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["key"] + columns, extrasaction="ignore")
+            w.writeheader()
+            for key, row in self.rows.items():
+                w.writerow({"key": key, **row})
