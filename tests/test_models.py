@@ -124,6 +124,22 @@ def test_image_only_processor_needs_its_files(tmp_path):
         QwenVLAdapter.load_processor(tmp_path, config)
 
 
+def test_smolvlm_processor_is_rebuilt_image_only_or_says_what_is_missing():
+    import importlib.util
+
+    from transformers import SmolVLMConfig
+
+    path = tiny.tiny_model_dir("idefics3")  # same tokenizer and image processor files as SmolVLM's
+    config = SmolVLMConfig(**tiny.CONFIGS["idefics3"])
+    if importlib.util.find_spec("num2words") is None:
+        with pytest.raises(ModelError, match="num2words"):
+            Idefics3Adapter.load_processor(path, config)
+    else:
+        processor = Idefics3Adapter.load_processor(path, config)
+        assert type(processor).__name__ == "ImageOnlySmolVLMProcessor"
+    assert Idefics3Adapter.load_processor(path, tiny.tiny_config("idefics3")) is None  # AutoProcessor's job
+
+
 def test_internvl_processor_takes_image_seq_length_from_config():
     path = tiny.tiny_model_dir("internvl")
     config = tiny.tiny_config("internvl")

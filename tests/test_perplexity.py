@@ -224,3 +224,25 @@ def test_text_file_errors(tmp_path):
         perplexity_of_text_file(lm, binary)
     with pytest.raises(ConfigError, match="stride"):
         sliding_windows(np.arange(100), 10, 11)
+
+
+@pytest.mark.slow
+def test_default_vlm_text_path_equals_the_plain_language_model(default_model):
+    """The embedded VLM's text-only forward scores text as a plain causal LM with its weights does."""
+    from transformers import LlamaForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from qe.evaluation.perplexity import heldout_windows
+
+    windows = heldout_windows(default_model.tokenizer, window=256, max_tokens=256)
+    assert len(windows) == 1
+    vlm = perplexity(default_model, windows, progress=False)
+    text_config = default_model.model.config.text_config
+    with no_init_weights():  # every weight is overwritten below
+        lm = LlamaForCausalLM(text_config).eval()
+    lm.model.load_state_dict(default_model.adapter.language_model(default_model.model).state_dict())
+    lm.lm_head.weight = lm.model.embed_tokens.weight  # tied, as in SmolLM2
+    plain = perplexity(lm, windows, progress=False)
+    assert vlm.tokens == plain.tokens == 255
+    assert vlm.ppl == pytest.approx(plain.ppl, rel=1e-5)
+    assert 3 < vlm.ppl < 40  # a real language model on English text, not a random one

@@ -160,6 +160,7 @@ def test_saved_model_matches_in_memory_build(tmp_path):
 def test_seed_in_name_and_unknown_family():
     assert tiny.parse_tiny_name("tiny:llava@3") == ("llava", 3)
     assert tiny.parse_tiny_name("tiny:SmolVLM") == ("idefics3", 0)
+    assert tiny.parse_tiny_name("tiny:idefics3-smolvlm") == ("idefics3", 0)
     assert tiny.parse_tiny_name("some/model") is None
     with pytest.raises(ModelError, match="qwen2_vl"):
         load_model("tiny:gpt5")

@@ -29,12 +29,15 @@ class ImageOnlyProcessorMixin:
 
     @classmethod
     def load_processor(cls, path: str | Path, config=None):
+        """The image-only processor of the checkpoint at ``path`` (None: use AutoProcessor)."""
         from qe.models.tiny import image_only_processor_class
 
         model_type = getattr(config, "model_type", None) or cls.model_types[0]
         processor_cls = image_only_processor_class(model_type)
         try:
             return processor_cls.from_pretrained(str(path), **cls.processor_init_kwargs(config))
+        except ImportError as e:  # e.g. SmolVLM's processor needs num2words
+            raise ModelError(f"cannot build the {model_type} processor: {str(e).splitlines()[0]}") from None
         except (OSError, ValueError, TypeError) as e:
             raise ModelError(
                 f"cannot build the {model_type} processor from {path}: {str(e).splitlines()[0]}; the folder needs "
@@ -48,6 +51,11 @@ class QwenVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
     Their processors emit ``mm_token_type_ids`` (0 text, 1 image, 2 video) beside
     ``image_grid_thw``; the model needs both to place image tokens in its 3-D rotary
     positions. Answer tokens appended by :meth:`encode` are text (0).
+
+    Qwen3-VL adds "deepstack" visual features to the hidden states of image tokens after
+    each of its first decoder layers, in the language model's loop rather than inside the
+    blocks: a block-by-block replay must add them too (or take block inputs from a full
+    forward), or the vision tokens of the blocks after them drift.
     """
 
     name = "qwen-vl"
@@ -60,17 +68,24 @@ class QwenVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
         return f"<|vision_start|>{image_token}<|vision_end|>"
 
 
-class Idefics3Adapter(ModelAdapter):
+class Idefics3Adapter(ImageOnlyProcessorMixin, ModelAdapter):
     """Idefics3 and SmolVLM: Llama decoder at ``model.text_model``, pixel-shuffle connector.
 
     The processor wraps each image's ``<image>`` tokens in ``<fake_token_around_image>`` and a
-    ``<global-img>`` tag; only ``<image>`` tokens count as vision.
+    ``<global-img>`` tag; only ``<image>`` tokens count as vision. SmolVLM's stock processor
+    builds a torchvision video processor, so for it an image-only processor is rebuilt.
     """
 
     name = "idefics3"
     model_types = ("idefics3", "smolvlm")
     language_model_path = "model.text_model"
     image_placeholder = "<image>"
+
+    @classmethod
+    def load_processor(cls, path: str | Path, config=None):
+        if getattr(config, "model_type", None) == "smolvlm":
+            return super().load_processor(path, config)
+        return None  # Idefics3Processor has no video part: AutoProcessor loads it
 
 
 class InternVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):

@@ -43,6 +43,7 @@ class LoadedModel:
     path: str | None = None
     notes: list[str] = field(default_factory=list)
     card: dict | None = None
+    manifest: dict | None = None  # set for checkpoints written by `qe quantize`
 
     @property
     def tokenizer(self):
@@ -79,14 +80,16 @@ def load_processor(path: str, adapter: ModelAdapter, config=None):
     """The model's processor: the adapter's own loader where it has one, else ``AutoProcessor``.
 
     Some families' stock processors need torchvision for a video processor; their adapters
-    rebuild an image-only processor (``load_processor`` classmethod). Text-only checkpoints
-    fall back to their tokenizer.
+    rebuild an image-only processor (a ``load_processor(path, config)`` classmethod that may
+    return None to defer to ``AutoProcessor``). Text-only checkpoints fall back to their
+    tokenizer.
     """
     from transformers import AutoProcessor, AutoTokenizer
 
     own = getattr(adapter, "load_processor", None)
-    if own is not None:
-        return own(path, config)
+    processor = own(path, config) if own is not None else None
+    if processor is not None:
+        return processor
     try:
         return AutoProcessor.from_pretrained(path)
     except (OSError, ValueError, TypeError, ImportError):
@@ -118,6 +121,10 @@ def load_model(
 
     from qe.models import default_model, tiny
 
+    from qe import checkpoint
+
+    if isinstance(name_or_path, (str, Path)) and checkpoint.is_checkpoint(name_or_path):
+        return checkpoint.load_quantized(name_or_path, device=device, manager=manager)
     torch_dtype = parse_dtype(dtype)
     notes: list[str] = []
     tiny_spec = tiny.parse_tiny_name(name_or_path) if isinstance(name_or_path, str) else None

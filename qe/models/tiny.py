@@ -7,14 +7,14 @@ Weights are random (seeded): figures measured on them test plumbing, not quality
 
 Offline pieces:
 
-* a byte-level BPE tokenizer trained in code on a few kilobytes of English (the pydoc topics
-  and the built-in captions) and padded with the family's special tokens at the ids the
+* a byte-level BPE tokenizer trained in code on a few kilobytes of English (sentences written
+  here and a sample of the pydoc topics) and padded with the family's special tokens at the ids the
   config expects (image token 999, ...);
 * the ``*Pil`` image processors (torchvision cannot be installed beside this torch);
-* for Qwen-VL families, an image-only processor (:class:`ImageOnlyQwen2VLProcessor` and
-  siblings), because the stock processors build a torchvision video processor.
+* for Qwen-VL, InternVL and SmolVLM, an image-only processor (:func:`image_only_processor_class`),
+  because their stock processors build a torchvision video processor.
   ``AutoProcessor`` cannot reload such a processor, so the family adapters rebuild it
-  (:meth:`qe.models.families.QwenVLAdapter.load_processor`).
+  (:meth:`qe.models.families.ImageOnlyProcessorMixin.load_processor`).
 """
 
 from __future__ import annotations
@@ -133,6 +133,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 FAMILIES = tuple(CONFIGS)
 # Accepted spellings beside the canonical family names.
+# SmolVLM's own processor needs num2words (video timestamps), so the tiny SmolVLM stand-in is
+# Idefics3, the architecture SmolVLM shares.
 ALIASES = {"smolvlm": "idefics3", "idefics3_smolvlm": "idefics3", "qwen2.5_vl": "qwen2_5_vl", "llava_clip": "llava"}
 
 # Special tokens each family's processor looks up, at the ids its config names.
@@ -240,6 +242,10 @@ def tiny_tokenizer(family: str):
 # --------------------------------------------------------------------------- processors
 
 
+# The image-sequence-length parameter each processor takes, where it has one.
+_SEQ_PARAM = {"InternVLProcessor": "image_seq_length", "SmolVLMProcessor": "image_seq_len"}
+
+
 def _image_only(processor_cls: type) -> type:
     """``processor_cls`` without a video processor (images only; no torchvision needed).
 
@@ -248,13 +254,22 @@ def _image_only(processor_cls: type) -> type:
     ``video_processor`` out of the signature, hands ``None`` to the parent, and names the
     parent's other parameters explicitly.
     """
-    if processor_cls.__name__ == "InternVLProcessor":
+    seq_param = _SEQ_PARAM.get(processor_cls.__name__)
+    if seq_param == "image_seq_length":
 
         class ImageOnly(processor_cls):
             def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256,
                          chat_template=None, **kwargs):
                 kwargs.pop("video_processor", None)
                 super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length,
+                                 chat_template=chat_template, **kwargs)
+    elif seq_param == "image_seq_len":
+
+        class ImageOnly(processor_cls):
+            def __init__(self, image_processor=None, tokenizer=None, image_seq_len: int = 169,
+                         chat_template=None, **kwargs):
+                kwargs.pop("video_processor", None)
+                super().__init__(image_processor, tokenizer, None, image_seq_len=image_seq_len,
                                  chat_template=chat_template, **kwargs)
     else:
 
@@ -275,6 +290,7 @@ VIDEO_PROCESSOR_FAMILIES = {
     "qwen2_5_vl": "Qwen2_5_VLProcessor",
     "qwen3_vl": "Qwen3VLProcessor",
     "internvl": "InternVLProcessor",
+    "smolvlm": "SmolVLMProcessor",
 }
 
 
