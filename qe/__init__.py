@@ -6,4 +6,28 @@ from qe.settings import QuantSetting, parse_setting
 
 __version__ = "0.1.0"
 
-__all__ = ["QEError", "QuantSetting", "hookimpl", "parse_setting", "__version__"]
+
+
+def load_quantized(directory, *, device=None):
+    """Load a checkpoint written by ``qe quantize``; returns a ``LoadedModel`` (``.model``
+    is the transformers model, ready for ``generate``)."""
+    from qe.checkpoint import load_quantized as _load
+
+    return _load(directory, device=device)
+
+
+def analyze(*args, **kwargs):
+    """``qe analyze`` from Python: see :func:`qe.api.analyze`."""
+    from qe.api import analyze as _analyze
+
+    return _analyze(*args, **kwargs)
+
+
+def quantize(recipe, model=None, **kwargs):
+    """``qe quantize`` from Python: see :func:`qe.quantize.run_quantize`."""
+    from qe.quantize import run_quantize
+
+    return run_quantize(recipe, model, **kwargs)
+
+
+__all__ = ["QEError", "QuantSetting", "analyze", "hookimpl", "load_quantized", "parse_setting", "quantize", "__version__"]

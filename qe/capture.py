@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qe.analysis.statistics import ImportanceStats, InputStats, LinearStats
-from qe.errors import NumericalError
+from qe.errors import ModelError, NumericalError
 from qe.models.base import EncodedSample, ModelAdapter
 from qe.models.loading import LoadedModel
 
@@ -110,6 +110,9 @@ def capture_block_inputs(
     an accelerator); by default they stay on ``device``.
     """
     storage = storage_device or device
+    issue = loaded.adapter.blockwise_issue(loaded.model)
+    if issue:
+        raise ModelError(issue)
     blocks = loaded.adapter.decoder_blocks(loaded.model)
     captured: dict[str, Any] = {}
 

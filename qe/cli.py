@@ -108,8 +108,80 @@ def _analyze_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
+def recipe_from_args(args):
+    """The recipe file (if any) with the command-line flags applied over it."""
+    from qe.recipe import Recipe, load_recipe
+    from qe.settings import parse_setting
+
+    recipe = load_recipe(args.recipe) if args.recipe else Recipe()
+    setting = args.setting or recipe.setting
+    if args.w_bits is not None or args.a_bits is not None or args.group_size is not None:
+        setting = parse_setting(setting).with_overrides(args.w_bits, args.a_bits, args.group_size).name
+    return recipe.replace(
+        quantizer=args.quantizer, compensator=args.compensator, estimator=args.estimator, setting=setting,
+        calib=args.calib, samples=args.samples, propagation=args.propagation, seed=args.seed if args.seed else None,
+        max_tokens=args.max_tokens,
+    )
+
+
+def cmd_quantize(args) -> int:
+    from qe.quantize import run_quantize
+
+    recipe = recipe_from_args(args)
+    composition = recipe.validate()
+    out = args.out or f"quantized/{(args.model or 'embedded-default').replace('/', '_')}-{composition.label}".replace("[", "(").replace("]", ")").replace(";", ",")
+    path, manifest = run_quantize(recipe, args.model, out=out, resume=args.resume, force=args.force,
+                                  progress=not args.quiet, device=_device(args), dtype=args.dtype)
+    if not args.quiet:
+        print(render_layer_table(manifest))
+    for w in manifest["warnings"]:
+        print(f"warning: {w}")
+    s, bits = manifest["summary"], manifest["effective_bits"]
+    print(f"qe quantize: {composition.label}: {s['layers']} layers, mean relative output error "
+          f"{s['mean_rel_error_base']:.4g} before compensation, {s['mean_rel_error']:.4g} after; "
+          f"{bits['bits_per_weight']:.2f} bits/weight ({bits['bits_per_weight_with_adapters']:.2f} with adapters); "
+          f"{s['seconds']:.1f} s")
+    for note in manifest["model"]["notes"]:
+        print(f"note: {note}")
+    print(f"qe quantize: checkpoint written to {path}")
+    return 0
+
+
+def render_layer_table(manifest: dict) -> str:
+    names = [r["name"] for r in manifest["layers"]]
+    cut = len(os.path.commonprefix(names).rpartition(".")[0]) + 1 if len(names) > 1 else 0
+    lines = [f"{'layer':<44}{'err base':>10}{'err':>10}{'text':>9}{'vision':>9}{'answer':>9}{'router':>8}{'fit s':>7}"]
+    for r in manifest["layers"]:
+        f = r["figures"]
+
+        def g(key, spec=".4f"):
+            v = f.get(key)
+            return format(v, spec) if isinstance(v, (int, float)) else "–"
+
+        lines.append(f"{r['name'][cut:][-44:]:<44}{g('rel_error_base'):>10}{g('rel_error'):>10}{g('rel_error_text'):>9}"
+                     f"{g('rel_error_vision'):>9}{g('rel_error_answer'):>9}{g('router_agreement', '.2f'):>8}"
+                     f"{g('fit_seconds', '.2f'):>7}")
+    return "\n".join(lines)
+
+
+def _quantize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default=None, help="TOML recipe (flags override it)")
+    p.add_argument("--quantizer", default=None, help="quantizer plugin, e.g. rtn, gptq, 'smoothquant[alpha=0.5;inner=gptq]'")
+    p.add_argument("--compensator", default=None, help="compensator plugin, e.g. none, 'lowrank[rank=64]', qe")
+    p.add_argument("--estimator", default=None, help="importance estimator plugin (default act-weight)")
+    p.add_argument("--setting", default=None, help="W<bits>A<bits>[g<group>|ch][sym|asym] (default W4A8)")
+    p.add_argument("--w-bits", type=int, default=None)
+    p.add_argument("--a-bits", type=int, default=None)
+    p.add_argument("--group-size", type=int, default=None, help="0 = per output channel")
+    p.add_argument("--propagation", choices=["quantized", "fp-inputs"], default=None)
+    p.add_argument("--max-tokens", type=int, default=None, help="token sample per linear for fitting (default 16384)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
 COMMANDS = {
     "analyze": (cmd_analyze, "per-token and per-modality channel-importance report"),
+    "quantize": (cmd_quantize, "quantize a model with one composition and write a checkpoint"),
     "info": (cmd_info, "show a model's decoder structure, adapter and calibration token counts"),
     "plugins": (cmd_plugins, "list every plugin by kind with its origin and parameters"),
 }
@@ -133,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EXTRA_ARGUMENTS: dict = {"analyze": _analyze_arguments}
+EXTRA_ARGUMENTS: dict = {"analyze": _analyze_arguments, "quantize": _quantize_arguments}
 
 
 def _quiet_libraries(quiet: bool) -> None:

@@ -51,6 +51,7 @@ class PipelineOptions:
     seed: int = 0
     progress: bool = True
     skip: tuple[str, ...] = ()  # fnmatch patterns of full linear names left in full precision
+    overrides: tuple = ()  # qe.recipe.LayerOverride: per-layer quantizer / compensator, first match wins
 
     def __post_init__(self):
         if self.propagation not in ("quantized", "fp-inputs"):
@@ -83,7 +84,16 @@ def relative_error(y_ref: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) or re.search(p, name) for p in patterns)
+    """A pattern matches as a shell glob (``*.mlp.*``) or as a regular expression."""
+    for p in patterns:
+        if fnmatch.fnmatchcase(name, p):
+            return True
+        try:
+            if re.search(p, name):
+                return True
+        except re.error:
+            pass
+    return False
 
 
 class QuantizationPipeline:
@@ -102,24 +112,61 @@ class QuantizationPipeline:
         self.quantizer = composition.quantizer.create()
         self.compensator = composition.compensator.create()
         self.setting = composition.setting
+        # Per-layer overrides: (pattern, quantizer or None, compensator or None), first match wins.
+        self._overrides = [
+            (o.pattern,
+             self.manager.create("quantizer", o.quantizer) if o.quantizer else None,
+             self.manager.create("compensator", o.compensator) if o.compensator else None)
+            for o in self.options.overrides
+        ]
+        self.warnings: list[str] = []
         self._validate_layers()
+
+    def plugins_for(self, full_name: str):
+        """The (quantizer, compensator) serving one linear."""
+        for pattern, quantizer, compensator in self._overrides:
+            if _matches(full_name, (pattern,)):
+                return quantizer or self.quantizer, compensator or self.compensator
+        return self.quantizer, self.compensator
+
+    def _all_compensators(self):
+        return [self.compensator] + [c for _, _, c in self._overrides if c is not None]
+
+    def _all_quantizers(self):
+        return [self.quantizer] + [q for _, q, _ in self._overrides if q is not None]
 
     # ------------------------------------------------------------------ checks
     def _validate_layers(self) -> None:
         adapter, model = self.loaded.adapter, self.loaded.model
-        for block in adapter.decoder_blocks(model):
+        prefix = adapter.blocks_prefix(model)
+        for i, block in enumerate(adapter.decoder_blocks(model)):
+            if any(isinstance(m, QuantLinear) for m in block.modules()):
+                continue  # quantized by an earlier run (resume)
             for name, lin in adapter.block_linears(block).items():
-                self.compensator.validate_layer(name, lin.in_features, lin.out_features)
+                full = f"{prefix}.{i}.{name}"
+                if _matches(full, self.options.skip):
+                    continue
+                _, compensator = self.plugins_for(full)
+                overridden = compensator is not self.compensator
+                check = getattr(compensator, "validate_override", None) if overridden else None
+                (check or compensator.validate_layer)(full, lin.in_features, lin.out_features)
                 gs = self.setting.group_size
                 if gs > lin.in_features:
                     raise ConfigError(
-                        f"group size {gs} exceeds the input width {lin.in_features} of {name}: use at most {lin.in_features}"
+                        f"group size {gs} exceeds the input width {lin.in_features} of {full}: use at most "
+                        f"{lin.in_features} (e.g. --group-size {lin.in_features}, or 0 for per channel)"
                     )
-            break  # Llama-style decoders repeat one block shape
+        capped = {}
+        for c in self._all_compensators():
+            capped.update(getattr(c, "capped_layers", {}) or {})
+        if capped:
+            shown = ", ".join(f"{n.split('.', 3)[-1]} ({r}→{u})" for n, (r, u) in list(capped.items())[:6])
+            more = f" and {len(capped) - 6} more" if len(capped) > 6 else ""
+            self.warnings.append(f"rank capped at min(d_in, d_out) for {len(capped)} layers: {shown}{more}")
 
     @property
     def needs_hessian(self) -> bool:
-        return bool(getattr(self.quantizer, "needs_hessian", False) or getattr(self.compensator, "needs_hessian", False))
+        return any(getattr(p, "needs_hessian", False) for p in self._all_quantizers() + self._all_compensators())
 
     # ------------------------------------------------------------------ run
     def run(
@@ -128,12 +175,16 @@ class QuantizationPipeline:
         *,
         start_block: int = 0,
         on_block_done: Callable[[int, "PipelineResult"], None] | None = None,
+        result: PipelineResult | None = None,
     ) -> PipelineResult:
         """Quantize every decoder block from ``start_block`` on (earlier ones must already be
-        quantized in the model: that is how ``--resume`` continues)."""
+        quantized in the model: that is how ``--resume`` continues, passing the earlier
+        ``result`` to extend). ``on_block_done`` runs after each block, before the
+        ``qe_block_end`` event (a checkpointing caller saves there)."""
         opts = self.options
         hook = self.manager.hook
-        result = PipelineResult()
+        result = result if result is not None else PipelineResult()
+        result.warnings.extend(w for w in self.warnings if w not in result.warnings)
         t_start = time.perf_counter()
         adapter, model = self.loaded.adapter, self.loaded.model
         blocks = adapter.decoder_blocks(model)
@@ -153,18 +204,19 @@ class QuantizationPipeline:
             hook.qe_block_start(block_index=i, num_blocks=len(blocks))
             inputs, block_figures = self._quantize_block(i, blocks[i], f"{prefix}.{i}", inputs, sample_positions, result)
             result.blocks.append(block_figures)
-            hook.qe_block_end(block_index=i, num_blocks=len(blocks), figures=block_figures)
             if on_block_done is not None:
                 on_block_done(i, result)
-        result.seconds = time.perf_counter() - t_start
+            hook.qe_block_end(block_index=i, num_blocks=len(blocks), figures=block_figures)
+        result.seconds += time.perf_counter() - t_start
         return result
 
     def _quantize_block(self, index, block, prefix, inputs: BlockInputs, sample_positions, result: PipelineResult):
         opts = self.options
         adapter = self.loaded.adapter
         context = StreamContext()
-        k = self.compensator.importance_k()
         linear_names = {n for n in adapter.block_linears(block) if not _matches(f"{prefix}.{n}", opts.skip)}
+        ks = [self.plugins_for(f"{prefix}.{n}")[1].importance_k() for n in linear_names]
+        k = max((x for x in ks if x), default=None)
         with attach_stats(block, adapter, prefix=prefix, context=context, sample_positions=sample_positions,
                           hessian=self.needs_hessian, moments=False,
                           estimator=self.estimator if k else None, k=k or 32, linears=linear_names) as stats:
@@ -183,6 +235,7 @@ class QuantizationPipeline:
         from qe import smoothing
 
         hook = self.manager.hook
+        group_quantizer, group_compensator = self.plugins_for(f"{prefix}.{names[0]}")
         linears = {n: block.get_submodule(n) for n in names}
         shared = stats[names[0]].input
         tokens = shared.sample
@@ -194,14 +247,15 @@ class QuantizationPipeline:
         plans: dict[str, LayerPlan] = {}
         for n in names:
             ctx = self._context(index, prefix, n, linears[n], weights[n], stats[n], None, tokens, token_modality)
-            plans[n] = self.compensator.plan(ctx)
+            plans[n] = self.plugins_for(f"{prefix}.{n}")[1].plan(ctx)
 
-        alpha = self.quantizer.smoothing_alpha()
-        candidates = self.compensator.smoothing_candidates()
+        # One smoothing decision per group, by the plugins of its first linear.
+        alpha = group_quantizer.smoothing_alpha()
+        candidates = group_compensator.smoothing_candidates()
         alpha_errors: dict = {}
         if alpha is None and candidates:
             def quantize_fn(w_s, h_s, exempt):
-                return self.quantizer.quantize(w_s, self.setting, hessian=h_s, exempt=exempt, layer_name=prefix).dequantize()
+                return group_quantizer.quantize(w_s, self.setting, hessian=h_s, exempt=exempt, layer_name=prefix).dequantize()
 
             # One α per group: exemptions of the group's linears are pooled for the choice.
             alpha, alpha_errors = smoothing.choose_alpha(
@@ -235,10 +289,11 @@ class QuantizationPipeline:
             lin = linears[n]
             w = weights[n] if scale is None else smoothing.smooth_weight(weights[n], scale)
             ctx = self._context(index, prefix, n, lin, w, stats[n], hessian, tokens, token_modality, scale)
+            quantizer, compensator = self.plugins_for(full)
             t0 = time.perf_counter()
-            q = self.quantizer.quantize(w, self.setting, hessian=hessian, exempt=plans[n].exempt, layer_name=full)
+            q = quantizer.quantize(w, self.setting, hessian=hessian, exempt=plans[n].exempt, layer_name=full)
             t1 = time.perf_counter()
-            module = self.compensator.fit(ctx, q, plans[n])
+            module = compensator.fit(ctx, q, plans[n])
             t2 = time.perf_counter()
             ql = QuantLinear.from_quantized(
                 q, a_bits=self.setting.a_bits,

@@ -120,6 +120,9 @@ class LowRankCompensator(Compensator):
         check_rank_override(self.config.rank, d_in, d_out, name)
         self.validate_layer(name, d_in, d_out)
 
+    def importance_k(self) -> int | None:
+        return self.config.k if self.config.on_qe_base else None
+
     def smoothing_candidates(self) -> tuple[float | None, ...] | None:
         return QE_DEFAULT_ALPHAS if self.config.on_qe_base else None
 

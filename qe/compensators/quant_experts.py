@@ -152,6 +152,9 @@ class QuantExperts(Compensator):
         check_rank_override(max(self.config.shared_rank, self.config.expert_rank), d_in, d_out, name)
         self.validate_layer(name, d_in, d_out)
 
+    def importance_k(self) -> int | None:
+        return self.config.k
+
     def smoothing_candidates(self) -> tuple[float | None, ...] | None:
         # routed-only keeps the grid too: the ablation removes exemption and the shared
         # expert only, so that it differs from the full method in one respect.

@@ -148,6 +148,10 @@ class ModelAdapter:
             out.append(SmoothingGroup(linears, norm))
         return out
 
+    def blockwise_issue(self, model: nn.Module) -> str | None:
+        """Why this model cannot be run block by block from captured inputs, or None."""
+        return None
+
     def image_token_id(self, model: nn.Module) -> int | None:
         cfg = model.config
         for attr in ("image_token_id", "image_token_index"):

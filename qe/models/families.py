@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from qe.errors import ModelError
 from qe.models.base import ModelAdapter
 
@@ -62,6 +64,13 @@ class QwenVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     language_model_path = "model.language_model"
     image_placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+
+    def blockwise_issue(self, model: nn.Module) -> str | None:
+        vision = getattr(model.config, "vision_config", None)
+        if getattr(model.config, "model_type", "") == "qwen3_vl" and getattr(vision, "deepstack_visual_indexes", None):
+            return ("Qwen3-VL adds deepstack visual features between its first decoder blocks, which block-wise "
+                    "calibration does not replay yet; use Qwen2-VL / Qwen2.5-VL, or `qe info` for its structure")
+        return None
 
     def _image_marker(self, processor) -> str:
         image_token = getattr(processor, "image_token", None) or "<|image_pad|>"
