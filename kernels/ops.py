@@ -12,6 +12,7 @@ synchronise with the GPU.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -34,8 +35,13 @@ BACKENDS = ("torch", "triton")
 ENV_VAR = "QE_KERNELS"
 
 
-def triton_available() -> bool:
+@functools.lru_cache(maxsize=1)
+def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def triton_available() -> bool:
+    return _triton_importable()  # cached: the forward of every quantized linear asks
 
 
 def _interpreting() -> bool:
@@ -384,3 +390,36 @@ def qe_linear(x: torch.Tensor, w: QELinearWeights) -> torch.Tensor:
     if w.router is not None:
         routed_lowrank(x2, expert, w.routed_a, w.routed_b, w.input_scale, out=y)
     return y.reshape(*lead, -1)
+
+
+def forward_quant_linear(module, x: torch.Tensor) -> torch.Tensor | None:
+    """The kernels' forward of a :class:`qe.quantizers.qlinear.QuantLinear` (with no compensator,
+    a ``LowRankAdapter`` or a router-driven ``QuantExpertsAdapter``), or None where the module's
+    own torch path must run: the torch backend, static activation scales, low-rank branches on
+    8-bit inputs, ablation routings, and anything that needs gradients."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or _impl(x.device) is reference:
+        return None
+    if module.static_act_scale is not None:
+        return None
+    factors: dict[str, torch.Tensor] = {}
+    comp = module.compensator
+    if comp is not None:
+        from qe.compensators.modules import LowRankAdapter, QuantExpertsAdapter
+
+        if isinstance(comp, LowRankAdapter) and comp.input_bits >= 16:
+            factors = dict(shared_a=comp.A, shared_b=comp.B)
+        elif isinstance(comp, QuantExpertsAdapter) and comp.input_bits >= 16 and comp.routing == "router":
+            if comp.shared_rank > 0:
+                factors.update(shared_a=comp.A_s, shared_b=comp.B_s)
+            if comp.num_experts > 0:
+                factors.update(router=comp.R, routed_a=comp.A, routed_b=comp.B)
+        else:
+            return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in factors.values())):
+        return None  # the kernels have no backward: training (e.g. expert refinement) takes the torch path
+    weights = QELinearWeights(
+        module.qweight, module.scales, module.zeros, bits=module.bits, group_size=module.group_size,
+        symmetric=module.symmetric, a_bits=module.a_bits, bias=module.bias, input_scale=module.input_scale,
+        act_keep=module.act_keep if module.a_bits < 16 else None, **factors,
+    )
+    return qe_linear(x, weights)

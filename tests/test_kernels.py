@@ -379,6 +379,55 @@ def test_qe_layer_triton_equals_torch_and_the_definition(dims, a_bits, dtype, gr
     _assert_within(y_triton[same], y_torch[same], bound[same], rel, "Triton QE layer vs torch")
 
 
+@pytest.mark.parametrize("compensator", ["none", "lowrank", "quant_experts", "quant_experts_8bit_branch"])
+@pytest.mark.parametrize("a_bits", [8, 16])
+def test_quant_linear_forward_through_the_kernels_equals_its_torch_forward(compensator, a_bits):
+    """The dispatch hook in QuantLinear.forward: forced Triton (interpreter) == the module's own torch path."""
+    from qe.compensators.modules import LowRankAdapter, QuantExpertsAdapter
+
+    gen = _gen(21)
+    d_in, d_out, t = 150, 70, 9
+    weight = torch.randn(d_out, d_in, generator=gen)
+    input_scale, keep = _smoothing(gen, d_in)
+    exempt = ~keep.cpu()
+    layer = QuantLinear.from_quantized(quantize_rtn(weight, 4, 64, False, exempt=exempt), a_bits=a_bits,
+                                       bias=torch.randn(d_out, generator=gen), input_scale=input_scale.cpu(),
+                                       act_exempt=exempt)
+    f = _qe_factors(gen, d_in, d_out, 16, 4, 16)
+    if compensator == "lowrank":
+        layer.compensator = LowRankAdapter.from_factors(f["shared_a"].cpu(), f["shared_b"].cpu())
+    elif compensator.startswith("quant_experts"):
+        adapter = QuantExpertsAdapter(d_in, d_out, 16, 4, 16, input_bits=8 if "8bit" in compensator else 16)
+        for name, value in (("A_s", "shared_a"), ("B_s", "shared_b"), ("R", "router"), ("A", "routed_a"),
+                            ("B", "routed_b")):
+            getattr(adapter, name).copy_(f[value])
+        layer.compensator = adapter
+    layer = layer.to(DEVICE)
+    x = _activations(gen, t, d_in, torch.float32).reshape(3, 3, d_in)
+    with _forced_backend("torch"):
+        y_torch = layer(x)
+    calls = []
+    real = kern.quantized_linear if a_bits < 16 else kern.weight_only_linear
+    with _forced_backend("triton"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kern, real.__name__, lambda *a, **k: calls.append(1) or real(*a, **k))
+        y_triton = layer(x)
+    assert y_triton.shape == y_torch.shape == (3, 3, d_out)
+    # the 8-bit branch input is not fused: the module's torch path runs
+    assert bool(calls) == (compensator != "quant_experts_8bit_branch")
+    with _forced_backend("triton"):  # no backward in the kernels: gradients take the torch path
+        x_grad = x.clone().requires_grad_(True)
+        layer(x_grad).sum().backward()
+        assert x_grad.grad is not None
+    xs = (x.reshape(t, d_in).double().cpu() / input_scale.double().cpu())
+    bound = xs.abs() @ layer.dequantized_weight().double().cpu().abs().T * 2 + layer.bias.abs().double().cpu()
+    if compensator != "none":  # low-rank terms at tf32 resolution on a GPU: 2e-3 = 20 × 1e-4
+        bound = bound + 20 * xs.abs() @ f["shared_b"].abs().double().cpu().T @ f["shared_a"].abs().double().cpu().T
+    if compensator == "quant_experts":
+        ra, rb = f["routed_a"].abs().double().cpu(), f["routed_b"].abs().double().cpu()
+        bound = bound + 20 * torch.einsum("eor,eri,ti->teo", ra, rb, xs.abs()).amax(1)
+    _assert_within(y_triton.reshape(t, d_out), y_torch.reshape(t, d_out), bound, 1e-4, "QuantLinear forward")
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 
