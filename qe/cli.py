@@ -179,9 +179,68 @@ def _quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
+def cmd_compare(args) -> int:
+    from qe.compare import CompareOptions, run_compare
+
+    options = CompareOptions(
+        propagation=args.propagation or "quantized",
+        eval_tokens=None if args.eval_tokens == 0 else args.eval_tokens, caption_nll=not args.no_caption_nll,
+        calib=args.calib, samples=args.samples or 32, estimator=args.estimator or "act-weight", seed=args.seed,
+        device=_device(args), progress=not args.quiet,
+    )
+    out = args.out or f"reports/compare-{(args.model or 'embedded-default').replace('/', '_')}"
+    path, rows = run_compare(args.model, args.quantizers, args.compensators, args.settings, out=out,
+                             options=options, force=args.force)
+    from qe.compare_report import markdown_table
+
+    print(markdown_table(rows))
+    failed = [r for r in rows if r.get("status") != "ok"]
+    print(f"qe compare: {len(rows) - 1} cells ({len(failed)} failed); report written to {path}/index.html "
+          "(results.csv, results.md, plots)")
+    return 0
+
+
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantizers", default="rtn,gptq,smoothquant", help="comma list of quantizer plugins")
+    p.add_argument("--compensators", default="none,lowrank,qe", help="comma list of compensator plugins")
+    p.add_argument("--settings", default="W4A8,W4A6,W3A16", help="comma list of settings")
+    p.add_argument("--estimator", default=None)
+    p.add_argument("--eval-tokens", type=int, default=8192,
+                   help="score this prefix of the held-out text (whole 512-token windows; 0 = all of it)")
+    p.add_argument("--no-caption-nll", action="store_true", help="skip the caption NLL metric")
+    p.add_argument("--propagation", choices=["quantized", "fp-inputs"], default=None)
+    p.add_argument("--force", action="store_true", help="reuse an output directory that holds a different grid")
+
+
+def cmd_eval(args) -> int:
+    from qe.evaluate import run_eval
+
+    results = run_eval(args.model, metric=args.metric, text_file=args.text_file, window=args.window,
+                       stride=args.stride, reference=args.reference, samples=args.samples, calib=args.calib,
+                       eval_tokens=args.eval_tokens or None, out=args.out, device=_device(args), progress=not args.quiet)
+    print(results["table"])
+    for note in results.get("notes", []):
+        print(f"note: {note}")
+    if args.out:
+        print(f"qe eval: results written to {args.out}")
+    return 0
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metric", choices=["ppl", "caption-nll", "layer-error"], default="ppl")
+    p.add_argument("--text-file", default=None, help="UTF-8 text to score (default: the built-in held-out text)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window for --text-file (default 512)")
+    p.add_argument("--stride", type=int, default=512, help="tokens between window starts for --text-file (default 512)")
+    p.add_argument("--eval-tokens", type=int, default=0, help="score only this prefix of the built-in held-out text")
+    p.add_argument("--reference", default=None,
+                   help="full-precision model for layer-error (default: the one a quantized checkpoint was made from)")
+
+
 COMMANDS = {
     "analyze": (cmd_analyze, "per-token and per-modality channel-importance report"),
     "quantize": (cmd_quantize, "quantize a model with one composition and write a checkpoint"),
+    "compare": (cmd_compare, "run a grid of compositions and compare them side by side"),
+    "eval": (cmd_eval, "perplexity, caption NLL or per-layer error of a model or quantized checkpoint"),
     "info": (cmd_info, "show a model's decoder structure, adapter and calibration token counts"),
     "plugins": (cmd_plugins, "list every plugin by kind with its origin and parameters"),
 }
@@ -205,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EXTRA_ARGUMENTS: dict = {"analyze": _analyze_arguments, "quantize": _quantize_arguments}
+EXTRA_ARGUMENTS: dict = {"analyze": _analyze_arguments, "quantize": _quantize_arguments,
+                         "compare": _compare_arguments, "eval": _eval_arguments}
 
 
 def _quiet_libraries(quiet: bool) -> None:

@@ -120,6 +120,9 @@ class QuantizationPipeline:
             for o in self.options.overrides
         ]
         self.warnings: list[str] = []
+        # Optional cache of base quantizations shared between pipelines on the same statistics
+        # (qe compare, fp-inputs): key (quantizer, setting, layer, smoothing, exemption).
+        self.base_cache: dict | None = None
         self._validate_layers()
 
     def plugins_for(self, full_name: str):
@@ -176,11 +179,13 @@ class QuantizationPipeline:
         start_block: int = 0,
         on_block_done: Callable[[int, "PipelineResult"], None] | None = None,
         result: PipelineResult | None = None,
+        inputs: BlockInputs | None = None,
     ) -> PipelineResult:
         """Quantize every decoder block from ``start_block`` on (earlier ones must already be
         quantized in the model: that is how ``--resume`` continues, passing the earlier
         ``result`` to extend). ``on_block_done`` runs after each block, before the
-        ``qe_block_end`` event (a checkpointing caller saves there)."""
+        ``qe_block_end`` event (a checkpointing caller saves there). ``inputs`` are block 0's
+        captured inputs when the caller already has them (``qe compare`` shares them)."""
         opts = self.options
         hook = self.manager.hook
         result = result if result is not None else PipelineResult()
@@ -189,8 +194,9 @@ class QuantizationPipeline:
         adapter, model = self.loaded.adapter, self.loaded.model
         blocks = adapter.decoder_blocks(model)
         prefix = adapter.blocks_prefix(model)
-        inputs = capture_block_inputs(self.loaded, encoded, device=opts.device, batch_size=opts.batch_size,
-                                      progress=opts.progress)
+        if inputs is None:
+            inputs = capture_block_inputs(self.loaded, encoded, device=opts.device, batch_size=opts.batch_size,
+                                          progress=opts.progress)
         sample_positions = choose_sample_positions(inputs.total_tokens, opts.max_tokens, opts.seed)
         # Blocks finished by an earlier run: replay them (quantized, or full precision in
         # fp-inputs mode, whose inputs never saw quantized blocks).
@@ -210,26 +216,41 @@ class QuantizationPipeline:
         result.seconds += time.perf_counter() - t_start
         return result
 
+    def linear_names(self, block, prefix: str) -> set[str]:
+        """The block's linears this pipeline quantizes (all but the skipped ones)."""
+        return {n for n in self.loaded.adapter.block_linears(block) if not _matches(f"{prefix}.{n}", self.options.skip)}
+
+    def importance_k(self, names, prefix: str) -> int | None:
+        ks = [self.plugins_for(f"{prefix}.{n}")[1].importance_k() for n in names]
+        return max((x for x in ks if x), default=None)
+
     def _quantize_block(self, index, block, prefix, inputs: BlockInputs, sample_positions, result: PipelineResult):
         opts = self.options
-        adapter = self.loaded.adapter
         context = StreamContext()
-        linear_names = {n for n in adapter.block_linears(block) if not _matches(f"{prefix}.{n}", opts.skip)}
-        ks = [self.plugins_for(f"{prefix}.{n}")[1].importance_k() for n in linear_names]
-        k = max((x for x in ks if x), default=None)
-        with attach_stats(block, adapter, prefix=prefix, context=context, sample_positions=sample_positions,
+        names = self.linear_names(block, prefix)
+        k = self.importance_k(names, prefix)
+        with attach_stats(block, self.loaded.adapter, prefix=prefix, context=context, sample_positions=sample_positions,
                           hessian=self.needs_hessian, moments=False,
-                          estimator=self.estimator if k else None, k=k or 32, linears=linear_names) as stats:
+                          estimator=self.estimator if k else None, k=k or 32, linears=names) as stats:
             fp_out = run_block(block, inputs, device=opts.device, context=context, block_index=index)
-        for group in adapter.smoothing_groups(block):
-            names = [n for n in group.linears if n in linear_names]
-            if names:
-                self._quantize_group(index, block, prefix, group, names, stats, result)
+        self.quantize_block_with_stats(index, block, prefix, stats, result, names)
         q_out = run_block(block, inputs, device=opts.device, block_index=index)
         # The block's own error: quantized vs full-precision block on the same inputs.
         figures = {"block_rel_error": _mean_rel_error(fp_out, q_out)}
         next_hidden = q_out if opts.propagation == "quantized" else fp_out
         return inputs.with_hidden(next_hidden), figures
+
+    def quantize_block_with_stats(self, index, block, prefix, stats: dict[str, LinearStats], result: PipelineResult,
+                                  names: set[str] | None = None) -> None:
+        """Quantize (and compensate) a block's linears from already-streamed statistics.
+
+        The statistics are only read, so several pipelines can share them (``qe compare`` in
+        fp-inputs mode streams each block once for the whole grid)."""
+        names = self.linear_names(block, prefix) if names is None else names
+        for group in self.loaded.adapter.smoothing_groups(block):
+            members = [n for n in group.linears if n in names]
+            if members:
+                self._quantize_group(index, block, prefix, group, members, stats, result)
 
     def _quantize_group(self, index, block, prefix, group, names, stats: dict[str, LinearStats], result: PipelineResult):
         from qe import smoothing
@@ -291,7 +312,7 @@ class QuantizationPipeline:
             ctx = self._context(index, prefix, n, lin, w, stats[n], hessian, tokens, token_modality, scale)
             quantizer, compensator = self.plugins_for(full)
             t0 = time.perf_counter()
-            q = quantizer.quantize(w, self.setting, hessian=hessian, exempt=plans[n].exempt, layer_name=full)
+            q = self._base_quantize(quantizer, w, hessian, plans[n].exempt, full, scale)
             t1 = time.perf_counter()
             module = compensator.fit(ctx, q, plans[n])
             t2 = time.perf_counter()
@@ -311,6 +332,18 @@ class QuantizationPipeline:
             result.layers.append(LayerRecord(full, index, (lin.out_features, lin.in_features), figures, alpha, mode))
             hook.qe_layer_end(block_index=index, layer_name=full, figures=figures)
 
+    def _base_quantize(self, quantizer, w, hessian, exempt, full, scale):
+        key = None
+        if self.base_cache is not None:
+            label = f"{getattr(quantizer, 'name', type(quantizer).__name__)}:{quantizer.config!r}"
+            key = (label, self.setting, full, _digest(scale), _digest(exempt))
+            if key in self.base_cache:
+                return self.base_cache[key]
+        q = quantizer.quantize(w, self.setting, hessian=hessian, exempt=exempt, layer_name=full)
+        if key is not None:
+            self.base_cache[key] = q
+        return q
+
     def _context(self, index, prefix, name, lin, weight, stats, hessian, tokens, modality, scale=None) -> LayerContext:
         return LayerContext(
             name=f"{prefix}.{name}", block_index=index, weight=weight,
@@ -318,6 +351,14 @@ class QuantizationPipeline:
             setting=self.setting, stats=stats, hessian=hessian, tokens=tokens, token_modality=modality,
             input_scale=scale, seed=self.options.seed,
         )
+
+
+def _digest(t: torch.Tensor | None) -> str | None:
+    if t is None:
+        return None
+    import hashlib
+
+    return hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _union(masks: list[torch.Tensor | None]) -> torch.Tensor | None:

@@ -85,6 +85,37 @@ def top_eigenpairs(
     return values.clamp_min(0), vectors
 
 
+# --------------------------------------------------------------------------- Gram matrices
+
+
+def symmetric_gram(M: torch.Tensor) -> torch.Tensor:
+    """``Mᵀ M`` for ``M`` ``(T, d)`` as float64, exactly symmetric.
+
+    The products run in M's dtype over column blocks, lower triangle only (a ``syrk`` that
+    torch does not expose): for 16k tokens this took 0.11 s instead of 0.14 s at d = 576 and
+    0.59 s instead of 0.96 s at d = 1536 on one core.
+    """
+    d = M.shape[1]
+    blocks = min(4, max(1, round(d / 192)))
+    if blocks == 1:
+        G = (M.T @ M).double()
+        return (G + G.T) / 2
+    edges = [round(i * d / blocks) for i in range(blocks + 1)]
+    G = torch.empty(d, d, dtype=torch.float64, device=M.device)
+    for i in range(blocks):
+        rows = slice(edges[i], edges[i + 1])
+        M_i = M[:, rows]
+        for j in range(i + 1):
+            cols = slice(edges[j], edges[j + 1])
+            block = (M_i.T @ M[:, cols]).double()
+            if i == j:
+                G[rows, cols] = (block + block.T) / 2
+            else:
+                G[rows, cols] = block
+                G[cols, rows] = block.T
+    return G
+
+
 # --------------------------------------------------------------------------- damping and Cholesky
 
 
@@ -136,16 +167,22 @@ def _drop_null_directions(sigma: torch.Tensor) -> torch.Tensor:
 
 
 def lowrank_from_output_gram(
-    E: torch.Tensor, G: torch.Tensor, rank: int, *, exact: bool | None = None, eig_dtype: torch.dtype = torch.float64
+    E: torch.Tensor,
+    G: torch.Tensor,
+    rank: int,
+    *,
+    exact: bool | None = None,
+    eig_dtype: torch.dtype = torch.float64,
+    iterations: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors from the output-side Gram ``G = E H_d Eᵀ`` (``d_out × d_out``, PSD).
 
     ``A = U_r Σ_r``, ``B = Σ_r⁻¹ U_rᵀ E`` (``= V_rᵀ S⁻¹``); ``A B = U_r U_rᵀ E``. Batched over
     leading dimensions of ``G`` (one E, several Hessians). ``eig_dtype`` is the precision of
-    the eigen step (float32 halves its time; the factors are still assembled in float64).
-    Returned in E's dtype.
+    the eigen step (float32 halves its time; the factors are still assembled in float64),
+    ``iterations`` its subspace iterations (None: the module default). Returned in E's dtype.
     """
-    values, U = top_eigenpairs(G.to(eig_dtype), rank, exact=exact)  # (…, r), (…, d_out, r)
+    values, U = top_eigenpairs(G.to(eig_dtype), rank, exact=exact, iterations=iterations)  # (…, r), (…, d_out, r)
     values, U = values.double(), U.double()
     sigma = values.sqrt()
     keep = _drop_null_directions(sigma)
@@ -163,6 +200,7 @@ def lowrank_from_input_cholesky(
     EtE: torch.Tensor | None = None,
     exact: bool | None = None,
     eig_dtype: torch.dtype = torch.float64,
+    iterations: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors from ``H_d = L Lᵀ`` (``L`` lower, float64; batched over leading dims).
 
@@ -175,7 +213,7 @@ def lowrank_from_input_cholesky(
     L_low = L.to(eig_dtype)
     G = L_low.transpose(-1, -2) @ K @ L_low  # the d_in³ products run in eig_dtype too
     G = (G + G.transpose(-1, -2)) / 2
-    values, V = top_eigenpairs(G, rank, exact=exact)
+    values, V = top_eigenpairs(G, rank, exact=exact, iterations=iterations)
     values, V = values.double(), V.double()
     keep = _drop_null_directions(values.sqrt())
     V = V * keep[..., None, :]

@@ -1,0 +1,354 @@
+"""``qe compare``: a grid of compositions measured side by side, sharing work between cells.
+
+Cells are quantizer × compensator × setting. Work shared across the whole grid: the model
+load, the tokenized calibration and evaluation data, block 0's captured inputs, and the
+full-precision reference figures. In ``fp-inputs`` mode every block's statistics are streamed
+once for all cells (each block sees full-precision inputs whatever the cell), and a base
+quantization that several compensators build on (same quantizer, setting, smoothing and
+exemption) is computed once. In the default ``quantized`` mode each cell propagates through
+its own quantized blocks, as deployed, so only block 0's inputs are shared.
+
+Each finished cell is a JSON file under ``cells/`` keyed by a hash of its recipe, the model
+and the data, so a rerun skips what is done; a failing cell is recorded with its error and
+the grid goes on. ``results.csv``, ``results.md``, plots and ``index.html`` are rewritten
+from the cell files at the end of every run.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import hashlib
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from qe.analysis.statistics import choose_sample_positions
+from qe.api import calibration_set, data_hash, encode_samples
+from qe.capture import StreamContext, attach_stats, capture_block_inputs, run_block
+from qe.composition import Composition, resolve_composition
+from qe.errors import ConfigError, QEError
+from qe.models.loading import LoadedModel, load_model
+from qe.pipeline import PipelineOptions, PipelineResult, QuantizationPipeline
+from qe.plugins import default_manager, split_plugin_list
+from qe.settings import QuantSetting, parse_settings
+
+DEFAULT_EVAL_TOKENS = 8192  # 16 windows of 512 from the start of the held-out text
+GRID_FILE = "grid.json"
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    propagation: str = "quantized"
+    eval_tokens: int | None = DEFAULT_EVAL_TOKENS  # None: the whole held-out text
+    caption_nll: bool = True
+    calib: str | None = None
+    samples: int = 32
+    estimator: str = "act-weight"
+    seed: int = 0
+    max_tokens: int = 16384
+    device: str = "cpu"
+    progress: bool = True
+
+    def describe(self) -> dict:
+        return {k: getattr(self, k) for k in ("propagation", "eval_tokens", "caption_nll", "calib", "samples",
+                                               "estimator", "seed", "max_tokens")}
+
+
+@dataclass
+class Cell:
+    quantizer: str
+    compensator: str
+    setting: QuantSetting
+    composition: Composition
+    key: str = ""
+    result: PipelineResult = field(default_factory=PipelineResult)
+    blocks: list = field(default_factory=list)  # fp-inputs mode: the cell's quantized blocks
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.composition.label
+
+
+def grid_cells(quantizers: str | list[str], compensators: str | list[str], settings: str | list[QuantSetting],
+               estimator: str = "act-weight", manager=None) -> list[Cell]:
+    manager = manager or default_manager()
+    qs = split_plugin_list(quantizers) if isinstance(quantizers, str) else list(quantizers)
+    cs = split_plugin_list(compensators) if isinstance(compensators, str) else list(compensators)
+    ss = parse_settings(settings) if isinstance(settings, str) else list(settings)
+    if not qs or not cs or not ss:
+        raise ConfigError("the grid is empty: give at least one quantizer, compensator and setting")
+    cells = []
+    for s in ss:
+        for q in qs:
+            for c in cs:
+                cells.append(Cell(q, c, s, resolve_composition(q, c, s, estimator, manager)))
+    return cells
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, float):
+        return None
+    return str(o)
+
+
+def _finite(x):
+    import math
+
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+class Evaluator:
+    """Held-out figures of a model: text perplexity (a prefix of the pydoc held-out part) and
+    caption NLL on the held-out image-caption pairs."""
+
+    def __init__(self, loaded: LoadedModel, options: CompareOptions):
+        from qe.evaluation.perplexity import heldout_windows
+
+        self.options = options
+        self.windows = heldout_windows(loaded.tokenizer, max_tokens=options.eval_tokens)
+        self.captions = None
+        if options.caption_nll and loaded.adapter.image_token_id(loaded.model) is not None:
+            from qe.data.images import builtin_image_captions
+
+            self.captions = encode_samples(loaded, builtin_image_captions("eval"))
+
+    def __call__(self, model) -> dict[str, float]:
+        from qe.evaluation.metrics import caption_nll
+        from qe.evaluation.perplexity import perplexity
+
+        t0 = time.perf_counter()
+        ppl = perplexity(model, self.windows, progress=False)
+        out = {"ppl": ppl.ppl, "eval_tokens": ppl.tokens}
+        if self.captions:
+            out["caption_nll"] = caption_nll(model, self.captions).nll
+        out["eval_seconds"] = time.perf_counter() - t0
+        return out
+
+
+def _cell_row(cell: Cell, model, evaluation: dict, seconds: float) -> dict:
+    from qe.checkpoint import effective_bits, quantized_layers
+
+    layers = quantized_layers(model)
+    weights = sum(q.in_features * q.out_features for q in layers.values())
+    added = sum(sum(t.numel() for t in q.compensator.state_dict().values()) for q in layers.values()
+                if q.compensator is not None)
+    comp = cell.composition.compensator.create()
+    flops = sum(comp.flops_per_token(q.in_features, q.out_features) for q in layers.values())
+    figs = [r.figures for r in cell.result.layers]
+
+    def mean(key):
+        vals = [f[key] for f in figs if key in f]
+        return sum(vals) / len(vals) if vals else None
+
+    bits = effective_bits(model)
+    return {
+        "quantizer": cell.quantizer, "compensator": cell.compensator, "setting": cell.setting.short_name,
+        "label": cell.label, "status": "ok", **evaluation,
+        "mean_rel_error_base": mean("rel_error_base"), "mean_rel_error": mean("rel_error"),
+        "router_agreement": mean("router_agreement"),
+        "added_params": added, "added_params_ratio": added / weights if weights else None,
+        "added_flops_per_token": flops, "bits_per_weight": bits["bits_per_weight"],
+        "bits_per_weight_with_adapters": bits["bits_per_weight_with_adapters"],
+        "quantize_seconds": seconds, "fit_seconds": sum(f.get("fit_seconds", 0.0) for f in figs),
+        "warnings": cell.result.warnings,
+    }
+
+
+def run_compare(
+    model: str | None,
+    quantizers: str | list[str],
+    compensators: str | list[str],
+    settings: str | list[QuantSetting],
+    *,
+    out: str | Path,
+    options: CompareOptions | None = None,
+    force: bool = False,
+    loaded: LoadedModel | None = None,
+    manager=None,
+) -> tuple[Path, list[dict]]:
+    """Run (or resume) a grid; return the output directory and one row per cell."""
+    options = options or CompareOptions()
+    manager = manager or default_manager()
+    if options.propagation not in ("quantized", "fp-inputs"):
+        raise ConfigError(f"propagation {options.propagation!r} unknown: use quantized or fp-inputs")
+    cells = grid_cells(quantizers, compensators, settings, options.estimator, manager)  # validated before loading
+    out = Path(out)
+    grid = {"model": model or "embedded-default", "cells": [c.label for c in cells], "options": options.describe()}
+    grid_file = out / GRID_FILE
+    if grid_file.is_file():
+        previous = json.loads(grid_file.read_text())
+        same = {k: previous.get(k) for k in ("model", "options")} == {k: grid[k] for k in ("model", "options")}
+        if not same and not force:
+            raise QEError(f"{out} holds a different grid (model or options differ): choose another --out or pass --force")
+    elif out.exists() and any(out.iterdir()) and not force:
+        raise QEError(f"{out} exists and is not a qe compare directory: choose another --out or pass --force")
+
+    t_start = time.perf_counter()
+    loaded = loaded or load_model(model, device=options.device)
+    source, encoded = calibration_set(loaded, options.calib, options.samples, options.progress)
+    dhash = data_hash(encoded)
+    model_id = str(loaded.path or loaded.name)
+    base_key = {"model": model_id, "data": dhash, "options": options.describe()}
+    for c in cells:
+        c.key = _hash({**base_key, "cell": c.composition.describe()})
+    _write_json(grid_file, {**grid, "data_hash": dhash, "calibration": source})
+    cells_dir = out / "cells"
+    evaluator = Evaluator(loaded, options)
+
+    fp_file = cells_dir / f"fp-{_hash(base_key)}.json"
+    if not fp_file.is_file():
+        row = {"quantizer": "–", "compensator": "–", "setting": "FP32", "label": "FP32", "status": "ok",
+               **evaluator(loaded.model), "bits_per_weight": 32.0, "bits_per_weight_with_adapters": 32.0,
+               "added_params": 0, "added_flops_per_token": 0}
+        _write_json(fp_file, row)
+
+    pending = [c for c in cells if not _done(cells_dir, c)]
+    if pending:
+        pipeline_opts = PipelineOptions(propagation=options.propagation, max_tokens=options.max_tokens,
+                                        device=options.device, seed=options.seed, progress=False)
+        inputs = capture_block_inputs(loaded, encoded, device=options.device, progress=options.progress)
+        if options.propagation == "fp-inputs":
+            _run_fp_inputs(loaded, pending, pipeline_opts, inputs, evaluator, cells_dir, manager, options)
+        else:
+            _run_quantized(loaded, pending, pipeline_opts, inputs, evaluator, cells_dir, manager, options)
+
+    rows = collect_rows(out)
+    from qe.compare_report import write_compare_report
+
+    write_compare_report(out, rows, {**grid, "data_hash": dhash, "calibration": source, "notes": loaded.notes,
+                                     "synthetic_vision_tower": loaded.synthetic_vision,
+                                     "seconds_this_run": time.perf_counter() - t_start,
+                                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat()})
+    return out, rows
+
+
+def _done(cells_dir: Path, cell: Cell) -> bool:
+    return (cells_dir / f"{cell.key}.json").is_file()
+
+
+def _record_failure(cells_dir: Path, cell: Cell, exc: BaseException) -> None:
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    row = {"quantizer": cell.quantizer, "compensator": cell.compensator, "setting": cell.setting.short_name,
+           "label": cell.label, "status": "error", "error": f"{type(exc).__name__}: {message}",
+           "traceback": traceback.format_exc(limit=4)}
+    _write_json(cells_dir / f"{cell.key}.json", row)
+
+
+def _model_copy(loaded: LoadedModel) -> LoadedModel:
+    return LoadedModel(copy.deepcopy(loaded.model), loaded.processor, loaded.adapter, loaded.name, loaded.path,
+                       loaded.notes, loaded.card)
+
+
+def _run_quantized(loaded, cells, opts, inputs, evaluator, cells_dir, manager, options) -> None:
+    for cell in tqdm(cells, desc="compare", disable=not options.progress):
+        t0 = time.perf_counter()
+        try:
+            work = _model_copy(loaded)
+            pipe = QuantizationPipeline(work, cell.composition, opts, manager)
+            cell.result = pipe.run([], inputs=inputs, result=cell.result)
+            seconds = time.perf_counter() - t0
+            row = _cell_row(cell, work.model, evaluator(work.model), seconds)
+            _write_json(cells_dir / f"{cell.key}.json", row)
+        except (Exception, QEError) as exc:  # a failing cell is recorded; the grid goes on
+            _record_failure(cells_dir, cell, exc)
+        finally:
+            work = None
+
+
+def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, cells_dir, manager, options) -> None:
+    adapter, model = loaded.adapter, loaded.model
+    blocks = adapter.decoder_blocks(model)
+    prefix = adapter.blocks_prefix(model)
+    live: list[tuple[Cell, QuantizationPipeline]] = []
+    shared_cache: dict = {}
+    for cell in cells:
+        try:
+            pipe = QuantizationPipeline(loaded, cell.composition, opts, manager)
+            pipe.base_cache = shared_cache
+            cell.result.warnings.extend(pipe.warnings)
+            live.append((cell, pipe))
+        except (Exception, QEError) as exc:
+            _record_failure(cells_dir, cell, exc)
+    ks = {pipe.importance_k(pipe.linear_names(blocks[0], f"{prefix}.0"), f"{prefix}.0") for _, pipe in live} - {None}
+    if len(ks) > 1:
+        raise ConfigError(f"fp-inputs compare streams one importance top-k for the whole grid, and these cells ask "
+                          f"for k in {sorted(ks)}: run them as separate grids")
+    k = next(iter(ks), None)
+    need_hessian = any(pipe.needs_hessian for _, pipe in live)
+    estimator = live[0][1].estimator if live else None
+    positions = choose_sample_positions(inputs.total_tokens, opts.max_tokens, opts.seed)
+    seconds = {c.key: 0.0 for c, _ in live}
+    context = StreamContext()
+    for i in tqdm(range(len(blocks)), desc="compare (fp-inputs)", disable=not options.progress):
+        block = blocks[i]
+        with attach_stats(block, adapter, prefix=f"{prefix}.{i}", context=context, sample_positions=positions,
+                          hessian=need_hessian, moments=False, estimator=estimator if k else None, k=k or 32) as stats:
+            fp_out = run_block(block, inputs, device=opts.device, context=context, block_index=i)
+        for cell, pipe in live:
+            if cell.error:
+                continue
+            t0 = time.perf_counter()
+            try:
+                qblock = copy.deepcopy(block)
+                pipe.quantize_block_with_stats(i, qblock, f"{prefix}.{i}", stats, cell.result)
+                cell.blocks.append(qblock)
+            except (Exception, QEError) as exc:
+                cell.error = "failed"
+                _record_failure(cells_dir, cell, exc)
+                cell.blocks = []
+            seconds[cell.key] += time.perf_counter() - t0
+        shared_cache.clear()  # keys are per layer: nothing is reused across blocks
+        del stats
+        inputs = inputs.with_hidden(fp_out)
+    for cell, _ in tqdm(live, desc="evaluate", disable=not options.progress):
+        if cell.error:
+            continue
+        try:
+            work = copy.deepcopy(model)
+            target = work.get_submodule(prefix)
+            for i, qblock in enumerate(cell.blocks):
+                target[i] = qblock
+            cell.blocks = []
+            row = _cell_row(cell, work, evaluator(work), seconds[cell.key])
+            _write_json(cells_dir / f"{cell.key}.json", row)
+        except (Exception, QEError) as exc:
+            _record_failure(cells_dir, cell, exc)
+
+
+def collect_rows(out: Path) -> list[dict]:
+    """Rows of every cell recorded under ``out`` for the current grid (FP32 first)."""
+    grid = json.loads((out / GRID_FILE).read_text())
+    rows = []
+    for f in sorted((out / "cells").glob("*.json")):
+        row = json.loads(f.read_text())
+        if row["label"] == "FP32" or row["label"] in grid["cells"]:
+            rows.append(row)
+    order = {label: i for i, label in enumerate(grid["cells"])}
+    rows.sort(key=lambda r: -1 if r["label"] == "FP32" else order.get(r["label"], 1 << 30))
+    seen, unique = set(), []
+    for r in rows:  # an FP32 row per data hash may exist from older runs: keep one
+        if r["label"] in seen:
+            continue
+        seen.add(r["label"])
+        unique.append(r)
+    return unique

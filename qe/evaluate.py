@@ -1,0 +1,61 @@
+"""``qe eval``: one metric of one model (or quantized checkpoint), as JSON and a table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qe.api import calibration_set, encode_samples
+from qe.errors import ConfigError
+from qe.models.loading import load_model
+from qe.paths import atomic_write_text
+
+
+def run_eval(model: str | None, *, metric: str = "ppl", text_file: str | None = None, window: int = 512,
+             stride: int = 512, reference: str | None = None, samples: int | None = None, calib: str | None = None,
+             eval_tokens: int | None = None, out: str | None = None, device: str = "cpu", progress: bool = True) -> dict:
+    if metric not in ("ppl", "caption-nll", "layer-error"):
+        raise ConfigError(f"unknown metric {metric!r}: use ppl, caption-nll or layer-error")
+    loaded = load_model(model, device=device)
+    result: dict = {"model": loaded.name, "metric": metric, "notes": loaded.notes}
+    if metric == "ppl":
+        from qe.evaluation.perplexity import perplexity, perplexity_of_text_file
+
+        if text_file:
+            r = perplexity_of_text_file(loaded, text_file, window, stride, progress=progress)
+            result.update(source=str(text_file), window=window, stride=stride)
+        else:
+            r = perplexity(loaded, max_tokens=eval_tokens, progress=progress)
+            result.update(source="built-in held-out text (last 40% of the pydoc topics, 512-token windows)"
+                          + (f", first {eval_tokens} tokens" if eval_tokens else ""))
+        result.update(r.to_dict())
+        result["table"] = f"perplexity {r.ppl:.4f} over {r.tokens} tokens in {r.windows} windows ({r.seconds:.1f} s)"
+    elif metric == "caption-nll":
+        from qe.data.images import builtin_image_captions
+        from qe.evaluation.metrics import caption_nll
+
+        if calib:
+            _, encoded = calibration_set(loaded, calib, samples, progress)
+        else:
+            encoded = encode_samples(loaded, builtin_image_captions("eval")[: samples or None])
+        r = caption_nll(loaded.model, encoded)
+        result.update(r.to_dict())
+        result["table"] = f"caption NLL {r.nll:.4f} nats/token over {r.tokens} answer tokens of {r.samples} samples"
+    else:
+        from qe.evaluation.metrics import layer_errors
+
+        ref_name = reference or (loaded.manifest or {}).get("model", {}).get("path")
+        if ref_name is None:
+            raise ConfigError("layer-error needs --reference (the full-precision model) for a model that is not a qe checkpoint")
+        ref = load_model(ref_name, device=device)
+        _, encoded = calibration_set(loaded, calib or "images", samples or 8, progress, split="eval")
+        rows = layer_errors(ref, loaded, encoded)
+        result["layers"] = rows
+        lines = [f"{'layer':<48}{'error':>10}{'text':>10}{'vision':>10}{'answer':>10}"]
+        for r in rows:
+            f = [r["rel_error"]] + [r.get(f"rel_error_{m}") for m in ("text", "vision", "answer")]
+            lines.append(f"{r['layer'][-48:]:<48}" + "".join(f"{v:>10.4f}" if v is not None else f"{'–':>10}" for v in f))
+        result["table"] = "\n".join(lines)
+    if out:
+        atomic_write_text(Path(out), json.dumps({k: v for k, v in result.items() if k != "table"}, indent=1))
+    return result
