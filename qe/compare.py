@@ -335,13 +335,14 @@ def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, cells_dir, manager, o
             _record_failure(cells_dir, cell, exc)
 
 
-def collect_rows(out: Path) -> list[dict]:
-    """Rows of every cell recorded under ``out`` for the current grid (FP32 first)."""
+def collect_rows(out: Path, all_cells: bool = False) -> list[dict]:
+    """Rows of every cell recorded under ``out`` for the current grid (FP32 first); with
+    ``all_cells``, also those of earlier runs on subsets of a larger grid (benchmarks)."""
     grid = json.loads((out / GRID_FILE).read_text())
     rows = []
     for f in sorted((out / "cells").glob("*.json")):
         row = json.loads(f.read_text())
-        if row["label"] == "FP32" or row["label"] in grid["cells"]:
+        if all_cells or row["label"] == "FP32" or row["label"] in grid["cells"]:
             rows.append(row)
     order = {label: i for i, label in enumerate(grid["cells"])}
     rows.sort(key=lambda r: -1 if r["label"] == "FP32" else order.get(r["label"], 1 << 30))

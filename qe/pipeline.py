@@ -274,7 +274,7 @@ class QuantizationPipeline:
         alpha = group_quantizer.smoothing_alpha()
         candidates = group_compensator.smoothing_candidates()
         alpha_errors: dict = {}
-        if alpha is None and candidates:
+        if alpha is None and candidates and not hasattr(group_quantizer, "search_smoothing_scales"):
             def quantize_fn(w_s, h_s, exempt):
                 return group_quantizer.quantize(w_s, self.setting, hessian=h_s, exempt=exempt, layer_name=prefix).dequantize()
 
@@ -292,8 +292,15 @@ class QuantizationPipeline:
             )
         scale = None
         mode = "none"
-        if alpha is not None:
+        search = getattr(group_quantizer, "search_smoothing_scales", None)
+        if alpha is None and search is not None:
+            # A quantizer with its own scale search (AWQ): its scales replace α smoothing.
+            scale = search([weights[n] for n in names], tokens, token_modality, self.setting, hessian=shared.xtx,
+                           exempt=_union([plans[n].exempt for n in names]),
+                           act_exempt=_union([plans[n].act_exempt for n in names]), layer_name=f"{prefix}.{names[0]}")
+        elif alpha is not None:
             scale = smoothing.smoothing_scales(shared.absmax, [weights[n] for n in names], alpha)
+        if scale is not None:
             if group.norm is not None and smoothing.fold_into_norm(block.get_submodule(group.norm), scale):
                 mode = "folded"
             else:

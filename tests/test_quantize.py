@@ -193,3 +193,12 @@ def test_global_rank_is_capped_with_one_warning(tmp_path):
     _, manifest = run_quantize(recipe, "tiny:llava", out=tmp_path / "x", progress=False)
     warnings = [w for w in manifest["warnings"] if "rank capped" in w]
     assert len(warnings) == 1 and "14 layers" in warnings[0]
+
+
+@pytest.mark.parametrize("quantizer", ["awq", "smoothquant[alpha=0.5;inner=gptq]"])
+def test_smoothing_quantizers_run_through_the_pipeline(tmp_path, quantizer):
+    recipe = Recipe(quantizer=quantizer, setting="W4A8", samples=2)
+    _, manifest = run_quantize(recipe, "tiny:llava", out=tmp_path / "x", progress=False)
+    modes = {r["name"].rsplit(".", 1)[-1]: r["smoothing"] for r in manifest["layers"]}
+    assert modes["q_proj"] == "folded" and modes["o_proj"] == "explicit"
+    assert all(r["figures"]["rel_error"] < 0.5 for r in manifest["layers"])

@@ -1,6 +1,7 @@
 """Built-in quantizers (registered through the ``qe_quantizers`` hook)."""
 
 from qe.hookspecs import hookimpl
+from qe.quantizers.awq import AWQ
 from qe.quantizers.gptq import GPTQ
 from qe.quantizers.rtn import RTN
 from qe.quantizers.smoothquant import SmoothQuant
@@ -8,4 +9,4 @@ from qe.quantizers.smoothquant import SmoothQuant
 
 @hookimpl
 def qe_quantizers():
-    return [RTN, GPTQ, SmoothQuant]
+    return [RTN, GPTQ, SmoothQuant, AWQ]
