@@ -254,6 +254,17 @@ def test_token_assignment_matches_reference(T, seed):
         assert got[t] == max(range(n_groups), key=lambda i: (mass[i], -i))
 
 
+@given(T=st.integers(1, 40), seed=st.integers(0, 999))
+def test_token_assignment_with_stored_topk_equals_recomputed(T, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(T, 20, generator=g)
+    channels = torch.randperm(20, generator=g)[:8]
+    labels = torch.arange(8) % 3
+    topk = scores.topk(4, dim=1).indices.to(torch.int16)
+    assert torch.equal(token_expert_assignment(scores, channels, labels, 4, 3),
+                       token_expert_assignment(scores, channels, labels, 4, 3, topk=topk))
+
+
 def test_token_without_mass_goes_to_largest_total():
     scores = torch.tensor([[10.0, 9.0, 0.1, 0.3, 0.2, 0.0]])  # top-2 = {0, 1}: outside C_r
     channels = torch.tensor([2, 3, 4, 5])

@@ -233,6 +233,27 @@ def test_token_scores_use_the_original_basis_when_smoothed():
     assert (a == b).double().mean() > 0.999  # x̃·s reproduces x up to rounding
 
 
+def test_stored_top_k_sets_are_used_only_when_they_match_the_sample():
+    layer = make_layer(T=600, seed=6)
+    comp = QuantExperts(QuantExpertsConfig(k=4, num_experts=3))
+    C_r = comp.plan(layer).info["token_dependent"]
+    labels = torch.arange(12) % 3
+    stored = comp._stored_topk(layer, None)
+    assert stored is not None and torch.equal(stored, layer.stats.importance.topk)
+    rows = torch.tensor([5, 17, 300])
+    assert torch.equal(comp._stored_topk(layer, rows), layer.stats.importance.topk[rows])
+    # a sample that is not the one the statistics saw: the stored sets are not used
+    other = make_layer(T=600, seed=7)
+    swapped = LayerContext(layer.name, 0, layer.weight, None, layer.setting, layer.stats, hessian=layer.hessian,
+                           tokens=other.tokens, seed=6)
+    importance = layer.stats.importance
+    scores = importance.estimator.score(other.tokens, importance.channel_factor)
+    from qe.analysis.channels import token_expert_assignment
+
+    expected = token_expert_assignment(scores, C_r, labels, 4, 3)
+    assert torch.equal(comp._assign_tokens(swapped, other.tokens, C_r, labels, 3), expected)
+
+
 def test_router_factor_is_shared_by_a_smoothing_group():
     layer = make_layer(T=500)
     comp = QuantExperts(QuantExpertsConfig(k=4, num_experts=3, shared_rank=4, expert_rank=3))
@@ -257,6 +278,7 @@ def test_bad_configs_and_shapes():
     cfg = pm.resolve("compensator", "qe[alphas=none/0.25/0.5;num_experts=4;mode=oracle-routing]").config
     assert cfg.alphas == (None, 0.25, 0.5) and cfg.num_experts == 4
     assert QuantExperts(cfg).smoothing_candidates() == (None, 0.25, 0.5)
+    assert QuantExperts(cfg).importance_k() == 32
     with pytest.raises(ConfigError, match="refine"):
         pm.resolve("compensator", "qe[refine=true]")
     with pytest.raises(ConfigError, match="outside"):

@@ -276,13 +276,20 @@ def cluster_summary(S: torch.Tensor, labels: torch.Tensor) -> tuple[list[int], l
 
 
 def token_expert_assignment(
-    scores: torch.Tensor, channels: torch.Tensor, labels: torch.Tensor, k: int, num_experts: int | None = None
+    scores: torch.Tensor,
+    channels: torch.Tensor,
+    labels: torch.Tensor,
+    k: int,
+    num_experts: int | None = None,
+    topk: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Expert of each token for fitting (QE-METHOD.md §4.4), ``(T,)`` long.
 
     ``scores`` ``(T, d_in)`` are the tokens' channel scores ``s_{t,c}``; ``channels`` is
     ``C_r`` and ``labels`` its groups ``G_i``. Token t goes to
-    ``argmax_i Σ_{c ∈ C_t ∩ G_i} s_{t,c}`` with ``C_t`` = the token's top-k channels.
+    ``argmax_i Σ_{c ∈ C_t ∩ G_i} s_{t,c}`` with ``C_t`` = the token's top-k channels: the
+    given ``topk`` ``(T, k)`` indices (as the statistics stored them), else computed from
+    ``scores`` (a channel tying the k-th largest score counts as a member).
 
     A token whose top-k set holds no channel of ``C_r`` (zero mass in every group) goes to the
     group with the largest *total* score for that token: ``argmax_i Σ_{c ∈ G_i} s_{t,c}``,
@@ -290,18 +297,25 @@ def token_expert_assignment(
     go to the lowest expert index.
     """
     num_experts = int(labels.max().item()) + 1 if num_experts is None else num_experts
-    T = scores.shape[0]
+    T, d_in = scores.shape
     channels = channels.long()
-    group_onehot = torch.nn.functional.one_hot(labels.long(), num_experts).float()  # (n, N)
+    labels = labels.long()
+    group_onehot = torch.nn.functional.one_hot(labels, num_experts).float()  # (n, N)
+    # group of every channel; channels outside C_r go to a dummy column N, dropped below
+    group_of = torch.full((d_in,), num_experts, dtype=torch.long)
+    group_of[channels] = labels
     out = torch.empty(T, dtype=torch.long)
     for start in range(0, T, CHUNK_TOKENS):
         s = scores[start : start + CHUNK_TOKENS].float()
-        kth = s.topk(k, dim=1).values[:, -1:]  # (t, 1): the k-th largest score of each token
         s_r = s[:, channels]  # (t, n)
-        # c ∈ C_t ⇔ s_{t,c} ≥ k-th largest score (ties at the boundary count as members; the
-        # stored top-k indices may pick either of two exactly equal scores).
-        in_top = s_r >= kth
-        mass = (s_r * in_top) @ group_onehot  # (t, N)
+        if topk is None:
+            kth = s.topk(k, dim=1).values[:, -1:]  # (t, 1): the k-th largest score of each token
+            mass = (s_r * (s_r >= kth)) @ group_onehot  # (t, N)
+        else:
+            idx = topk[start : start + CHUNK_TOKENS].long()
+            mass = torch.zeros(s.shape[0], num_experts + 1)
+            mass.scatter_add_(1, group_of[idx], s.gather(1, idx))
+            mass = mass[:, :num_experts]
         total = s_r @ group_onehot  # (t, N)
         no_mass = mass.amax(dim=1) <= 0
         chosen = torch.where(no_mass[:, None], total, mass)

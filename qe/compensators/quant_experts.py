@@ -208,7 +208,7 @@ class QuantExperts(Compensator):
         for requested, used in ((c.shared_rank, r_s), (c.expert_rank, r_r)):
             if used and used < requested:
                 self.capped_layers[layer.name] = (requested, used)
-        X = self._token_sample(layer)  # (T, d_in) x̃
+        X, rows = self._token_sample(layer)  # (T, d_in) x̃; rows of layer.tokens kept
         H = layer_hessian(layer, "qe")
 
         # Shared expert (§3.3): whitened fit with the layer's full Hessian.
@@ -235,7 +235,7 @@ class QuantExperts(Compensator):
             C_r = _plan_channels(plan, "token_dependent")
             if C_r is None:
                 C_r = split_channels(importance_of(layer, "qe").total_counts(), c.k, n_experts, layer.name)[1]
-            assignment = self._assign_tokens(layer, X, C_r, labels, n_experts)
+            assignment = self._assign_tokens(layer, X, C_r, labels, n_experts, rows)
             clock.lap("assignment")
             A, B = fit_experts(E_S, X, assignment, n_experts, r_r, c.damp, Y=residual.Y)
             clock.lap("experts")
@@ -270,15 +270,16 @@ class QuantExperts(Compensator):
         return module
 
     # ------------------------------------------------------------------ steps
-    def _token_sample(self, layer: LayerContext) -> torch.Tensor:
+    def _token_sample(self, layer: LayerContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The token sample ``(T, d_in)`` and the rows of ``layer.tokens`` it keeps (None: all)."""
         if layer.tokens is None or layer.tokens.shape[0] == 0:
             raise DataError(f"qe needs a sample of the calibration inputs of {layer.name}, and none was captured: run with calibration data")
         X = layer.tokens.detach().float()
-        if X.shape[0] > self.config.max_tokens:
-            g = torch.Generator().manual_seed(layer.seed)
-            keep = torch.randperm(X.shape[0], generator=g)[: self.config.max_tokens].sort().values
-            X = X[keep.to(X.device)]
-        return X
+        if X.shape[0] <= self.config.max_tokens:
+            return X, None
+        g = torch.Generator().manual_seed(layer.seed)
+        keep = torch.randperm(X.shape[0], generator=g)[: self.config.max_tokens].sort().values
+        return X[keep.to(X.device)], keep
 
     def _clusters(self, layer: LayerContext, plan: LayerPlan, n_experts: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """Labels ``(N_r·k,)`` of ``C_r`` and the clustering figures."""
@@ -308,24 +309,52 @@ class QuantExperts(Compensator):
             figures["cluster_sizes"] = torch.bincount(labels, minlength=n_experts).tolist()
         return labels, figures
 
-    def _assign_tokens(self, layer: LayerContext, X: torch.Tensor, C_r: torch.Tensor, labels: torch.Tensor, n_experts: int) -> torch.Tensor:
-        """Expert per sample token (§4.4) from scores recomputed in the original basis."""
+    def _assign_tokens(
+        self, layer: LayerContext, X: torch.Tensor, C_r: torch.Tensor, labels: torch.Tensor, n_experts: int,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Expert per sample token (§4.4) from scores recomputed in the original basis
+        (``x = x̃ · s``); ``C_t`` from the statistics' stored top-k sets when they line up
+        with the sample (:meth:`_stored_topk`), else recomputed."""
         importance = importance_of(layer, "qe")
         scale = layer.input_scale
+        stored = self._stored_topk(layer, rows)
         out = torch.empty(X.shape[0], dtype=torch.long)
         for start in range(0, X.shape[0], SCORE_CHUNK):
             x = X[start : start + SCORE_CHUNK]
             x = x * scale.to(x) if scale is not None else x  # x = x̃ · s
             scores = importance.estimator.score(x, importance.channel_factor)
-            out[start : start + SCORE_CHUNK] = token_expert_assignment(scores, C_r, labels, importance.k, n_experts)
+            if start == 0 and stored is not None and not _same_sets(scores, stored, importance.k):
+                stored = None
+            topk = stored[start : start + SCORE_CHUNK] if stored is not None else None
+            out[start : start + SCORE_CHUNK] = token_expert_assignment(scores, C_r, labels, importance.k, n_experts, topk)
         return out
+
+    @staticmethod
+    def _stored_topk(layer: LayerContext, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """The stored top-k rows of the sample tokens, when positions and counts line up.
+
+        The statistics keep every token's top-k set in stream order and the input statistics
+        the sample's global positions; reusing them saves a top-k over ``T × d_in`` scores.
+        """
+        stats = layer.stats
+        positions = stats.input.sample_positions if stats is not None and stats.input is not None else None
+        importance = stats.importance if stats is not None else None
+        if positions is None or importance is None or layer.tokens is None:
+            return None
+        topk = importance.topk
+        if (positions.numel() != layer.tokens.shape[0] or topk.shape[0] != importance.n_tokens
+                or positions.numel() == 0 or int(positions.max()) >= topk.shape[0]):
+            return None
+        positions = positions if rows is None else positions[rows.to(positions.device)]
+        return topk[positions.long()]
 
     def _fit_router(self, layer: LayerContext, F: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Ridge least squares ``R`` ``(N, d_in)``: ``R |x̃_t| ≈ targets_t`` (λ relative to the
         mean diagonal of the normal matrix). The Cholesky factor of the normal matrix depends
         only on the tokens, so linears of one smoothing group (same token tensor) share it."""
         L = self._router_factor(layer, F)
-        rhs = (F.T @ targets.to(F.dtype)).double()  # (d_in, N)
+        rhs = (targets.to(F.dtype).T @ F).T.double()  # (d_in, N) Fᵀe; this order reads F by rows (10× faster)
         return torch.cholesky_solve(rhs, L).T.float()
 
     def _router_factor(self, layer: LayerContext, F: torch.Tensor) -> torch.Tensor:
@@ -482,6 +511,20 @@ def _routing_figures(F, R, e_sq, residual: _Residuals, assignment, n_experts) ->
         "tokens_per_expert": torch.bincount(assignment, minlength=n_experts).tolist(),
         "router_tokens_per_expert": torch.bincount(router_choice, minlength=n_experts).tolist(),
     }
+
+
+def _same_sets(scores: torch.Tensor, topk: torch.Tensor, k: int, check: int = 64) -> bool:
+    """Do the stored top-k sets match the scores' on the first tokens (≥ 90% of them
+    exactly; near-ties may flip with rounding of x̃·s)? Guards against a sample that is not
+    the one the statistics saw."""
+    n = min(check, scores.shape[0], topk.shape[0])
+    if n == 0:
+        return False
+    fresh = scores[:n].topk(k, dim=1).indices.sort(dim=1).values
+    stored = topk[:n].long().sort(dim=1).values
+    if stored.shape != fresh.shape:
+        return False
+    return float((fresh == stored).all(dim=1).double().mean()) >= 0.9
 
 
 def _plan_channels(plan: LayerPlan, key: str) -> torch.Tensor | None:

@@ -1,0 +1,226 @@
+"""Single-layer fit benchmark: fit time and held-out error of lowrank-64 vs Quant Experts.
+
+On real activations of the embedded default model's language model (SmolLM2-135M; text-only
+windows of the benchmark protocol's pydoc text: calibration tokens from the first 60%,
+held-out tokens from the last 40%), or on synthetic activations with ``--synthetic``. For
+each chosen linear:
+
+* statistics as the pipeline streams them (``InputStats``, ``ImportanceStats`` with the
+  paper's act-weight estimator, k = 32);
+* the QE base: C_s exempted, α chosen from QE's grid by ``qe.smoothing.choose_alpha`` at the
+  first ``--a-bits`` value (one linear per group here, where the pipeline pools a group);
+* fits, timed (wall and CPU seconds, given the statistics and tokens): lowrank-64 on the
+  plain base, lowrank-64 on QE's base, and qe (default config), plus ``--extra`` ones;
+* relative output error ``‖Y − Ŷ‖² / ‖Y‖²`` on held-out tokens through ``QuantLinear`` (the
+  deployed forward: per-token activation quantization, exempt channels zeroed), per A-bits.
+
+Prints a table and writes JSON. Keep it short on a shared machine:
+
+    python benchmarks/layer_fit.py --calib-tokens 8192 --heldout-tokens 4096 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, print_table  # noqa: E402
+
+LINEARS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "down": "mlp.down_proj"}
+
+
+def capture_real(blocks: list[int], linears: list[str], calib_tokens: int, heldout_tokens: int):
+    """Inputs of the chosen linears on calibration and held-out text windows."""
+    from qe.data.text import calibration_windows, eval_windows, pydoc_text, split_tokens, tokenize_text
+    from qe.models.loading import load_model
+
+    loaded = load_model(None)
+    model = loaded.model.eval()
+    ids = tokenize_text(loaded.tokenizer, pydoc_text())
+    split = split_tokens(ids)
+    windows = {"calib": calibration_windows(split.calib_ids, n=max(1, calib_tokens // 512)),
+               "heldout": eval_windows(split.eval_ids, max_tokens=heldout_tokens)}
+    decoder = loaded.adapter.decoder_blocks(model)
+    captured: dict[tuple[int, str], dict[str, list[torch.Tensor]]] = {}
+    current = {"part": "calib"}
+    handles = []
+    for b in blocks:
+        for lin in linears:
+            key = (b, lin)
+            captured[key] = {"calib": [], "heldout": []}
+            module = decoder[b].get_submodule(LINEARS[lin])
+
+            def hook(mod, args, key=key):
+                captured[key][current["part"]].append(args[0].detach().reshape(-1, args[0].shape[-1]).float().clone())
+
+            handles.append(module.register_forward_pre_hook(hook))
+    weights = {(b, lin): decoder[b].get_submodule(LINEARS[lin]).weight.detach().float().clone() for b in blocks for lin in linears}
+    with torch.no_grad():
+        for part, wins in windows.items():
+            current["part"] = part
+            for w in wins:
+                model(input_ids=torch.as_tensor(w)[None])
+    for h in handles:
+        h.remove()
+    return {key: (weights[key], torch.cat(v["calib"]), torch.cat(v["heldout"])) for key, v in captured.items()}
+
+
+def synthetic(shapes: list[tuple[int, int]], calib_tokens: int, heldout_tokens: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for d_in, d_out in shapes:
+        scale = torch.ones(d_in)
+        scale[torch.randperm(d_in, generator=g)[:8]] = 20
+        boost = torch.ones(8, d_in)
+        for i in range(8):
+            boost[i, torch.randperm(d_in, generator=g)[:32]] = 4
+        T = calib_tokens + heldout_tokens
+        X = torch.randn(T, d_in, generator=g) * scale * boost[torch.randint(8, (T,), generator=g)]
+        out[(f"{d_in}x{d_out}", "syn")] = (torch.randn(d_out, d_in, generator=g) * 0.02, X[:calib_tokens], X[calib_tokens:])
+    return out
+
+
+def layer_context(name, W, X, k, alpha=None):
+    from qe.analysis.estimators import ActWeight
+    from qe.analysis.statistics import ImportanceStats, InputStats, LinearStats
+    from qe.compensators.base import LayerContext
+    from qe.settings import parse_setting
+    from qe import smoothing
+
+    d_in = W.shape[1]
+    est = ActWeight()
+    inp = InputStats(d_in, sample_positions=torch.arange(X.shape[0]))
+    imp = ImportanceStats(d_in, k, est.prepare(W), est)
+    mod = torch.zeros(X.shape[0], dtype=torch.int8)
+    for s in range(0, X.shape[0], 4096):
+        inp.update(X[s : s + 4096], mod[s : s + 4096], s)
+        imp.update(X[s : s + 4096], mod[s : s + 4096], s)
+    stats = LinearStats(name, inp, imp)
+    scale = None if alpha is None else smoothing.smoothing_scales(inp.absmax, [W], alpha)
+    tokens, H, W_s = inp.sample, inp.xtx, W
+    if scale is not None:
+        tokens, H, W_s = smoothing.smooth_tokens(tokens, scale), smoothing.smooth_hessian(H, scale), smoothing.smooth_weight(W, scale)
+    return LayerContext(name, 0, W_s, None, parse_setting("W4A8"), stats, hessian=H, tokens=tokens,
+                        token_modality=inp.sample_modality, input_scale=scale, seed=0)
+
+
+def held_out_errors(W, X_held, q, plan, module, scale, a_bits_list):
+    from qe.quantizers.qlinear import QuantLinear
+
+    Y = X_held @ W.T
+    out = {}
+    for a_bits in a_bits_list:
+        ql = QuantLinear.from_quantized(q, a_bits=a_bits, input_scale=scale, act_exempt=plan.act_exempt, compensator=module)
+        with torch.no_grad():
+            out[f"A{a_bits}"] = float((Y - ql(X_held)).double().pow(2).sum() / Y.double().pow(2).sum())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--synthetic", action="store_true", help="synthetic activations of the default model's shapes")
+    ap.add_argument("--blocks", default="2,12,24")
+    ap.add_argument("--linears", default="q,gate,down")
+    ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--heldout-tokens", type=int, default=4096)
+    ap.add_argument("--w-bits", type=int, default=4)
+    ap.add_argument("--a-bits", default="6,8")
+    ap.add_argument("--extra", default="", help="more compensators, comma list, e.g. qe[mode=oracle-routing]")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/layer_fit.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from qe import smoothing
+    from qe.compensators.base import LayerPlan
+    from qe.plugins import QEPluginManager, split_plugin_list
+    from qe.quantizers.grid import quantize_rtn
+
+    a_bits_list = [int(a) for a in args.a_bits.split(",")]
+    t0 = time.perf_counter()
+    if args.synthetic:
+        data = synthetic([(576, 576), (576, 1536), (1536, 576)], args.calib_tokens, args.heldout_tokens)
+    else:
+        data = capture_real([int(b) for b in args.blocks.split(",")], args.linears.split(","), args.calib_tokens, args.heldout_tokens)
+    print(f"activations ready in {time.perf_counter() - t0:.1f} s")
+    pm = QEPluginManager(load_entry_points=False)
+    specs = ["lowrank[rank=64]", "lowrank[rank=64;on_qe_base=true]", "qe"] + split_plugin_list(args.extra)
+    rows = []
+    for (block, lin), (W, X_cal, X_held) in data.items():
+        name = f"{block}.{lin}"
+        plain = layer_context(name, W, X_cal, 32)
+        q_plain = quantize_rtn(W, args.w_bits, 0, True)
+        base = held_out_errors(W, X_held, q_plain, LayerPlan(), None, None, a_bits_list)
+        rows.append({"layer": name, "shape": f"{W.shape[1]}->{W.shape[0]}", "compensator": "none", **base})
+        for spec in specs:
+            comp = pm.create("compensator", spec)
+            comp.plan(plain)  # warms lazy imports outside the timed fit
+            plan = comp.plan(plain)
+            alpha = None
+            if comp.smoothing_candidates():
+                def quantize_fn(w_s, h_s, exempt):
+                    return quantize_rtn(w_s, args.w_bits, 0, True, exempt).dequantize()
+
+                alpha, _ = smoothing.choose_alpha(comp.smoothing_candidates(), plain.stats.input.absmax, [W], X_cal,
+                                                  quantize_fn, a_bits_list[0], exempt=plan.exempt, act_exempt=plan.act_exempt)
+            ctx = layer_context(name, W, X_cal, 32, alpha)
+            q = quantize_rtn(ctx.weight, args.w_bits, 0, True, plan.exempt)
+            wall, cpu = time.perf_counter(), time.process_time()
+            module = comp.fit(ctx, q, plan)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            row = {"layer": name, "shape": f"{W.shape[1]}->{W.shape[0]}", "compensator": spec, "alpha": alpha,
+                   "fit_s": wall, "fit_cpu_s": cpu}
+            row.update(held_out_errors(W, X_held, q, plan, module, ctx.input_scale, a_bits_list))
+            figs = getattr(module, "fit_figures", {})
+            for key in ("router_agreement", "residual_router", "residual_oracle", "residual_shared"):
+                if key in figs:
+                    row[key] = figs[key]
+            if "cpu_seconds_by_step" in figs:
+                row["cpu_by_step"] = {k: round(v, 3) for k, v in figs["cpu_seconds_by_step"].items()}
+            rows.append(row)
+            print_table([row], ["layer", "compensator", "alpha", "fit_s", "fit_cpu_s", *[f"A{a}" for a in a_bits_list], "router_agreement"])
+    cols = ["layer", "shape", "compensator", "alpha", "fit_s", "fit_cpu_s", *[f"A{a}" for a in a_bits_list], "router_agreement"]
+    print()
+    print_table(rows, cols)
+    summary = summarize(rows, a_bits_list)
+    for line in summary["lines"]:
+        print(line)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(), "args": vars(args), "rows": rows, "summary": summary}, indent=1))
+    print(f"wrote {out}")
+
+
+def summarize(rows, a_bits_list):
+    """Geometric-mean ratios qe / lowrank-64-on-QE-base and fit-time ratios per shape."""
+    import math
+
+    by = {(r["layer"], r["compensator"]): r for r in rows}
+    layers = sorted({r["layer"] for r in rows})
+    lines, out = [], {}
+    for a in a_bits_list:
+        ratios = [by[(l, "qe")][f"A{a}"] / by[(l, "lowrank[rank=64;on_qe_base=true]")][f"A{a}"] for l in layers
+                  if (l, "qe") in by and (l, "lowrank[rank=64;on_qe_base=true]") in by]
+        if ratios:
+            gm = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+            out[f"qe_over_lowrank64_qe_base_A{a}"] = gm
+            lines.append(f"A{a}: qe / lowrank-64 (QE base) geometric mean {gm:.3f} (range {min(ratios):.3f}–{max(ratios):.3f})")
+    shapes = sorted({r["shape"] for r in rows})
+    for s in shapes:
+        qe_t = [r["fit_cpu_s"] for r in rows if r["shape"] == s and r["compensator"] == "qe"]
+        lr_t = [r["fit_cpu_s"] for r in rows if r["shape"] == s and r["compensator"] == "lowrank[rank=64]"]
+        if qe_t and lr_t:
+            ratio = (sum(qe_t) / len(qe_t)) / (sum(lr_t) / len(lr_t))
+            out[f"fit_cpu_ratio_{s}"] = ratio
+            lines.append(f"{s}: qe fit {sum(qe_t) / len(qe_t):.2f} s CPU vs lowrank-64 {sum(lr_t) / len(lr_t):.2f} s CPU: {ratio:.1f}×")
+    return {"lines": lines, **out}
+
+
+if __name__ == "__main__":
+    main()
