@@ -81,8 +81,8 @@ def split_channels(counts_total: torch.Tensor, k: int, num_experts: int, where: 
 
 def _position_lookup(channels: torch.Tensor, d_in: int) -> torch.Tensor:
     """``(d_in,)`` position of each channel in ``channels``, -1 for channels outside it."""
-    lookup = torch.full((d_in,), -1, dtype=torch.long)
-    lookup[channels.long()] = torch.arange(channels.numel())
+    lookup = torch.full((d_in,), -1, dtype=torch.long, device=channels.device)
+    lookup[channels.long()] = torch.arange(channels.numel(), device=channels.device)
     return lookup
 
 
@@ -92,14 +92,14 @@ def membership(topk: torch.Tensor, channels: torch.Tensor, d_in: int | None = No
     ``topk`` ``(T, k)`` holds channel indices (any integer dtype, int16 as stored).
     """
     topk = topk.long()
-    channels = channels.long()
+    channels = channels.long().to(topk.device)
     T = topk.shape[0]
     n = channels.numel()
     if d_in is None:
         d_in = int(max(topk.max().item() if topk.numel() else -1, channels.max().item() if n else -1)) + 1
     lookup = _position_lookup(channels, max(d_in, 1))
     pos = lookup[topk]  # (T, k): position in C_r or -1
-    O = torch.zeros(T, n + 1)  # column n collects the channels outside C_r, then is dropped
+    O = torch.zeros(T, n + 1, device=topk.device)  # column n collects the channels outside C_r, then is dropped
     O.scatter_(1, torch.where(pos >= 0, pos, n), 1.0)
     return O[:, :n]
 
@@ -124,9 +124,9 @@ class CooccurrenceCounter:
             part = topk_chunk[start : start + CHUNK_TOKENS]
             O = membership(part, self.channels, self.d_in)
             self.n_tokens += part.shape[0]
-            self.single += O.sum(0).round().long()
+            self.single += O.sum(0).round().long().cpu()
             # Integer-valued float32 products are exact below 2^24 per chunk (CHUNK_TOKENS ≪ 2^24).
-            self.pair += (O.T @ O).round().long()
+            self.pair += (O.T @ O).round().long().cpu()
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(p_i (n,), p_ij (n, n))`` float64."""
@@ -298,13 +298,14 @@ def token_expert_assignment(
     """
     num_experts = int(labels.max().item()) + 1 if num_experts is None else num_experts
     T, d_in = scores.shape
-    channels = channels.long()
-    labels = labels.long()
+    device = scores.device
+    channels = channels.long().to(device)
+    labels = labels.long().to(device)
     group_onehot = torch.nn.functional.one_hot(labels, num_experts).float()  # (n, N)
     # group of every channel; channels outside C_r go to a dummy column N, dropped below
-    group_of = torch.full((d_in,), num_experts, dtype=torch.long)
+    group_of = torch.full((d_in,), num_experts, dtype=torch.long, device=device)
     group_of[channels] = labels
-    out = torch.empty(T, dtype=torch.long)
+    out = torch.empty(T, dtype=torch.long, device=device)
     for start in range(0, T, CHUNK_TOKENS):
         s = scores[start : start + CHUNK_TOKENS].float()
         s_r = s[:, channels]  # (t, n)
@@ -312,8 +313,8 @@ def token_expert_assignment(
             kth = s.topk(k, dim=1).values[:, -1:]  # (t, 1): the k-th largest score of each token
             mass = (s_r * (s_r >= kth)) @ group_onehot  # (t, N)
         else:
-            idx = topk[start : start + CHUNK_TOKENS].long()
-            mass = torch.zeros(s.shape[0], num_experts + 1)
+            idx = topk[start : start + CHUNK_TOKENS].long().to(device)
+            mass = torch.zeros(s.shape[0], num_experts + 1, device=device)
             mass.scatter_add_(1, group_of[idx], s.gather(1, idx))
             mass = mass[:, :num_experts]
         total = s_r @ group_onehot  # (t, N)

@@ -280,4 +280,4 @@ def lqer_lowrank(E: torch.Tensor, act_scale: torch.Tensor, rank: int, *, exact: 
 
 def svd_lowrank_plain(E: torch.Tensor, rank: int, *, exact: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ZeroQuant-V2 LoRC: truncated SVD of ``E`` itself, ``A = U_r Σ_r``, ``B = V_rᵀ``."""
-    return _diagonal_scaled_lowrank(E, torch.ones(E.shape[1], dtype=torch.float64), rank, exact)
+    return _diagonal_scaled_lowrank(E, torch.ones(E.shape[1], dtype=torch.float64, device=E.device), rank, exact)

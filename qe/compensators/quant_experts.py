@@ -319,7 +319,7 @@ class QuantExperts(Compensator):
         importance = importance_of(layer, "qe")
         scale = layer.input_scale
         stored = self._stored_topk(layer, rows)
-        out = torch.empty(X.shape[0], dtype=torch.long)
+        out = torch.empty(X.shape[0], dtype=torch.long, device=X.device)
         for start in range(0, X.shape[0], SCORE_CHUNK):
             x = X[start : start + SCORE_CHUNK]
             x = x * scale.to(x) if scale is not None else x  # x = x̃ · s
@@ -422,7 +422,8 @@ def fit_experts(
         bounds.append(bounds[-1] + count)
     token_sq = X.pow(2).sum(1).double()[order]
     sq_norms = {i: float(token_sq[bounds[i] : bounds[i + 1]].sum()) for i in active}
-    deltas = torch.tensor([damp * sq_norms[i] / d_in if sq_norms[i] > 0 else damp for i in active], dtype=torch.float64)
+    deltas = torch.tensor([damp * sq_norms[i] / d_in if sq_norms[i] > 0 else damp for i in active],
+                          dtype=torch.float64, device=E_S.device)
     Ed = E_S.double()
     if d_out <= d_in:
         Y_sorted = (X @ E_S.T if Y is None else Y)[order]  # (T, d_out)
@@ -437,11 +438,11 @@ def fit_experts(
                 # damped_cholesky adds damp·mean(diag H_i) (= δ_i); retries raise it if needed.
                 Ls.append(damped_cholesky(symmetric_gram(X_sorted[bounds[i] : bounds[i + 1]]), damp)[0])
             else:
-                Ls.append(torch.eye(d_in, dtype=torch.float64) * math.sqrt(delta))
+                Ls.append(torch.eye(d_in, dtype=torch.float64, device=E_S.device) * math.sqrt(delta))
         A_act, B_act = lowrank_from_input_cholesky(
             E_S, torch.stack(Ls), rank, EtE=Ed.T @ Ed, eig_dtype=EXPERT_EIG_DTYPE, iterations=EXPERT_ITERATIONS
         )
-    idx = torch.tensor(active)
+    idx = torch.tensor(active, device=E_S.device)
     A[idx] = A_act.to(A.dtype)
     B[idx] = B_act.to(B.dtype)
     return A, B
@@ -521,7 +522,7 @@ def _same_sets(scores: torch.Tensor, topk: torch.Tensor, k: int, check: int = 64
     if n == 0:
         return False
     fresh = scores[:n].topk(k, dim=1).indices.sort(dim=1).values
-    stored = topk[:n].long().sort(dim=1).values
+    stored = topk[:n].long().to(scores.device).sort(dim=1).values
     if stored.shape != fresh.shape:
         return False
     return float((fresh == stored).all(dim=1).double().mean()) >= 0.9
