@@ -21,6 +21,7 @@ Four kernels:
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -38,6 +39,29 @@ MIN_DOT = 16
 
 def _pow2_at_least(n: int, floor: int = MIN_DOT) -> int:
     return max(floor, triton.next_power_of_2(max(int(n), 1)))
+
+
+# Tests set this to exercise the split-K paths under the interpreter (None: the heuristic).
+FORCE_SPLIT_K: int | None = None
+
+
+def _split_k(device: torch.device, programs: int, K: int, unit: int) -> tuple[int, int]:
+    """``(splits, k_per_split)`` of the reduction over ``K`` for a launch of ``programs``
+    output tiles: split when the tiles alone would leave most of the GPU idle (decoding a few
+    tokens through a wide layer), keeping ≥ 4 tiles of ``unit`` inputs per split.
+    ``k_per_split`` is a multiple of ``unit`` (which the caller makes a multiple of BK and of
+    the weight group size)."""
+    units = triton.cdiv(K, unit)
+    if FORCE_SPLIT_K is not None:
+        wanted = FORCE_SPLIT_K
+    elif device.type != "cuda":
+        wanted = 1
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        wanted = 1 if programs >= sms else min(triton.cdiv(2 * sms, programs), units // 4)
+    wanted = max(1, min(wanted, units))
+    k_per_split = triton.cdiv(units, wanted) * unit
+    return triton.cdiv(K, k_per_split), k_per_split
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -89,14 +113,19 @@ def _load_codes(qw_ptr, ns, ks, n_ok, k_ok, row_bytes, BITS: tl.constexpr):
 @triton.jit
 def _prologue_kernel(
     x_ptr, in_scale_ptr, keep_ptr, b_ptr, r_ptr,
-    codes_ptr, xscale_ptr, u_ptr, expert_ptr,
-    T, K, RS, NE, qmax,
+    codes_ptr, xscale_ptr, u_ptr, expert_ptr, logits_ptr,
+    T, K, RS, NE, qmax, k_per_split,
     stride_xt, stride_ct, stride_b, stride_r, stride_u,
     HAS_IN_SCALE: tl.constexpr, HAS_KEEP: tl.constexpr,
-    QUANT: tl.constexpr, SHARED: tl.constexpr, ROUTE: tl.constexpr,
+    QUANT: tl.constexpr, SHARED: tl.constexpr, ROUTE: tl.constexpr, SPLIT_K: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, RS_BLOCK: tl.constexpr, NE_BLOCK: tl.constexpr,
 ):
+    """With SPLIT_K > 1 (few tokens, wide input) program (m, k) covers one slice of d_in and
+    adds its partial ``u`` and router logits atomically; it then never quantizes (the scale
+    needs the whole row) and leaves the argmin to the caller."""
     pid = tl.program_id(0)
+    k_lo = tl.program_id(1) * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
     rows = pid * BM + tl.arange(0, BM)
     row_ok = rows < T
     rows = rows.to(tl.int64)  # T·K can pass 2^31
@@ -105,9 +134,9 @@ def _prologue_kernel(
     amax = tl.zeros((BM,), tl.float32)
     u_acc = tl.zeros((BM, RS_BLOCK), tl.float32)
     r_acc = tl.zeros((BM, NE_BLOCK), tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_lo, k_hi, BK):
         ks = k0 + tl.arange(0, BK)
-        k_ok = ks < K
+        k_ok = ks < k_hi
         xt = _load_smoothed(x_ptr, in_scale_ptr, rows, ks, row_ok, k_ok, stride_xt, HAS_IN_SCALE)
         if SHARED:  # u += x̃ B_sᵀ ; the tile of B_sᵀ is (BK, RS_BLOCK)
             bt = tl.load(b_ptr + rs_idx[None, :] * stride_b + ks[:, None],
@@ -123,9 +152,16 @@ def _prologue_kernel(
                 xt = tl.where(keep[None, :] != 0, xt, 0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(xt), axis=1))
     if SHARED:
-        tl.store(u_ptr + rows[:, None] * stride_u + rs_idx[None, :], u_acc,
-                 mask=row_ok[:, None] & (rs_idx[None, :] < RS))
-    if ROUTE:
+        u_at = u_ptr + rows[:, None] * stride_u + rs_idx[None, :]
+        u_ok = row_ok[:, None] & (rs_idx[None, :] < RS)
+        if SPLIT_K == 1:
+            tl.store(u_at, u_acc, mask=u_ok)
+        else:
+            tl.atomic_add(u_at, u_acc, mask=u_ok)
+    if ROUTE and SPLIT_K > 1:
+        tl.atomic_add(logits_ptr + rows[:, None] * NE + ne_idx[None, :], r_acc,
+                      mask=row_ok[:, None] & (ne_idx[None, :] < NE))
+    if ROUTE and SPLIT_K == 1:
         logits = tl.where(ne_idx[None, :] < NE, r_acc, float("inf"))
         best = tl.min(logits, axis=1)
         first = tl.min(tl.where(logits == best[:, None], ne_idx[None, :], NE_BLOCK), axis=1)
@@ -174,27 +210,43 @@ def _prologue(x, a_bits, input_scale, keep, shared_b, router, *, quant: bool):
     x_scales = torch.empty(T, dtype=torch.float32, device=dev) if quant else None
     rs = shared_b.shape[0] if shared_b is not None else 0
     ne = router.shape[0] if router is not None else 0
-    u = torch.empty(T, rs, dtype=torch.float32, device=dev) if shared_b is not None else None
-    expert = torch.empty(T, dtype=torch.int32, device=dev) if router is not None else None
-    if not (quant or rs or ne) or T == 0:
-        return codes, x_scales, u, expert
+    if not (quant or shared_b is not None or router is not None) or T == 0:
+        u = torch.zeros(T, rs, dtype=torch.float32, device=dev) if shared_b is not None else None
+        return codes, x_scales, u, torch.zeros(T, dtype=torch.int32, device=dev) if router is not None else None
     shared_b = shared_b.contiguous() if shared_b is not None else None
     router = router.contiguous() if router is not None else None
     keep_u8 = keep.contiguous().view(torch.uint8) if keep is not None else None
-    bm = _prologue_block_m(T)
+    bm, bk = _prologue_block_m(T), (128 if K >= 128 else 64)
+    split, k_per_split = (1, K) if not (rs or ne) else _split_k(dev, triton.cdiv(T, bm), K, bk)
+    u = None
+    if shared_b is not None:  # split-K adds partial sums into it
+        u = (torch.empty if split == 1 else torch.zeros)(T, rs, dtype=torch.float32, device=dev)
+    expert = torch.empty(T, dtype=torch.int32, device=dev) if router is not None else None
+    logits = torch.zeros(T, ne, dtype=torch.float32, device=dev) if router is not None and split > 1 else None
     dummy = x  # stands in for absent pointers; never read (its branch is compiled out)
-    _prologue_kernel[(triton.cdiv(T, bm),)](
-        x, input_scale if input_scale is not None else dummy, keep_u8 if keep_u8 is not None else dummy,
-        shared_b if shared_b is not None else dummy, router if router is not None else dummy,
-        codes if codes is not None else dummy, x_scales if x_scales is not None else dummy,
-        u if u is not None else dummy, expert if expert is not None else dummy,
-        T, K, rs, ne, float(2 ** (a_bits - 1) - 1) if quant else 1.0,
-        x.stride(0), K, K, K, max(rs, 1),
-        HAS_IN_SCALE=input_scale is not None, HAS_KEEP=keep is not None,
-        QUANT=quant, SHARED=shared_b is not None, ROUTE=router is not None,
-        BM=bm, BK=128 if K >= 128 else 64,
-        RS_BLOCK=_pow2_at_least(rs), NE_BLOCK=_pow2_at_least(ne),
-    )
+
+    def launch(do_quant, do_lowrank, n_split, per_split):
+        _prologue_kernel[(triton.cdiv(T, bm), n_split)](
+            x, input_scale if input_scale is not None else dummy, keep_u8 if keep_u8 is not None else dummy,
+            shared_b if shared_b is not None else dummy, router if router is not None else dummy,
+            codes if codes is not None else dummy, x_scales if x_scales is not None else dummy,
+            u if u is not None else dummy, expert if expert is not None else dummy,
+            logits if logits is not None else dummy,
+            T, K, rs, ne, float(2 ** (a_bits - 1) - 1) if quant else 1.0, per_split,
+            x.stride(0), K, K, K, max(rs, 1),
+            HAS_IN_SCALE=input_scale is not None, HAS_KEEP=keep is not None,
+            QUANT=do_quant, SHARED=do_lowrank and shared_b is not None, ROUTE=do_lowrank and router is not None,
+            SPLIT_K=n_split, BM=bm, BK=bk, RS_BLOCK=_pow2_at_least(rs), NE_BLOCK=_pow2_at_least(ne),
+        )
+
+    if split == 1:
+        launch(quant, True, 1, K)
+    else:  # quantization needs whole rows: its own pass; the low-rank reductions split d_in
+        if quant:
+            launch(True, False, 1, K)
+        launch(False, True, split, k_per_split)
+        if logits is not None:
+            expert = logits.argmin(dim=1).to(torch.int32)  # first index on ties, as the kernel
     return codes, x_scales, u, expert
 
 
@@ -204,14 +256,20 @@ def _prologue(x, a_bits, input_scale, keep, shared_b, router, *, quant: bool):
 @triton.jit
 def _linear_kernel(
     x_ptr, xscale_ptr, in_scale_ptr, qw_ptr, ws_ptr, wz_ptr, bias_ptr, u_ptr, a_ptr, y_ptr,
-    T, N, K, n_groups, group_size, row_bytes, RS, m_bucket,
+    T, N, K, n_groups, group_size, row_bytes, RS, m_bucket, k_per_split,
     stride_xt, stride_ut, stride_yt,
     BITS: tl.constexpr, INT_ACT: tl.constexpr, ASYM: tl.constexpr, HAS_IN_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, SHARED: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    RS_BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    SPLIT_K: tl.constexpr, RS_BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
+    """Program (m, n, k) computes a (BM, BN) tile over the k-th slice of the inputs (the whole
+    row unless SPLIT_K > 1, when slices add atomically into an fp32 output that starts at zero;
+    slices are whole groups, or any multiple of BK for one group per row)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
     rows = pid_m * BM + tl.arange(0, BM)
     ns = pid_n * BN + tl.arange(0, BN)
     row_ok = rows < T
@@ -219,16 +277,18 @@ def _linear_kernel(
     rows = rows.to(tl.int64)
     mid: tl.constexpr = 1 << (BITS - 1)  # codes are stored centred on 2^(b-1)
     acc = tl.zeros((BM, BN), tl.float32)  # Σ_g scale_g · acc_g
-    for g in range(0, n_groups):
+    for g in range(k_lo // group_size, (k_hi + group_size - 1) // group_size):
+        g_lo = tl.maximum(g * group_size, k_lo)
+        g_hi = tl.minimum((g + 1) * group_size, k_hi)
         zero_g = tl.load(wz_ptr + ns * n_groups + g, mask=n_ok, other=0.0)  # (BN,)
         if INT_ACT:
             acc_g = tl.zeros((BM, BN), tl.int32)
             q_sum = tl.zeros((BM,), tl.int32)  # Σ_{c∈g} q_tc, for the zero-point correction
         else:
             acc_g = tl.zeros((BM, BN), tl.float32)
-        for kk in range(0, group_size, BK):  # BK divides group_size: no block straddles groups
-            ks = g * group_size + kk + tl.arange(0, BK)
-            k_ok = ks < K
+        for k0 in range(g_lo, g_hi, BK):  # BK divides group_size: no block straddles groups
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < g_hi
             codes = _load_codes(qw_ptr, ns, ks, n_ok, k_ok, row_bytes, BITS)  # (BK, BN)
             if INT_ACT:
                 q = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :],
@@ -247,17 +307,24 @@ def _linear_kernel(
         acc += acc_g.to(tl.float32) * scale_g[None, :]
     if INT_ACT:
         acc = acc * tl.load(xscale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    # the bias and the shared term are added once, by the first slice (as block masks: the
+    # interpreter rejects a scalar condition inside a mask)
+    first_m = (tl.zeros((BM,), tl.int32) + pid_k) == 0
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + ns, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        first_n = (tl.zeros((BN,), tl.int32) + pid_k) == 0
+        acc += tl.load(bias_ptr + ns, mask=n_ok & first_n, other=0.0).to(tl.float32)[None, :]
     if SHARED:  # + u A_sᵀ: (BM, r_s) · (r_s, BN)
         rs_idx = tl.arange(0, RS_BLOCK)
         u = tl.load(u_ptr + rows[:, None] * stride_ut + rs_idx[None, :],
-                    mask=row_ok[:, None] & (rs_idx[None, :] < RS), other=0.0)
+                    mask=(row_ok & first_m)[:, None] & (rs_idx[None, :] < RS), other=0.0)
         a_t = tl.load(a_ptr + ns[None, :].to(tl.int64) * RS + rs_idx[:, None],
                       mask=n_ok[None, :] & (rs_idx[:, None] < RS), other=0.0).to(tl.float32)
         acc = tl.dot(u, a_t, acc, input_precision="tf32")
-    tl.store(y_ptr + rows[:, None] * stride_yt + ns[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & n_ok[None, :])
+    y_at = y_ptr + rows[:, None] * stride_yt + ns[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    else:
+        tl.atomic_add(y_at, acc, mask=row_ok[:, None] & n_ok[None, :])
 
 
 def _cpu_bench(fn, quantiles=None, **_):
@@ -291,8 +358,9 @@ def _prune_linear_configs(configs, named_args, **kwargs):
 
 
 _tuned_linear = triton.autotune(
-    configs=_linear_configs(), key=["m_bucket", "N", "K", "group_size", "n_groups"],
+    configs=_linear_configs(), key=["m_bucket", "N", "K", "group_size", "n_groups", "k_per_split"],
     prune_configs_by={"early_config_prune": _prune_linear_configs},
+    reset_to_zero=["y_ptr"],  # split-K accumulates into y: every timed run must start from zero
     do_bench=_cpu_bench if INTERPRET else None,
 )(_linear_kernel)
 
@@ -326,9 +394,13 @@ def _launch_linear(x, x_scales, input_scale, qweight, scales, zeros, bits, group
     N = qweight.shape[0]
     n_groups = scales.shape[1]
     gs = K if n_groups == 1 else group_size
-    y = torch.empty(T, N, dtype=out_dtype, device=x.device)
     if T == 0:
-        return y
+        return torch.empty(T, N, dtype=out_dtype, device=x.device)
+    # slices of the reduction are multiples of the largest BK (128) and of the group size
+    unit = 128 if n_groups == 1 else math.lcm(128, gs)
+    split, k_per_split = _split_k(x.device, triton.cdiv(T, 64) * triton.cdiv(N, 64), K, unit)
+    y = (torch.empty(T, N, dtype=out_dtype, device=x.device) if split == 1
+         else torch.zeros(T, N, dtype=torch.float32, device=x.device))
     int_act = x_scales is not None
     rs = shared_a.shape[1] if shared_a is not None else 0
     dot_dtype, precision = _dot_dtype(x.dtype)
@@ -337,21 +409,22 @@ def _launch_linear(x, x_scales, input_scale, qweight, scales, zeros, bits, group
         x, x_scales if int_act else dummy, input_scale if input_scale is not None else dummy,
         qweight, scales, zeros, bias if bias is not None else dummy,
         shared_u if shared_u is not None else dummy, shared_a if shared_a is not None else dummy, y,
-        T, N, K, n_groups, gs, qweight.shape[1], rs, min(128, triton.next_power_of_2(T)),
+        T, N, K, n_groups, gs, qweight.shape[1], rs, min(128, triton.next_power_of_2(T)), k_per_split,
         x.stride(0), shared_u.stride(0) if shared_u is not None else 0, y.stride(0),
     )
     flags = dict(
         BITS=bits, INT_ACT=int_act, ASYM=asym, HAS_IN_SCALE=input_scale is not None, HAS_BIAS=bias is not None,
-        SHARED=shared_u is not None, DOT_DTYPE=dot_dtype, PRECISION=precision, RS_BLOCK=_pow2_at_least(rs),
+        SHARED=shared_u is not None, DOT_DTYPE=dot_dtype, PRECISION=precision, SPLIT_K=split,
+        RS_BLOCK=_pow2_at_least(rs),
     )
     if _autotune_enabled():
         def grid(meta):
-            return triton.cdiv(T, meta["BM"]), triton.cdiv(N, meta["BN"])
+            return triton.cdiv(T, meta["BM"]), triton.cdiv(N, meta["BN"]), split
         _tuned_linear[grid](*args, **flags)
     else:
         bm, bn, bk = min(64, _pow2_at_least(T)), 64, block_k_for_group(gs, n_groups)
-        _linear_kernel[(triton.cdiv(T, bm), triton.cdiv(N, bn))](*args, **flags, BM=bm, BN=bn, BK=bk)
-    return y
+        _linear_kernel[(triton.cdiv(T, bm), triton.cdiv(N, bn), split)](*args, **flags, BM=bm, BN=bn, BK=bk)
+    return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 def _contiguous(*ts):
@@ -400,10 +473,12 @@ def _expert_tile(offsets_ptr, pid, NE, BM: tl.constexpr, NE_BLOCK: tl.constexpr)
 @triton.jit
 def _routed_down_kernel(
     x_ptr, in_scale_ptr, perm_ptr, offsets_ptr, b_ptr, v_ptr,
-    K, R, NE, stride_xt, stride_be,
-    HAS_IN_SCALE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, R_BLOCK: tl.constexpr, NE_BLOCK: tl.constexpr,
+    K, R, NE, k_per_split, stride_xt, stride_be,
+    HAS_IN_SCALE: tl.constexpr, SPLIT_K: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, R_BLOCK: tl.constexpr, NE_BLOCK: tl.constexpr,
 ):
-    """``v[j] = B_e x̃[perm[j]]`` for the sorted rows j of expert e: ``(BM, R)`` per tile."""
+    """``v[j] = B_e x̃[perm[j]]`` for the sorted rows j of expert e: ``(BM, R)`` per tile
+    (over the k-th slice of the inputs, added atomically, when SPLIT_K > 1)."""
     expert, start, end = _expert_tile(offsets_ptr, tl.program_id(0), NE, BM, NE_BLOCK)
     if expert >= NE:
         return
@@ -412,15 +487,21 @@ def _routed_down_kernel(
     tok = tl.load(perm_ptr + j, mask=j_ok, other=0)
     r_idx = tl.arange(0, R_BLOCK)
     b_base = b_ptr + expert.to(tl.int64) * stride_be
+    k_lo = tl.program_id(1) * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
     acc = tl.zeros((BM, R_BLOCK), tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_lo, k_hi, BK):
         ks = k0 + tl.arange(0, BK)
-        k_ok = ks < K
+        k_ok = ks < k_hi
         xt = _load_smoothed(x_ptr, in_scale_ptr, tok, ks, j_ok, k_ok, stride_xt, HAS_IN_SCALE)
         bt = tl.load(b_base + r_idx[None, :] * K + ks[:, None],
                      mask=k_ok[:, None] & (r_idx[None, :] < R), other=0.0).to(tl.float32)  # (BK, R_BLOCK)
         acc = tl.dot(xt, bt, acc, input_precision="tf32")
-    tl.store(v_ptr + j[:, None] * R + r_idx[None, :], acc, mask=j_ok[:, None] & (r_idx[None, :] < R))
+    v_at = v_ptr + j[:, None] * R + r_idx[None, :]
+    if SPLIT_K == 1:
+        tl.store(v_at, acc, mask=j_ok[:, None] & (r_idx[None, :] < R))
+    else:
+        tl.atomic_add(v_at, acc, mask=j_ok[:, None] & (r_idx[None, :] < R))
 
 
 @triton.jit
@@ -466,14 +547,16 @@ def routed_lowrank(x, expert, routed_a, routed_b, input_scale=None, out=None):
     if T == 0:
         return out
     perm, offsets = sort_by_expert(expert, ne)
-    v = torch.empty(T, r, dtype=torch.float32, device=x.device)  # expert-sorted order
-    bm = min(64, _pow2_at_least(T))
+    bm, bk = min(64, _pow2_at_least(T)), (128 if K >= 128 else 64)
     max_tiles = triton.cdiv(T, bm) + ne  # Σ_i ceil(T_i / bm) never exceeds this
+    # at most min(T, N_r) tiles do work: split the reduction over d_in when they are few
+    split, k_per_split = _split_k(x.device, min(triton.cdiv(T, bm) + ne, T), K, bk)
+    v = (torch.empty if split == 1 else torch.zeros)(T, r, dtype=torch.float32, device=x.device)  # sorted order
     r_block, ne_block = _pow2_at_least(r), _pow2_at_least(ne)
-    _routed_down_kernel[(max_tiles,)](
+    _routed_down_kernel[(max_tiles, split)](
         x, input_scale if input_scale is not None else x, perm, offsets, routed_b, v,
-        K, r, ne, x.stride(0), routed_b.stride(0),
-        HAS_IN_SCALE=input_scale is not None, BM=bm, BK=128 if K >= 128 else 64, R_BLOCK=r_block, NE_BLOCK=ne_block,
+        K, r, ne, k_per_split, x.stride(0), routed_b.stride(0),
+        HAS_IN_SCALE=input_scale is not None, SPLIT_K=split, BM=bm, BK=bk, R_BLOCK=r_block, NE_BLOCK=ne_block,
     )
     bn = 64
     _routed_up_kernel[(max_tiles, triton.cdiv(d_out, bn))](

@@ -428,6 +428,69 @@ def test_quant_linear_forward_through_the_kernels_equals_its_torch_forward(compe
     _assert_within(y_triton.reshape(t, d_out), y_torch.reshape(t, d_out), bound, 1e-4, "QuantLinear forward")
 
 
+@contextlib.contextmanager
+def _split_k(n):
+    before = kern.FORCE_SPLIT_K
+    kern.FORCE_SPLIT_K = n
+    try:
+        yield
+    finally:
+        kern.FORCE_SPLIT_K = before
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), tokens=st.sampled_from([1, 5]), d_in=st.integers(130, 600),
+       group=st.sampled_from([0, 32, 128]), symmetric=st.booleans(), splits=st.sampled_from([2, 3, 7]),
+       dtype=float_dtypes)
+def test_split_k_paths_match_the_twins(seed, tokens, d_in, group, symmetric, splits, dtype):
+    """Few tokens through a wide layer split the reduction over d_in (atomic fp32 sums):
+    the GEMMs, the prologue's low-rank reductions and the routed down-projection."""
+    gen = _gen(seed)
+    d_out, gs = 70, _group_size(group, d_in)
+    qweight, scales, zeros, w64 = _packed_weight(gen, d_out, d_in, 4, gs, symmetric)
+    x = _activations(gen, tokens, d_in, dtype)
+    input_scale, keep = _smoothing(gen, d_in)
+    f = _qe_factors(gen, d_in, d_out, 32, 8, 32)
+    bias = torch.randn(d_out, generator=gen).to(DEVICE)
+    expert = torch.randint(0, 8, (tokens,), generator=gen).to(torch.int32).to(DEVICE)
+    with _split_k(splits):
+        pro_k = kern.qe_prologue(x, 8, input_scale, keep, f["shared_b"], f["router"])
+        u = pro_k[2]
+        y_k = kern.quantized_linear(pro_k[0], pro_k[1], qweight, scales, zeros, bits=4, group_size=gs,
+                                    symmetric=symmetric, bias=bias, shared_u=u, shared_a=f["shared_a"],
+                                    out_dtype=dtype)
+        w_k = kern.weight_only_linear(x, qweight, scales, zeros, bits=4, group_size=gs, input_scale=input_scale,
+                                      bias=bias)
+        r_k = kern.routed_lowrank(x, expert, f["routed_a"], f["routed_b"], input_scale)
+    pro_t = twin.qe_prologue(x, 8, input_scale, keep, f["shared_b"], f["router"])
+    assert torch.equal(pro_k[0], pro_t[0]) and torch.equal(pro_k[1], pro_t[1])
+    xs = twin.smooth(x, input_scale).double().cpu()
+    _assert_within(u, pro_t[2], xs.abs() @ f["shared_b"].abs().double().cpu().T, 2e-3, "split shared down")
+    _assert_route_is_an_argmin(pro_k[3], xs.abs() @ f["router"].double().cpu().T)
+    y_t = twin.quantized_linear(pro_t[0], pro_t[1], qweight, scales, zeros, bits=4, group_size=gs,
+                                symmetric=symmetric, bias=bias, shared_u=u, shared_a=f["shared_a"], out_dtype=dtype)
+    out_rounding = 2**-10 if dtype == torch.float16 else 0
+    bound = ((pro_t[0].double().abs().cpu() * pro_t[1].double().cpu()[:, None]) @ w64.abs().T
+             + bias.abs().double().cpu() + 200 * u.abs().double().cpu() @ f["shared_a"].abs().double().cpu().T)
+    _assert_within(y_k, y_t, bound, 1e-5 + out_rounding, "split integer GEMM")
+    w_t = twin.weight_only_linear(x, qweight, scales, zeros, bits=4, group_size=gs, input_scale=input_scale, bias=bias)
+    _assert_within(w_k, w_t, xs.abs() @ w64.abs().T + bias.abs().double().cpu(),
+                   2**-9 if dtype == torch.float16 else 1e-5, "split W-only GEMM")
+    r_t = twin.routed_lowrank(x, expert, f["routed_a"], f["routed_b"], input_scale)
+    e = expert.long().cpu()
+    r_bound = torch.einsum("tor,tri,ti->to", f["routed_a"].abs().double().cpu()[e],
+                           f["routed_b"].abs().double().cpu()[e], xs.abs())
+    _assert_within(r_k, r_t, r_bound, 2e-3 + out_rounding, "split routed down")
+
+
+def test_split_k_slices_respect_groups_and_blocks():
+    for K, unit, forced in ((18944, 128, 7), (600, 128, 3), (300, 384, 5), (64, 128, 4)):
+        with _split_k(forced):
+            splits, per = kern._split_k(torch.device("cpu"), 1, K, unit)
+        assert per % unit == 0 and splits == -(-K // per) and 1 <= splits <= forced
+        assert (splits - 1) * per < K  # no empty slice
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 
