@@ -340,21 +340,33 @@ def _cpu_bench(fn, quantiles=None, **_):
 
 
 def _linear_configs() -> list[triton.Config]:
-    configs = []
-    for bm in (16, 32, 64, 128):
-        for bn in (64, 128):
-            for bk in (64, 128):
-                for stages in (3, 4):
-                    configs.append(triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=4 if bm * bn <= 4096 else 8,
-                                                 num_stages=stages))
-    return configs
+    """A short list per token-count bucket (each config is one compile on first use)."""
+    shapes = [  # (BM, BN, BK, warps, stages)
+        (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 64, 4, 5),
+        (32, 64, 128, 4, 4), (32, 128, 64, 4, 3),
+        (64, 64, 128, 4, 4), (64, 128, 64, 4, 3), (64, 128, 128, 8, 3),
+        (128, 128, 64, 8, 3), (128, 64, 128, 4, 4), (128, 128, 128, 8, 3),
+    ]
+    return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st) for bm, bn, bk, w, st in shapes]
 
 
 def _prune_linear_configs(configs, named_args, **kwargs):
+    """Keep the tile heights that suit the token count, and give every config a BK that
+    divides the group size (a K tile must never straddle two groups)."""
     group_size, n_groups, m_bucket = named_args["group_size"], named_args["n_groups"], named_args["m_bucket"]
-    kept = [c for c in configs
-            if (n_groups == 1 or group_size % c.kwargs["BK"] == 0) and c.kwargs["BM"] <= max(MIN_DOT, m_bucket)]
-    return kept or configs[:1]
+    top = max(MIN_DOT, m_bucket)
+    low = max(MIN_DOT, min(top // 4, 32))
+    kept, seen = [], set()
+    for c in configs:
+        bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
+        if not low <= bm <= top:
+            continue
+        bk = block_k_for_group(group_size, n_groups, preferred=bk)
+        if (bm, bn, bk) in seen:
+            continue
+        seen.add((bm, bn, bk))
+        kept.append(triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=c.num_warps, num_stages=c.num_stages))
+    return kept
 
 
 _tuned_linear = triton.autotune(

@@ -567,6 +567,17 @@ def test_autotune_runs_under_the_interpreter_with_a_cpu_timer(monkeypatch):
     assert torch.allclose(y_k, y_t, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("group_size,n_groups", [(4096, 1), (128, 12), (64, 30), (32, 9), (48, 5)])
+@pytest.mark.parametrize("m_bucket", [1, 16, 32, 128])
+def test_autotune_configs_never_straddle_groups(group_size, n_groups, m_bucket):
+    kept = kern._prune_linear_configs(kern._linear_configs(),
+                                      {"group_size": group_size, "n_groups": n_groups, "m_bucket": m_bucket})
+    assert kept
+    for c in kept:
+        assert n_groups == 1 or group_size % c.kwargs["BK"] == 0
+        assert c.kwargs["BM"] <= max(16, m_bucket) and c.kwargs["BK"] >= 16
+
+
 def test_package_imports_and_runs_without_triton(tmp_path):
     """``import triton`` failing must not break ``qe.kernels``: the twins run."""
     script = (
