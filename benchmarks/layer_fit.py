@@ -134,7 +134,15 @@ def main() -> None:
     ap.add_argument("--extra", default="", help="more compensators, comma list, e.g. qe[mode=oracle-routing]")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/layer_fit.json")
+    ap.add_argument("--summarize", metavar="JSON", help="only recompute the summary of an earlier run's JSON")
     args = ap.parse_args()
+    if args.summarize:
+        data = json.loads(Path(args.summarize).read_text())
+        a_bits = [int(a) for a in data["args"]["a_bits"].split(",")]
+        data["summary"] = summarize(data["rows"], a_bits)
+        Path(args.summarize).write_text(json.dumps(data, indent=1))
+        print("\n".join(data["summary"]["lines"]))
+        return
     torch.set_num_threads(args.threads)
 
     from qe import smoothing
@@ -198,27 +206,33 @@ def main() -> None:
 
 
 def summarize(rows, a_bits_list):
-    """Geometric-mean ratios qe / lowrank-64-on-QE-base and fit-time ratios per shape."""
+    """Geometric-mean error ratios of every compensator to lowrank-64 on QE's base (the
+    baseline that isolates routing), and QE's fit-time ratio to lowrank-64 per shape."""
     import math
 
+    reference = "lowrank[rank=64;on_qe_base=true]"
     by = {(r["layer"], r["compensator"]): r for r in rows}
     layers = sorted({r["layer"] for r in rows})
+    compensators = list(dict.fromkeys(r["compensator"] for r in rows))
     lines, out = [], {}
     for a in a_bits_list:
-        ratios = [by[(l, "qe")][f"A{a}"] / by[(l, "lowrank[rank=64;on_qe_base=true]")][f"A{a}"] for l in layers
-                  if (l, "qe") in by and (l, "lowrank[rank=64;on_qe_base=true]") in by]
-        if ratios:
-            gm = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
-            out[f"qe_over_lowrank64_qe_base_A{a}"] = gm
-            lines.append(f"A{a}: qe / lowrank-64 (QE base) geometric mean {gm:.3f} (range {min(ratios):.3f}–{max(ratios):.3f})")
-    shapes = sorted({r["shape"] for r in rows})
-    for s in shapes:
-        qe_t = [r["fit_cpu_s"] for r in rows if r["shape"] == s and r["compensator"] == "qe"]
+        for comp in compensators:
+            ratios = [by[(l, comp)][f"A{a}"] / by[(l, reference)][f"A{a}"] for l in layers
+                      if (l, comp) in by and (l, reference) in by]
+            if ratios and comp != reference:
+                gm = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+                out[f"A{a}:{comp}/{reference}"] = gm
+                lines.append(f"A{a}: {comp} / lowrank-64 (QE base): geometric mean {gm:.3f} (range {min(ratios):.3f}–{max(ratios):.3f})")
+    for s in sorted({r["shape"] for r in rows}):
         lr_t = [r["fit_cpu_s"] for r in rows if r["shape"] == s and r["compensator"] == "lowrank[rank=64]"]
-        if qe_t and lr_t:
-            ratio = (sum(qe_t) / len(qe_t)) / (sum(lr_t) / len(lr_t))
-            out[f"fit_cpu_ratio_{s}"] = ratio
-            lines.append(f"{s}: qe fit {sum(qe_t) / len(qe_t):.2f} s CPU vs lowrank-64 {sum(lr_t) / len(lr_t):.2f} s CPU: {ratio:.1f}×")
+        for comp in compensators:
+            if not comp.startswith("qe"):
+                continue
+            qe_t = [r["fit_cpu_s"] for r in rows if r["shape"] == s and r["compensator"] == comp]
+            if qe_t and lr_t:
+                ratio = (sum(qe_t) / len(qe_t)) / (sum(lr_t) / len(lr_t))
+                out[f"fit_cpu_ratio:{comp}:{s}"] = ratio
+                lines.append(f"{s}: {comp} fit {sum(qe_t) / len(qe_t):.2f} s CPU vs lowrank-64 {sum(lr_t) / len(lr_t):.2f} s CPU: {ratio:.1f}×")
     return {"lines": lines, **out}
 
 
