@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from qe.analysis.statistics import LinearStats, choose_sample_positions

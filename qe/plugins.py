@@ -15,7 +15,7 @@ import dataclasses
 import importlib.metadata
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, ClassVar, Literal, Sequence
 

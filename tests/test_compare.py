@@ -4,7 +4,6 @@ import json
 from dataclasses import dataclass
 
 import pytest
-import torch
 
 import qe
 from qe import cli

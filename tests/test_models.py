@@ -13,12 +13,6 @@ from qe.models.families import Idefics3Adapter, InternVLAdapter, QwenVLAdapter
 from qe.models.loading import load_model, select_adapter
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class OddBlock(nn.Module):

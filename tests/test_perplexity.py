@@ -25,12 +25,6 @@ from qe.models import tiny
 from qe.models.loading import load_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Output:

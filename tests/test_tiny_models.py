@@ -27,15 +27,6 @@ EXPECTED_BLOCKS_PATH = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on a shared 2-core machine: a second OpenMP thread only spins.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def loaded():
     cache: dict[str, object] = {}

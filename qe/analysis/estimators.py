@@ -7,26 +7,20 @@ set ``C_t`` (QE-METHOD.md §1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from qe.hookspecs import hookimpl
+from qe.plugins import Plugin
 
 
-class Estimator:
+class Estimator(Plugin):
     """Base class: ``prepare(weight)`` returns per-channel weight factors; ``score`` uses them."""
 
     kind: ClassVar[str] = "estimator"
     name: ClassVar[str]
 
-    @dataclass(frozen=True)
-    class Config:
-        pass
-
-    def __init__(self, config=None):
-        self.config = config if config is not None else self.Config()
 
     def prepare(self, weight: torch.Tensor) -> torch.Tensor | None:
         """Per-input-channel factor from the weight ``(d_out, d_in)``, or None."""

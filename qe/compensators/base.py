@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from qe.analysis.statistics import LinearStats
+from qe.plugins import Plugin
 from qe.quantizers.base import QuantizedWeight
 from qe.settings import QuantSetting
 
@@ -67,7 +68,7 @@ class LayerPlan:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-class Compensator:
+class Compensator(Plugin):
     """Base class of compensators (plugins of kind ``compensator``)."""
 
     kind: ClassVar[str] = "compensator"
@@ -75,12 +76,6 @@ class Compensator:
     needs_tokens: ClassVar[bool] = False
     needs_hessian: ClassVar[bool] = False
 
-    @dataclass(frozen=True)
-    class Config:
-        pass
-
-    def __init__(self, config=None):
-        self.config = config if config is not None else self.Config()
 
     def smoothing_candidates(self) -> tuple[float | None, ...] | None:
         return None

@@ -14,25 +14,28 @@ from typing import ClassVar, Literal
 
 from qe.data.images import builtin_image_captions
 from qe.data.samples import Sample, file_origin, require_nonempty
-from qe.data.text import CALIB_WINDOWS, WINDOW, calibration_windows, eval_windows, pydoc_text, split_tokens, tokenize_text
+from qe.data.text import (
+    CALIB_WINDOWS,
+    WINDOW,
+    calibration_windows,
+    eval_windows,
+    pydoc_text,
+    split_tokens,
+    tokenize_text,
+)
 from qe.errors import ConfigError, DataError
 from qe.hookspecs import hookimpl
+from qe.plugins import Plugin
 
 Split = Literal["calib", "eval"]
 
 
-class CalibrationSource:
+class CalibrationSource(Plugin):
     """A named data set. ``samples`` returns records of the calibration or held-out split."""
 
     kind: ClassVar[str] = "calibration_source"
     name: ClassVar[str]
 
-    @dataclass(frozen=True)
-    class Config:
-        pass
-
-    def __init__(self, config=None):
-        self.config = config if config is not None else self.Config()
 
     def samples(self, tokenizer, split: Split = "calib") -> list[Sample]:
         raise NotImplementedError

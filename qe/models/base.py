@@ -14,7 +14,7 @@ prompt format.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, ClassVar
 
@@ -23,6 +23,7 @@ from torch import nn
 
 from qe.data.samples import Sample
 from qe.errors import DataError, ModelError
+from qe.plugins import Plugin
 
 
 class Modality(IntEnum):
@@ -69,7 +70,7 @@ LLAMA_LINEARS = (
 )
 
 
-class ModelAdapter:
+class ModelAdapter(Plugin):
     """Base adapter for a Llama-style decoder behind a vision tower.
 
     Subclasses set ``model_types`` (``config.model_type`` values they serve) and
@@ -85,12 +86,6 @@ class ModelAdapter:
     blocks_attr: ClassVar[str] = "layers"
     image_placeholder: ClassVar[str] = "<image>"
 
-    @dataclass(frozen=True)
-    class Config:
-        pass
-
-    def __init__(self, config=None):
-        self.config = config if config is not None else self.Config()
 
     # ------------------------------------------------------------------ recognition
     @classmethod

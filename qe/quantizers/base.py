@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from qe.plugins import Plugin
 from qe.settings import QuantSetting
 
 
@@ -53,7 +54,7 @@ class QuantizedWeight:
         return w
 
 
-class Quantizer:
+class Quantizer(Plugin):
     """Base class of weight quantizers (plugins of kind ``quantizer``).
 
     ``quantize`` maps a full-precision weight to a :class:`QuantizedWeight` for one setting.
@@ -72,12 +73,6 @@ class Quantizer:
     name: ClassVar[str]
     needs_hessian: ClassVar[bool] = False
 
-    @dataclass(frozen=True)
-    class Config:
-        pass
-
-    def __init__(self, config=None):
-        self.config = config if config is not None else self.Config()
 
     def smoothing_alpha(self) -> float | None:
         return None
