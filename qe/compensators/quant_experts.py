@@ -239,12 +239,10 @@ class QuantExperts(Compensator):
         clock.lap("residuals")
 
         if n_experts > 0:
-            labels, cluster_figures = self._clusters(layer, plan, n_experts)
+            C_r = self._token_dependent(layer, plan, n_experts)
+            labels, cluster_figures = self._clusters(layer, C_r, n_experts)
             figures.update(cluster_figures)
             clock.lap("clustering")
-            C_r = _plan_channels(plan, "token_dependent")
-            if C_r is None:
-                C_r = split_channels(importance_of(layer, "qe").total_counts(), c.k, n_experts, layer.name)[1]
             assignment = self._assign_tokens(layer, X, C_r, labels, n_experts, rows)
             clock.lap("assignment")
             A, B = fit_experts(E_S, X, assignment, n_experts, r_r, c.damp, Y=residual.Y)
@@ -291,13 +289,17 @@ class QuantExperts(Compensator):
         keep = torch.randperm(X.shape[0], generator=g)[: self.config.max_tokens].sort().values
         return X[keep.to(X.device)], keep
 
-    def _clusters(self, layer: LayerContext, plan: LayerPlan, n_experts: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _token_dependent(self, layer: LayerContext, plan: LayerPlan, n_experts: int) -> torch.Tensor:
+        """``C_r`` as planned (recomputed when the plan does not carry it)."""
+        value = plan.info.get("token_dependent") if plan is not None else None
+        if value is not None:
+            return torch.as_tensor(value, dtype=torch.long)
+        return split_channels(importance_of(layer, "qe").total_counts(), self.config.k, n_experts, layer.name)[1]
+
+    def _clusters(self, layer: LayerContext, C_r: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """Labels ``(N_r·k,)`` of ``C_r`` and the clustering figures."""
         c = self.config
-        C_r = _plan_channels(plan, "token_dependent")
         importance = importance_of(layer, "qe")
-        if C_r is None:
-            C_r = split_channels(importance.total_counts(), c.k, n_experts, layer.name)[1]
         if c.mode == "random-clustering":
             labels = random_clusters(C_r.numel(), n_experts, layer.seed)
         else:
@@ -536,11 +538,6 @@ def _same_sets(scores: torch.Tensor, topk: torch.Tensor, k: int, check: int = 64
     if stored.shape != fresh.shape:
         return False
     return float((fresh == stored).all(dim=1).double().mean()) >= 0.9
-
-
-def _plan_channels(plan: LayerPlan, key: str) -> torch.Tensor | None:
-    value = plan.info.get(key) if plan is not None else None
-    return None if value is None else torch.as_tensor(value, dtype=torch.long)
 
 
 class _Clock:
