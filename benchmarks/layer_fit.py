@@ -30,14 +30,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table  # noqa: E402
+from _common import machine, print_table
 
 LINEARS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "down": "mlp.down_proj"}
 
 
 def capture_real(blocks: list[int], linears: list[str], calib_tokens: int, heldout_tokens: int):
     """Inputs of the chosen linears on calibration and held-out text windows."""
-    from qe.data.text import calibration_windows, eval_windows, pydoc_text, split_tokens, tokenize_text
+    from qe.data.text import (
+        calibration_windows,
+        eval_windows,
+        pydoc_text,
+        split_tokens,
+        tokenize_text,
+    )
     from qe.models.loading import load_model
 
     loaded = load_model(None)
@@ -87,11 +93,11 @@ def synthetic(shapes: list[tuple[int, int]], calib_tokens: int, heldout_tokens: 
 
 
 def layer_context(name, W, X, k, alpha=None):
+    from qe import smoothing
     from qe.analysis.estimators import ActWeight
     from qe.analysis.statistics import ImportanceStats, InputStats, LinearStats
     from qe.compensators.base import LayerContext
     from qe.settings import parse_setting
-    from qe import smoothing
 
     d_in = W.shape[1]
     est = ActWeight()

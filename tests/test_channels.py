@@ -24,17 +24,6 @@ from qe.analysis.channels import (
 from qe.errors import ConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: on the shared 2-core machine a second OpenMP thread costs ~10× in
-    barrier waits, so these tests run single-threaded (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 def random_topk(T, d_in, k, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(T, d_in, generator=g).topk(k, dim=1).indices.to(torch.int16)
@@ -206,7 +195,7 @@ def test_too_few_distinct_rows_falls_back():
 
 
 def test_clustering_is_deterministic_and_canonical():
-    scores, _, groups = planted_scores(30, 3, 3, 2000, 7)
+    scores, _, _ = planted_scores(30, 3, 3, 2000, 7)
     topk = scores.topk(3, dim=1).indices
     counts = torch.bincount(topk.flatten(), minlength=30)
     _, C_r = split_channels(counts, 3, 3)

@@ -1,5 +1,7 @@
 """Low-rank numerics (qe.compensators.linalg), the adapter module and the ``lowrank`` plugin."""
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -17,24 +19,16 @@ from qe.compensators.linalg import (
     top_eigenpairs,
     whitened_lowrank,
 )
-from qe.compensators.lowrank import LowRankCompensator, LowRankConfig, check_rank_override
+from qe.compensators.lowrank import (
+    LowRankCompensator,
+    LowRankConfig,
+    check_rank_override,
+)
 from qe.compensators.modules import LowRankAdapter, adapter_from_layout
 from qe.errors import ConfigError, NumericalError
 from qe.plugins import QEPluginManager
 from qe.quantizers.grid import quantize_rtn
 from qe.settings import parse_setting
-
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: on the shared 2-core machine a second OpenMP thread costs ~10× in
-    barrier waits, so these tests run single-threaded (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 DAMP = 0.01
 
@@ -92,9 +86,9 @@ def test_whitened_is_no_worse_than_any_other_pair(shape, rank, seed):
 def test_objective_never_rises_with_rank(shape, seed):
     d_out, d_in = shape
     E, H, _ = problem(d_out, d_in, seed)
-    values = [damped_objective(E, *whitened_lowrank(E, H, r, DAMP), H, DAMP) for r in range(0, min(shape) + 1)]
+    values = [damped_objective(E, *whitened_lowrank(E, H, r, DAMP), H, DAMP) for r in range(min(shape) + 1)]
     scale = values[0] + 1e-30
-    assert all(b <= a + 1e-10 * scale for a, b in zip(values, values[1:]))
+    assert all(b <= a + 1e-10 * scale for a, b in itertools.pairwise(values))
     assert values[-1] <= 1e-9 * scale  # full rank leaves nothing
 
 
@@ -137,7 +131,7 @@ def test_symmetric_gram_equals_the_product(d):
 
 
 def test_lqer_and_plain_svd_match_their_definitions():
-    E, H, X = problem(20, 30, 1)
+    E, _, X = problem(20, 30, 1)
     a = X.abs().mean(0).double()
     U, s, Vh = torch.linalg.svd(E * a, full_matrices=False)
     A, B = lqer_lowrank(E, a, 5)
@@ -209,7 +203,7 @@ def test_adapter_forward_and_round_trip(tmp_path_factory, T, bits, seed):
 
 
 def layer_context(d_out, d_in, seed=0, name="blk.0.q_proj"):
-    E, H, X = problem(d_out, d_in, seed)
+    _, H, X = problem(d_out, d_in, seed)
     W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(seed)) * 0.05
     return LayerContext(name, 0, W, None, parse_setting("W4A8"), None, hessian=H, tokens=X.float())
 

@@ -19,16 +19,6 @@ from qe.quantizers.grid import quantize_rtn
 from qe.settings import parse_setting
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: on the shared 2-core machine a second OpenMP thread costs ~10× in
-    barrier waits, so these tests run single-threaded (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def planted_inputs(d_in, T, n_groups, seed):
     """Tokens with a few always-large channels and per-token groups of large channels."""
     g = torch.Generator().manual_seed(seed)
@@ -87,7 +77,7 @@ def test_exempt_columns_are_absorbed_exactly_when_nothing_else_errs():
     steps = torch.rand(d_out, 1, generator=g) + 0.5
     W = torch.where(torch.rand(d_out, d_in, generator=g) < 0.5, -7.0, 7.0) * steps / 100
     layer = make_layer(d_in, d_out, weight=W, seed=1)
-    comp, plan, q, m = fit(layer, bits=4, shared_rank=4, k=4)
+    _, plan, q, m = fit(layer, bits=4, shared_rank=4, k=4)
     E = layer.weight - q.dequantize()
     assert plan.exempt.sum() == 4
     assert torch.equal(E[:, ~plan.exempt], torch.zeros(d_out, d_in - 4))  # nothing else carries error
@@ -202,7 +192,7 @@ def test_layout_and_safetensors_round_trip(tmp_path, mode):
 
 def test_plan_exempts_the_token_independent_channels():
     layer = make_layer()
-    comp, plan, _, m = fit(layer)
+    _, plan, _, _ = fit(layer)
     C_s = plan.info["token_independent"]
     assert torch.equal(plan.exempt.nonzero().flatten(), C_s.sort().values)
     assert torch.equal(plan.act_exempt, plan.exempt)

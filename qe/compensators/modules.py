@@ -44,7 +44,7 @@ class LowRankAdapter(nn.Module):
         self.fit_figures: dict[str, Any] = {}
 
     @classmethod
-    def from_factors(cls, A: torch.Tensor, B: torch.Tensor, input_bits: int = 16) -> "LowRankAdapter":
+    def from_factors(cls, A: torch.Tensor, B: torch.Tensor, input_bits: int = 16) -> LowRankAdapter:
         m = cls(B.shape[1], A.shape[0], A.shape[1], input_bits)
         m.A.copy_(A)
         m.B.copy_(B)
@@ -54,7 +54,7 @@ class LowRankAdapter(nn.Module):
         return {"type": "lowrank", "d_in": self.d_in, "d_out": self.d_out, "rank": self.rank, "input_bits": self.input_bits}
 
     @classmethod
-    def from_layout(cls, layout: dict[str, Any]) -> "LowRankAdapter":
+    def from_layout(cls, layout: dict[str, Any]) -> LowRankAdapter:
         return cls(layout["d_in"], layout["d_out"], layout["rank"], layout.get("input_bits", 16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,7 +119,7 @@ class QuantExpertsAdapter(nn.Module):
         }
 
     @classmethod
-    def from_layout(cls, layout: dict[str, Any]) -> "QuantExpertsAdapter":
+    def from_layout(cls, layout: dict[str, Any]) -> QuantExpertsAdapter:
         layout = {k: v for k, v in layout.items() if k != "type"}
         return cls(**layout)
 

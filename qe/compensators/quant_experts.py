@@ -66,7 +66,14 @@ from qe.compensators.linalg import (
     symmetric_gram,
     whitened_lowrank,
 )
-from qe.compensators.lowrank import QE_DEFAULT_ALPHAS, capped_rank, check_alphas, check_rank_override, importance_of, layer_hessian
+from qe.compensators.lowrank import (
+    QE_DEFAULT_ALPHAS,
+    capped_rank,
+    check_alphas,
+    check_rank_override,
+    importance_of,
+    layer_hessian,
+)
 from qe.compensators.modules import QuantExpertsAdapter
 from qe.errors import ConfigError, DataError
 from qe.quantizers.base import QuantizedWeight
