@@ -32,7 +32,7 @@ def main() -> None:
 
     from qe.analysis.analyze import AnalyzeOptions, run_analysis
     from qe.analysis.report import write_report
-    from qe.api import calibration_set
+    from qe.api import calibration_set, token_counts
     from qe.models.loading import load_model
 
     loaded = load_model(args.model)
@@ -56,7 +56,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             result.run = {"model": loaded.name, "adapter": loaded.adapter.name, "synthetic_vision_tower": loaded.synthetic_vision,
                           "notes": loaded.notes, "estimator": "act-weight", "k": 32, "num_experts": 8, "seed": 0,
-                          "calibration": {"source": "images", "samples": len(encoded), "tokens": {}}, "seconds": {}}
+                          "calibration": {"source": "images", "samples": len(encoded), "tokens": token_counts(encoded)}, "seconds": {}}
             t0 = time.perf_counter()
             write_report(Path(d), result, 32)
             t_report = time.perf_counter() - t0

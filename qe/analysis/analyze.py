@@ -199,8 +199,7 @@ def summarize_linear(st: LinearStats, block_index: int, name: str, opts: Analyze
 
     # Outliers: max |x| over median |x| per channel (median over the token sample), kurtosis.
     absmax = inp.absmax
-    sample = inp.sample
-    median = sample.abs().median(dim=0).values if sample.shape[0] else torch.full((d_in,), float("nan"))
+    median = inp.median_abs()
     ratio = absmax / median.clamp_min(1e-12)
     kurt = inp.kurtosis()
     top_ratio = torch.argsort(ratio, descending=True)[:8]
@@ -247,15 +246,19 @@ def summarize_linear(st: LinearStats, block_index: int, name: str, opts: Analyze
     role[C_s] = -2
     if n_r > 0:
         role[C_r] = labels
+    # Plain Python lists first: indexing tensors element by element costs microseconds each.
+    cols = {"f_all": f_all.tolist(), "max_abs": absmax.tolist(), "median_abs": median.tolist(),
+            "kurtosis": kurt.tolist(), "mean_score": mean_score.tolist()}
+    mod_cols = {m: (freqs[m].tolist() if m in freqs else None) for m in MODALITIES}
+    roles = role.tolist()
     rows = []
     for c in range(d_in):
-        r = int(role[c])
+        r = roles[c]
         rows.append({
-            "layer": st.name, "channel": c,
-            "f_all": float(f_all[c]),
-            **{f"f_{m}": (float(freqs[m][c]) if m in freqs else None) for m in MODALITIES},
-            "max_abs": float(absmax[c]), "median_abs": float(median[c]), "kurtosis": float(kurt[c]),
-            "mean_score": float(mean_score[c]),
+            "layer": st.name, "channel": c, "f_all": cols["f_all"][c],
+            **{f"f_{m}": (mod_cols[m][c] if mod_cols[m] is not None else None) for m in MODALITIES},
+            "max_abs": cols["max_abs"][c], "median_abs": cols["median_abs"][c], "kurtosis": cols["kurtosis"][c],
+            "mean_score": cols["mean_score"][c],
             "set": "token_independent" if r == -2 else (f"token_dependent:{r}" if r >= 0 else ""),
         })
     plot = None

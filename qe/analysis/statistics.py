@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from qe.errors import NumericalError
@@ -98,6 +99,23 @@ class InputStats:
             self._sample_mod_chunks = [torch.cat(self._sample_mod_chunks)]
         return self._sample_mod_chunks[0]
 
+    def median_abs(self, max_tokens: int = 2048) -> torch.Tensor:
+        """Per-channel median of ``|x|`` over (at most ``max_tokens`` of) the token sample,
+        the lower middle value for even counts as ``torch.median``. Cached: linears that share
+        this input share it."""
+        cached = getattr(self, "_median_abs", None)
+        if cached is None:
+            s = self.sample[:max_tokens]  # the sample is already a uniform random draw
+            if s.shape[0] == 0:
+                value = torch.full((self.d_in,), float("nan"))
+            else:
+                # numpy's introselect on contiguous rows is several times faster than a sort.
+                rows = np.ascontiguousarray(s.abs().T.cpu().numpy())
+                k = (rows.shape[1] - 1) // 2
+                value = torch.from_numpy(np.partition(rows, k, axis=1)[:, k].copy())
+            self._median_abs = cached = value
+        return cached
+
     def mean(self) -> torch.Tensor:
         return (self.moments[0] / max(self.n_tokens, 1)).float()
 
@@ -142,11 +160,11 @@ class ImportanceStats:
         x = x.detach().reshape(-1, self.d_in).float()
         scores = self.estimator.score(x, self.channel_factor)
         T = scores.shape[0]
-        idx = scores.topk(self.k, dim=1).indices  # (T, k)
+        idx = scores.topk(self.k, dim=1, sorted=False).indices  # (T, k): a set, order irrelevant
         mod = modality.long().to(idx.device)
         flat = (mod[:, None] * self.d_in + idx).reshape(-1)
         self.counts += torch.bincount(flat, minlength=NUM_MODALITIES * self.d_in).reshape(NUM_MODALITIES, self.d_in).cpu()
-        self.score_sum += scores.double().sum(0).cpu()
+        self.score_sum += scores.sum(0, dtype=torch.float64).cpu()  # no T×d_in float64 copy
         self.n_tokens += T
         if self.keep_topk:
             self._topk_chunks.append(idx.to(torch.int16).cpu())
