@@ -37,7 +37,7 @@ from qe.errors import ConfigError, QEError
 from qe.models.loading import LoadedModel, load_model
 from qe.pipeline import PipelineOptions, PipelineResult, QuantizationPipeline
 from qe.plugins import default_manager, split_plugin_list
-from qe.settings import QuantSetting, parse_settings
+from qe.settings import QuantSetting, parse_setting, parse_settings
 
 DEFAULT_EVAL_TOKENS = 8192  # 16 windows of 512 from the start of the held-out text
 GRID_FILE = "grid.json"
@@ -82,7 +82,8 @@ def grid_cells(quantizers: str | list[str], compensators: str | list[str], setti
     manager = manager or default_manager()
     qs = split_plugin_list(quantizers) if isinstance(quantizers, str) else list(quantizers)
     cs = split_plugin_list(compensators) if isinstance(compensators, str) else list(compensators)
-    ss = parse_settings(settings) if isinstance(settings, str) else list(settings)
+    ss = parse_settings(settings) if isinstance(settings, str) else [
+        parse_setting(s) if isinstance(s, str) else s for s in settings]
     if not qs or not cs or not ss:
         raise ConfigError("the grid is empty: give at least one quantizer, compensator and setting")
     cells = []
@@ -225,11 +226,13 @@ def run_compare(
     if pending:
         pipeline_opts = PipelineOptions(propagation=options.propagation, max_tokens=options.max_tokens,
                                         device=options.device, seed=options.seed, progress=False)
+        t_capture = time.perf_counter()
         inputs = capture_block_inputs(loaded, encoded, device=options.device, progress=options.progress)
+        shared = {"shared_capture_seconds": time.perf_counter() - t_capture, "cells_in_run": len(pending)}
         if options.propagation == "fp-inputs":
-            _run_fp_inputs(loaded, pending, pipeline_opts, inputs, evaluator, cells_dir, manager, options)
+            _run_fp_inputs(loaded, pending, pipeline_opts, inputs, evaluator, cells_dir, manager, options, shared)
         else:
-            _run_quantized(loaded, pending, pipeline_opts, inputs, evaluator, cells_dir, manager, options)
+            _run_quantized(loaded, pending, pipeline_opts, inputs, evaluator, cells_dir, manager, options, shared)
 
     rows = collect_rows(out)
     from qe.compare_report import write_compare_report
@@ -258,7 +261,7 @@ def _model_copy(loaded: LoadedModel) -> LoadedModel:
                        loaded.notes, loaded.card)
 
 
-def _run_quantized(loaded, cells, opts, inputs, evaluator, cells_dir, manager, options) -> None:
+def _run_quantized(loaded, cells, opts, inputs, evaluator, cells_dir, manager, options, shared) -> None:
     for cell in tqdm(cells, desc="compare", disable=not options.progress):
         t0 = time.perf_counter()
         try:
@@ -267,14 +270,16 @@ def _run_quantized(loaded, cells, opts, inputs, evaluator, cells_dir, manager, o
             cell.result = pipe.run([], inputs=inputs, result=cell.result)
             seconds = time.perf_counter() - t0
             row = _cell_row(cell, work.model, evaluator(work.model), seconds)
-            _write_json(cells_dir / f"{cell.key}.json", row)
+            _write_json(cells_dir / f"{cell.key}.json", {**row, **shared})
         except (Exception, QEError) as exc:  # a failing cell is recorded; the grid goes on
             _record_failure(cells_dir, cell, exc)
         finally:
             work = None
 
 
-def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, cells_dir, manager, options) -> None:
+def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, cells_dir, manager, options, shared) -> None:
+    """Block-major: each block's statistics once for every cell. A cell's ``quantize_seconds``
+    is its own quantization work; the shared streaming is ``shared_stream_seconds``."""
     adapter, model = loaded.adapter, loaded.model
     blocks = adapter.decoder_blocks(model)
     prefix = adapter.blocks_prefix(model)
@@ -298,11 +303,14 @@ def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, cells_dir, manager, o
     positions = choose_sample_positions(inputs.total_tokens, opts.max_tokens, opts.seed)
     seconds = {c.key: 0.0 for c, _ in live}
     context = StreamContext()
+    stream_seconds = 0.0
     for i in tqdm(range(len(blocks)), desc="compare (fp-inputs)", disable=not options.progress):
         block = blocks[i]
+        t_stream = time.perf_counter()
         with attach_stats(block, adapter, prefix=f"{prefix}.{i}", context=context, sample_positions=positions,
                           hessian=need_hessian, moments=False, estimator=estimator if k else None, k=k or 32) as stats:
             fp_out = run_block(block, inputs, device=opts.device, context=context, block_index=i)
+        stream_seconds += time.perf_counter() - t_stream
         for cell, pipe in live:
             if cell.error:
                 continue
@@ -329,7 +337,7 @@ def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, cells_dir, manager, o
                 target[i] = qblock
             cell.blocks = []
             row = _cell_row(cell, work, evaluator(work), seconds[cell.key])
-            _write_json(cells_dir / f"{cell.key}.json", row)
+            _write_json(cells_dir / f"{cell.key}.json", {**row, **shared, "shared_stream_seconds": stream_seconds})
         except (Exception, QEError) as exc:
             _record_failure(cells_dir, cell, exc)
 

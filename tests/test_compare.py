@@ -145,3 +145,11 @@ def test_layer_error_is_zero_against_itself_and_positive_when_quantized(tmp_path
     path, _ = run_quantize(Recipe(samples=2), "tiny:llava", out=tmp_path / "q", progress=False)
     rows = layer_errors(ref, qe.load_quantized(path), encoded)
     assert all(r["rel_error"] > 0 for r in rows) and rows[0]["rel_error_vision"] is not None
+
+
+def test_grid_accepts_setting_strings_and_objects():
+    from qe.compare import grid_cells
+    from qe.settings import parse_setting
+
+    cells = grid_cells(["rtn"], ["none"], ["W4A16chsym", parse_setting("W4A8")])
+    assert [c.setting.short_name for c in cells] == ["W4A16chsym", "W4A8"]
