@@ -219,6 +219,20 @@ def test_prompt_has_one_image_marker_per_image(tiny):
         tiny.format_prompt(f"{marker} {marker} {PROMPT}", 3)
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}]{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}"
+)
+
+
+def test_prompt_uses_the_processors_chat_template_for_any_image_count(tiny, monkeypatch):
+    monkeypatch.setattr(tiny.processor, "chat_template", CHAT_TEMPLATE)
+    for n in (0, 1, 2):
+        assert tiny.format_prompt(PROMPT, n) == "[user]" + "<image>" * n + PROMPT + "[assistant]"
+    assert math.isfinite(tiny.continuation_logprob(PROMPT, " a cup", [tiny.task_dict[TASK][SPLIT][0]["image"]] * 2)[0])
+
+
 def test_video_or_audio_visuals_are_refused_in_one_line(tiny):
     with pytest.raises(DataError, match="images"):
         tiny.generate_until([request("generate_until", PROMPT, {}, lambda doc: ["clip.mp4"], 0, TASK, SPLIT)])
