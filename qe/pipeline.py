@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from qe.analysis.statistics import LinearStats, choose_sample_positions
 from qe.capture import BlockInputs, StreamContext, attach_stats, capture_block_inputs, run_block
-from qe.compensators.base import LayerContext, LayerPlan
+from qe.compensators.base import Compensator, LayerContext, LayerPlan
 from qe.composition import Composition
 from qe.errors import ConfigError, NumericalError
 from qe.models.base import MODALITIES, EncodedSample, Modality
@@ -44,7 +44,8 @@ Propagation = Literal["quantized", "fp-inputs"]
 @dataclass
 class PipelineOptions:
     propagation: Propagation = "quantized"
-    max_tokens: int = 16384  # bounded token sample per linear (fitting steps, figures)
+    max_tokens: int = 16384  # bounded token sample per linear (fitting steps)
+    figure_tokens: int = 4096  # the first (random) tokens of that sample, for the per-layer error figures
     batch_size: int = 8
     device: str = "cpu"
     seed: int = 0
@@ -167,6 +168,19 @@ class QuantizationPipeline:
             self.warnings.append(f"rank capped at min(d_in, d_out) for {len(capped)} layers: {shown}{more}")
 
     @property
+    def needs_calibration(self) -> bool:
+        """Whether any plugin reads calibration statistics. Without it (RTN, no compensator,
+        no smoothing) the weights are quantized directly, without data and without figures."""
+        for q in self._all_quantizers():
+            if getattr(q, "needs_hessian", False) or q.smoothing_alpha() is not None or hasattr(q, "search_smoothing_scales"):
+                return True
+        for c in self._all_compensators():
+            if (c.needs_tokens or c.needs_hessian or c.importance_k() is not None or c.smoothing_candidates()
+                    or type(c).fit is not Compensator.fit):
+                return True
+        return False
+
+    @property
     def needs_hessian(self) -> bool:
         return any(getattr(p, "needs_hessian", False) for p in self._all_quantizers() + self._all_compensators())
 
@@ -193,6 +207,8 @@ class QuantizationPipeline:
         adapter, model = self.loaded.adapter, self.loaded.model
         blocks = adapter.decoder_blocks(model)
         prefix = adapter.blocks_prefix(model)
+        if not self.needs_calibration:
+            return self._run_data_free(blocks, prefix, start_block, on_block_done, result, t_start)
         if inputs is None:
             inputs = capture_block_inputs(self.loaded, encoded, device=opts.device, batch_size=opts.batch_size,
                                           progress=opts.progress)
@@ -212,6 +228,36 @@ class QuantizationPipeline:
             if on_block_done is not None:
                 on_block_done(i, result)
             hook.qe_block_end(block_index=i, num_blocks=len(blocks), figures=block_figures)
+        result.seconds += time.perf_counter() - t_start
+        return result
+
+    def _run_data_free(self, blocks, prefix, start_block, on_block_done, result, t_start) -> PipelineResult:
+        """Quantize weights directly: nothing in the composition reads calibration data."""
+        hook = self.manager.hook
+        for i in tqdm(range(start_block, len(blocks)), desc=f"quantize {self.composition.label}",
+                      disable=not self.options.progress):
+            hook.qe_block_start(block_index=i, num_blocks=len(blocks))
+            block = blocks[i]
+            for n in sorted(self.linear_names(block, f"{prefix}.{i}")):
+                full = f"{prefix}.{i}.{n}"
+                hook.qe_layer_start(block_index=i, layer_name=full)
+                lin = block.get_submodule(n)
+                w = lin.weight.detach().float()
+                if not torch.isfinite(w).all():
+                    raise NumericalError(f"NaN or Inf in the weight of {full}: the checkpoint is damaged")
+                quantizer, _ = self.plugins_for(full)
+                t0 = time.perf_counter()
+                q = quantizer.quantize(w, self.setting, layer_name=full)
+                ql = QuantLinear.from_quantized(q, a_bits=self.setting.a_bits,
+                                                bias=lin.bias.detach().float() if lin.bias is not None else None)
+                block.set_submodule(n, ql.to(lin.weight.device))
+                figures = {"quantize_seconds": time.perf_counter() - t0}
+                result.layers.append(LayerRecord(full, i, (lin.out_features, lin.in_features), figures))
+                hook.qe_layer_end(block_index=i, layer_name=full, figures=figures)
+            result.blocks.append({})
+            if on_block_done is not None:
+                on_block_done(i, result)
+            hook.qe_block_end(block_index=i, num_blocks=len(blocks), figures={})
         result.seconds += time.perf_counter() - t_start
         return result
 
@@ -328,7 +374,8 @@ class QuantizationPipeline:
                 input_scale=scale if mode == "explicit" else None,
                 act_exempt=plans[n].act_exempt, compensator=module,
             ).to(lin.weight.device)
-            figures = layer_figures(tokens, token_modality, w, ql)
+            nf = self.options.figure_tokens
+            figures = layer_figures(tokens[:nf], token_modality[:nf], w, ql)
             figures.update(quantize_seconds=t1 - t0, fit_seconds=t2 - t1)
             fit_figures = getattr(module, "fit_figures", None) or {}
             figures.update({k: float(v) for k, v in fit_figures.items() if isinstance(v, (int, float))})

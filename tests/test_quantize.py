@@ -202,3 +202,16 @@ def test_smoothing_quantizers_run_through_the_pipeline(tmp_path, quantizer):
     modes = {r["name"].rsplit(".", 1)[-1]: r["smoothing"] for r in manifest["layers"]}
     assert modes["q_proj"] == "folded" and modes["o_proj"] == "explicit"
     assert all(r["figures"]["rel_error"] < 0.5 for r in manifest["layers"])
+
+
+def test_data_free_composition_skips_calibration(tmp_path, monkeypatch):
+    """RTN without a compensator reads no calibration data: no capture, no figures."""
+    import qe.pipeline as pipeline
+
+    def no_capture(*a, **k):
+        raise AssertionError("a data-free composition must not run calibration forwards")
+
+    monkeypatch.setattr(pipeline, "capture_block_inputs", no_capture)
+    _, manifest = run_quantize(Recipe(setting="W4A8", samples=2), "tiny:llava", out=tmp_path / "x", progress=False)
+    assert len(manifest["layers"]) == 14
+    assert all("rel_error" not in r["figures"] for r in manifest["layers"])
