@@ -78,11 +78,6 @@ class PipelineResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def relative_error(y_ref: torch.Tensor, y: torch.Tensor) -> float:
-    den = y_ref.double().pow(2).sum()
-    return float((y_ref.double() - y.double()).pow(2).sum() / den.clamp_min(1e-30))
-
-
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     """A pattern matches as a shell glob (``*.mlp.*``) or as a regular expression."""
     for p in patterns:
@@ -425,28 +420,42 @@ def _union(masks: list[torch.Tensor | None]) -> torch.Tensor | None:
 
 
 def _mean_rel_error(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
-    num = sum(float((r.double() - o.double()).pow(2).sum()) for r, o in zip(ref, out))
-    den = sum(float(r.double().pow(2).sum()) for r in ref)
+    num = sum(float((r - o).pow(2).sum(dtype=torch.float64)) for r, o in zip(ref, out))
+    den = sum(float(r.pow(2).sum(dtype=torch.float64)) for r in ref)
     return num / max(den, 1e-30)
 
 
 @torch.no_grad()
 def layer_figures(tokens: torch.Tensor, modality: torch.Tensor, weight: torch.Tensor, ql: QuantLinear) -> dict[str, float]:
     """Relative output error of one quantized linear on its (smoothed) token sample, before
-    (``rel_error_base``) and after (``rel_error``) compensation, overall and per modality."""
+    (``rel_error_base``) and after (``rel_error``) compensation, overall and per modality.
+
+    Per-token squared norms are summed in float64 from float32 products: one pass per term,
+    no float64 copies of ``T × d_out`` matrices."""
     if tokens.numel() == 0:
         return {}
     x = tokens.to(ql.scales.device)
-    y_ref = x @ weight.to(x.device).T
+    y_ref = x @ weight.to(x.device).T  # (T, d_out)
     xq = x if ql.act_keep is None else x * ql.act_keep.to(x.dtype)
     xq = fake_quantize_activations(xq, ql.a_bits, ql.static_act_scale)
-    y_base = xq @ ql.dequantized_weight().T
-    y = y_base + ql.compensator(x) if ql.compensator is not None else y_base
-    out = {"rel_error_base": relative_error(y_ref, y_base), "rel_error": relative_error(y_ref, y)}
+    y = xq @ ql.dequantized_weight().T
+    ref_sq = y_ref.pow(2).sum(1, dtype=torch.float64)  # (T,)
+    base_sq = (y_ref - y).pow(2).sum(1, dtype=torch.float64)
+    if ql.compensator is not None:
+        y += ql.compensator(x)
+        comp_sq = (y_ref - y).pow(2).sum(1, dtype=torch.float64)
+    else:
+        comp_sq = base_sq
+    out = {"rel_error_base": float(base_sq.sum() / ref_sq.sum().clamp_min(1e-30)),
+           "rel_error": float(comp_sq.sum() / ref_sq.sum().clamp_min(1e-30))}
+    mod = modality.long().to(ref_sq.device)
+    n = len(MODALITIES)
+    ref_m = torch.bincount(mod, weights=ref_sq, minlength=n)
+    err_m = torch.bincount(mod, weights=comp_sq, minlength=n)
+    counts = torch.bincount(mod, minlength=n)
     for name, m in zip(MODALITIES, Modality):
-        mask = modality == int(m)
-        if int(mask.sum()) > 0:
-            out[f"rel_error_{name}"] = relative_error(y_ref[mask], y[mask])
+        if int(counts[int(m)]) > 0:
+            out[f"rel_error_{name}"] = float(err_m[int(m)] / ref_m[int(m)].clamp_min(1e-30))
     return out
 
 
