@@ -169,18 +169,25 @@ def run_block(
     block_index: int = 0,
 ) -> list[torch.Tensor]:
     """Run one block over every captured batch; return the outputs (on the storage device)."""
+    from qe.models.offload import onloaded
+
     outputs = []
-    for b in inputs.batches:
-        if context is not None:
-            context.modality, context.offset = b.modality, b.offset
-        h = b.hidden.to(device)
-        y = block_output(block(h, **_to(b.kwargs, device)))
-        # One reduction instead of an elementwise mask; a non-finite sum is then checked exactly.
-        if not torch.isfinite(y.sum()) and not torch.isfinite(y).all():
-            raise NumericalError(f"NaN or Inf in the outputs of decoder block {block_index}: check the model's dtype and the data")
-        if keep_outputs:
-            outputs.append(y.to(b.hidden.device))
+    # An offloaded block is loaded once for all batches (and its weights are real when the
+    # statistics hooks read them), then dropped again.
+    with onloaded(block, device):
+        for b in inputs.batches:
+            outputs.extend(_run_batch(block, b, device, context, keep_outputs, block_index))
     return outputs
+
+
+def _run_batch(block, b: CapturedBatch, device, context, keep_outputs: bool, block_index: int) -> list[torch.Tensor]:
+    if context is not None:
+        context.modality, context.offset = b.modality, b.offset
+    y = block_output(block(b.hidden.to(device), **_to(b.kwargs, device)))
+    # One reduction instead of an elementwise mask; a non-finite sum is then checked exactly.
+    if not torch.isfinite(y.sum()) and not torch.isfinite(y).all():
+        raise NumericalError(f"NaN or Inf in the outputs of decoder block {block_index}: check the model's dtype and the data")
+    return [y.to(b.hidden.device)] if keep_outputs else []
 
 
 @contextlib.contextmanager

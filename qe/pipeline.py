@@ -31,7 +31,7 @@ from qe.analysis.statistics import LinearStats, choose_sample_positions
 from qe.capture import BlockInputs, StreamContext, attach_stats, capture_block_inputs, run_block
 from qe.compensators.base import Compensator, LayerContext, LayerPlan
 from qe.composition import Composition
-from qe.errors import ConfigError, NumericalError
+from qe.errors import ConfigError, ModelError, NumericalError
 from qe.models.base import MODALITIES, EncodedSample, Modality
 from qe.models.loading import LoadedModel
 from qe.plugins import QEPluginManager, default_manager
@@ -135,8 +135,13 @@ class QuantizationPipeline:
 
     # ------------------------------------------------------------------ checks
     def _validate_layers(self) -> None:
+        from qe.models.offload import is_offloaded
+
         adapter, model = self.loaded.adapter, self.loaded.model
         prefix = adapter.blocks_prefix(model)
+        if any(is_offloaded(b) for b in adapter.decoder_blocks(model)):
+            raise ModelError("quantizing a model whose decoder blocks are offloaded (device_map with disk or CPU "
+                             "offload) is not supported yet: load it on one device; `qe analyze` reads offloaded models")
         for i, block in enumerate(adapter.decoder_blocks(model)):
             if any(isinstance(m, QuantLinear) for m in block.modules()):
                 continue  # quantized by an earlier run (resume)

@@ -108,3 +108,35 @@ def test_weights_are_dropped_even_when_the_body_raises(pair):
     assert all(p.device.type == "meta" for p in off.blocks[0].parameters())
     with onloaded(off.blocks[0]):  # and can be onloaded again
         assert off.blocks[0].mlp.down_proj.weight.device.type == "cpu"
+
+
+def test_streamed_statistics_equal_without_offload(pair):
+    """The block loop reads an offloaded model block by block: every streamed statistic (and
+    the analysis built on them) equals the in-memory model's."""
+    from qe.analysis.analyze import AnalyzeOptions, run_analysis
+    from qe.api import calibration_set
+
+    ref, off = pair
+    _, encoded = calibration_set(ref, None, 3)
+    opts = AnalyzeOptions(k=4, num_experts=2, progress=False, plot_blocks=())
+    a = run_analysis(ref, encoded, opts)
+    b = run_analysis(off, encoded, opts)
+    assert [s["name"] for s in a.layers] == [s["name"] for s in b.layers]
+    for x, y in zip(a.layers, b.layers):
+        assert x["token_independent"] == y["token_independent"]
+        assert x["token_dependent"] == y["token_dependent"]
+        assert x["tokens"] == y["tokens"]
+        assert x["outliers"]["max_abs"] == y["outliers"]["max_abs"]
+    assert [r["f_all"] for r in a.channel_rows] == [r["f_all"] for r in b.channel_rows]
+    # the blocks went back to disk
+    assert all(p.device.type == "meta" for block in off.blocks for p in block.parameters())
+
+
+def test_quantizing_an_offloaded_model_is_refused_clearly(pair):
+    from qe.composition import resolve_composition
+    from qe.errors import ModelError
+    from qe.pipeline import QuantizationPipeline
+
+    _, off = pair
+    with pytest.raises(ModelError, match="offloaded"):
+        QuantizationPipeline(off, resolve_composition("rtn", "none", "W4A8"))
