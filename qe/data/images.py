@@ -54,7 +54,7 @@ def _load_reference(ref: str):
             import skimage.data
         except ImportError:
             raise DataError(
-                "built-in images need scikit-image: `pip install scikit-image` (or qe-quant[images])"
+                "built-in images need scikit-image (a dependency of qe): `pip install scikit-image`"
             ) from None
         array = getattr(skimage.data, name)()
         if array.dtype == bool:
