@@ -47,6 +47,24 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    with Path(path).open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_results(out: str | Path, summary: dict, rows: list[dict]) -> None:
+    """``<out>.json`` (the summary, with the runs) and ``<out>.csv`` (one row per run)."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    write_csv(path.with_suffix(".csv"), rows)
+    print(f"wrote {path.with_suffix('.json')} and {path.with_suffix('.csv')}")
+
+
 class ResultStore:
     """A JSON file of finished rows keyed by name, rewritten atomically after each row, so an
     interrupted benchmark resumes where it stopped."""

@@ -10,7 +10,6 @@ Report rendering is timed separately. Prints a table; writes JSON and CSV.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, median, peak_rss_gb, print_table  # noqa: E402
+from _common import machine, median, peak_rss_gb, print_table, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -75,16 +74,7 @@ def main() -> None:
     print()
     print_table([summary], ["samples", "tokens", "layers", "forward_s_median", "statistics_s_median", "ratio_median",
                             "report_s_median", "peak_rss_gb", "model_gb"])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    import csv
-
-    with out.with_suffix(".csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.csv')}")
+    write_results(args.out, summary, rows)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, median, peak_rss_gb, print_table  # noqa: E402
+from _common import machine, median, peak_rss_gb, print_table, write_results  # noqa: E402
 
 
 def run_phase(phase: str, samples: int, calib: str | None) -> dict:
@@ -89,16 +89,7 @@ def main() -> None:
     print()
     print_table([summary], ["samples", "tokens", "forward_s_median", "capture_s_median", "ratio_median",
                             "forward_peak_rss_gb", "capture_peak_rss_gb"])
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    import csv
-
-    with path.with_suffix(".csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {path.with_suffix('.json')} and {path.with_suffix('.csv')}")
+    write_results(args.out, summary, rows)
 
 
 if __name__ == "__main__":

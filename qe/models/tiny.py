@@ -54,18 +54,10 @@ _TEXT_LLAMA = {
     "eos_token_id": 2,
     "pad_token_id": 0,
 }
-# mrope_section sums to head_dim / 2 = (64 / 4) / 2 = 8.
+# The same decoder without a model_type (the Qwen-VL configs set their own); mrope_section
+# sums to head_dim / 2 = (64 / 4) / 2 = 8.
 _TEXT_QWEN_VL = {
-    "vocab_size": VOCAB_SIZE,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "pad_token_id": 0,
+    **{k: v for k, v in _TEXT_LLAMA.items() if k != "model_type"},
     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
 }
 _QWEN_SPECIALS = {996: "<|vision_start|>", 997: "<|vision_end|>", 998: "<|video_pad|>", 999: "<|image_pad|>"}
