@@ -174,7 +174,7 @@ def test_gptq_plugin_and_config():
     resolved = default_manager().resolve("quantizer", "gptq[damp=0.05;act_order=false;block_size=64;clip=true]")
     assert resolved.entry.cls is GPTQ and GPTQ.needs_hessian
     assert resolved.config == GPTQConfig(damp=0.05, block_size=64, act_order=False, clip=True)
-    assert GPTQConfig() == GPTQConfig(damp=0.01, block_size=128, act_order=True, clip=False, static_groups=True)
+    assert GPTQConfig() == GPTQConfig(damp=0.01, block_size=128, act_order=True, clip=True, static_groups=True)
     for bad in ("gptq[damp=0]", "gptq[block_size=0]", "gptq[static_groups=false]"):
         with pytest.raises(ConfigError):
             default_manager().resolve("quantizer", bad)

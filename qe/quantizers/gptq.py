@@ -50,7 +50,9 @@ class GPTQConfig:
     damp: float = 0.01  # relative to the mean Hessian diagonal
     block_size: int = 128  # columns per lazy batch update
     act_order: bool = True  # process columns by decreasing Hessian diagonal
-    clip: bool = False  # MSE clip search for the group parameters (over rtn.CLIP_GRID)
+    # MSE clip search for the grid parameters (over rtn.CLIP_GRID). On by default: measured on the
+    # embedded default at W4A16 per channel, held-out perplexity 14.66 with it, 15.32 without.
+    clip: bool = True
     static_groups: bool = True  # group parameters from the original weight, before any update
 
     def __post_init__(self) -> None:
