@@ -210,7 +210,7 @@ def run_compare(
     model_id = str(loaded.path or loaded.name)
     base_key = {"model": model_id, "data": dhash, "options": options.describe()}
     for c in cells:
-        c.key = _hash({**base_key, "cell": c.composition.describe()})
+        c.key = _hash({**base_key, "cell": c.composition.fingerprint()})
     _write_json(grid_file, {**grid, "data_hash": dhash, "calibration": source})
     cells_dir = out / "cells"
     evaluator = Evaluator(loaded, options)

@@ -32,6 +32,13 @@ class Composition:
             "setting": self.setting.name,
         }
 
+    def fingerprint(self) -> dict:
+        """Plugin names with every resolved parameter, defaults included: ``gptq`` and
+        ``gptq[clip=true]`` are one composition, and results keyed by it are not reused after
+        a default changes."""
+        parts = {"estimator": self.estimator, "quantizer": self.quantizer, "compensator": self.compensator}
+        return {**{k: [r.entry.name, repr(r.config)] for k, r in parts.items()}, "setting": self.setting.name}
+
 
 def resolve_composition(
     quantizer: str = "rtn",
