@@ -131,9 +131,11 @@ def run_analysis(
     first_sample = (0, encoded[0].num_tokens)
     context = StreamContext()
     last_block = max(selected)
+    hook = manager.hook
     for i in tqdm(range(last_block + 1), desc="analyze", disable=not opts.progress):
         block = blocks[i]
         names = set(selected.get(i, ()))
+        hook.qe_block_start(block_index=i, num_blocks=len(blocks))
         if names:
             with attach_stats(block, adapter, prefix=f"{prefix}.{i}", context=context, sample_positions=positions,
                               hessian=False, moments=True, estimator=estimator, k=opts.k, keep_topk=True,
@@ -143,6 +145,9 @@ def run_analysis(
                 if name in stats:
                     summary, rows, plot = summarize_linear(stats[name], i, name, opts, want_plot=i in plot_blocks)
                     result.layers.append(summary)
+                    hook.qe_layer_end(block_index=i, layer_name=summary["name"], figures={
+                        "token_dependent_share": summary["token_dependent_share"],
+                        "max_abs": summary["outliers"]["max_abs"]})
                     result.channel_rows.extend(rows)
                     if plot is not None:
                         result.plots[summary["name"]] = plot
@@ -150,6 +155,7 @@ def run_analysis(
         else:
             out = run_block(block, inputs, device=opts.device, block_index=i)
         inputs = inputs.with_hidden(out)
+        hook.qe_block_end(block_index=i, num_blocks=len(blocks), figures={})
     result.statistics_seconds = time.perf_counter() - t0
     return result
 
