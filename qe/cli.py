@@ -129,7 +129,7 @@ def cmd_quantize(args) -> int:
 
     recipe = recipe_from_args(args)
     composition = recipe.validate()
-    out = args.out or f"quantized/{(args.model or 'embedded-default').replace('/', '_')}-{composition.label}".replace("[", "(").replace("]", ")").replace(";", ",")
+    out = args.out or f"quantized/{_safe_name(args.model or 'embedded-default')}-{_safe_name(composition.label)}"
     path, manifest = run_quantize(recipe, args.model, out=out, resume=args.resume, force=args.force,
                                   progress=not args.quiet, device=_device(args), dtype=args.dtype)
     if not args.quiet:
@@ -137,14 +137,29 @@ def cmd_quantize(args) -> int:
     for w in manifest["warnings"]:
         print(f"warning: {w}")
     s, bits = manifest["summary"], manifest["effective_bits"]
-    print(f"qe quantize: {composition.label}: {s['layers']} layers, mean relative output error "
-          f"{s['mean_rel_error_base']:.4g} before compensation, {s['mean_rel_error']:.4g} after; "
+    errors = (f"mean relative output error {s['mean_rel_error_base']:.4g} before compensation, "
+              f"{s['mean_rel_error']:.4g} after" if _is_number(s.get("mean_rel_error")) else
+              "no calibration figures (the composition reads no calibration data)")
+    print(f"qe quantize: {composition.label}: {s['layers']} layers, {errors}; "
           f"{bits['bits_per_weight']:.2f} bits/weight ({bits['bits_per_weight_with_adapters']:.2f} with adapters); "
           f"{s['seconds']:.1f} s")
     for note in manifest["model"]["notes"]:
         print(f"note: {note}")
     print(f"qe quantize: checkpoint written to {path}")
     return 0
+
+
+def _safe_name(text: str) -> str:
+    """A file-name-safe form of a model name or composition label."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.@+-]+", "_", text).strip("_")
+
+
+def _is_number(value) -> bool:
+    import math
+
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def render_layer_table(manifest: dict) -> str:

@@ -39,3 +39,15 @@ def test_info_on_default_model(default_model, tmp_path, capsys):
     counts = info["calibration_sample"]["modality_tokens"]
     assert counts["vision"] == 196 and counts["text"] > 0 and counts["answer"] > 0
     assert info["blocks"][0]["linears"]["mlp.down_proj"] == [1536, 576]
+
+
+def test_quantize_cli_prints_where_and_refuses_existing_output(tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    args = ["quantize", "--model", "tiny:llava", "--setting", "W4A8", "--samples", "2", "--out", str(out), "--quiet"]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "no calibration figures" in text and f"checkpoint written to {out}" in text
+    assert cli.main(args) == 2
+    assert "exists" in capsys.readouterr().err
+    assert cli.main(args + ["--compensator", "lowrank[rank=4]", "--force"]) == 0
+    assert "before compensation" in capsys.readouterr().out
