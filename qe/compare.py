@@ -30,7 +30,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from qe.analysis.statistics import choose_sample_positions
-from qe.api import calibration_set, data_hash, encode_samples
+from qe.api import calibration_set, data_hash, encode_samples, token_counts
 from qe.capture import StreamContext, attach_stats, capture_block_inputs, run_block
 from qe.composition import Composition, resolve_composition
 from qe.errors import ConfigError, QEError
@@ -211,7 +211,8 @@ def run_compare(
     base_key = {"model": model_id, "data": dhash, "options": options.describe()}
     for c in cells:
         c.key = _hash({**base_key, "cell": c.composition.fingerprint()})
-    _write_json(grid_file, {**grid, "data_hash": dhash, "calibration": source})
+    calib_facts = {"data_hash": dhash, "calibration": source, "calibration_tokens": token_counts(encoded)}
+    _write_json(grid_file, {**grid, **calib_facts})
     cells_dir = out / "cells"
     evaluator = Evaluator(loaded, options)
 
@@ -237,7 +238,7 @@ def run_compare(
     rows = collect_rows(out)
     from qe.compare_report import write_compare_report
 
-    write_compare_report(out, rows, {**grid, "data_hash": dhash, "calibration": source, "notes": loaded.notes,
+    write_compare_report(out, rows, {**grid, **calib_facts, "notes": loaded.notes,
                                      "synthetic_vision_tower": loaded.synthetic_vision,
                                      "seconds_this_run": time.perf_counter() - t_start,
                                      "created": _dt.datetime.now(_dt.timezone.utc).isoformat()})

@@ -34,6 +34,9 @@ def test_grid_writes_every_file(grid):
     csv_lines = (path / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 6
     assert "| W4A8 | gptq | lowrank[rank=4] |" in (path / "results.md").read_text()
+    counts = json.loads((path / "grid.json").read_text())["calibration_tokens"]
+    assert counts["vision"] > 0 and counts["text"] + counts["answer"] > 0
+    assert f"{counts['vision']} vision" in (path / "results.md").read_text()
 
 
 def test_rerun_does_no_work(grid, monkeypatch):
