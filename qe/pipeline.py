@@ -242,9 +242,7 @@ class QuantizationPipeline:
                 full = f"{prefix}.{i}.{n}"
                 hook.qe_layer_start(block_index=i, layer_name=full)
                 lin = block.get_submodule(n)
-                w = lin.weight.detach().float()
-                if not torch.isfinite(w).all():
-                    raise NumericalError(f"NaN or Inf in the weight of {full}: the checkpoint is damaged")
+                w = _float_weight(lin, full)
                 quantizer, _ = self.plugins_for(full)
                 t0 = time.perf_counter()
                 q = quantizer.quantize(w, self.setting, layer_name=full)
@@ -306,10 +304,7 @@ class QuantizationPipeline:
         shared = stats[names[0]].input
         tokens = shared.sample
         token_modality = shared.sample_modality
-        weights = {n: linears[n].weight.detach().float() for n in names}
-        for n, w in weights.items():
-            if not torch.isfinite(w).all():
-                raise NumericalError(f"NaN or Inf in the weight of {prefix}.{n}: the checkpoint is damaged")
+        weights = {n: _float_weight(linears[n], f"{prefix}.{n}") for n in names}
         plans: dict[str, LayerPlan] = {}
         for n in names:
             ctx = self._context(index, prefix, n, linears[n], weights[n], stats[n], None, tokens, token_modality)
@@ -412,6 +407,14 @@ def _digest(t: torch.Tensor | None) -> str | None:
     import hashlib
 
     return hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _float_weight(lin: torch.nn.Module, full_name: str) -> torch.Tensor:
+    """The linear's weight in float32, refused when it holds NaN or Inf."""
+    w = lin.weight.detach().float()
+    if not torch.isfinite(w).all():
+        raise NumericalError(f"NaN or Inf in the weight of {full_name}: the checkpoint is damaged")
+    return w
 
 
 def _union(masks: list[torch.Tensor | None]) -> torch.Tensor | None:
