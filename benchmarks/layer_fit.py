@@ -8,11 +8,14 @@ each chosen linear:
 * statistics as the pipeline streams them (``InputStats``, ``ImportanceStats`` with the
   paper's act-weight estimator, k = 32);
 * the QE base: C_s exempted, α chosen from QE's grid by ``qe.smoothing.choose_alpha`` at the
-  first ``--a-bits`` value (one linear per group here, where the pipeline pools a group);
+  first ``--a-bits`` value (one linear per group here; the pipeline sums a group's linears);
 * fits, timed (wall and CPU seconds, given the statistics and tokens): lowrank-64 on the
   plain base, lowrank-64 on QE's base, and qe (default config), plus ``--extra`` ones;
 * relative output error ``‖Y − Ŷ‖² / ‖Y‖²`` on held-out tokens through ``QuantLinear`` (the
-  deployed forward: per-token activation quantization, exempt channels zeroed), per A-bits.
+  deployed forward: per-token activation quantization, exempt channels zeroed), per A-bits;
+* the deployed layer's forward on ``--forward-tokens`` held-out tokens at the first A-bits
+  (torch path, median wall ms, all of a layer's variants timed round-robin in one run), and
+  QE's ratio to lowrank-64 per shape.
 
 Prints a table and writes JSON. Keep it short on a shared machine:
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -128,6 +132,22 @@ def held_out_errors(W, X_held, q, plan, module, scale, a_bits_list):
     return out
 
 
+def time_forwards(layers: dict, x: torch.Tensor, repeats: int = 15) -> dict:
+    """Median wall milliseconds of each ``QuantLinear`` forward on ``x``, the layers timed
+    round-robin (one call of each per round) so that load on a shared machine hits them alike."""
+    times = {name: [] for name in layers}
+    with torch.no_grad():
+        for _ in range(3):  # warm-up
+            for ql in layers.values():
+                ql(x)
+        for _ in range(repeats):
+            for name, ql in layers.items():
+                t = time.perf_counter()
+                ql(x)
+                times[name].append((time.perf_counter() - t) * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--synthetic", action="store_true", help="synthetic activations of the default model's shapes")
@@ -138,6 +158,7 @@ def main() -> None:
     ap.add_argument("--w-bits", type=int, default=4)
     ap.add_argument("--a-bits", default="6,8")
     ap.add_argument("--extra", default="", help="more compensators, comma list, e.g. qe[mode=oracle-routing]")
+    ap.add_argument("--forward-tokens", type=int, default=512, help="held-out tokens of the timed forward")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/layer_fit.json")
     ap.add_argument("--summarize", metavar="JSON", help="only recompute the summary of an earlier run's JSON")
@@ -155,6 +176,7 @@ def main() -> None:
     from qe.compensators.base import LayerPlan
     from qe.plugins import QEPluginManager, split_plugin_list
     from qe.quantizers.grid import quantize_rtn
+    from qe.quantizers.qlinear import QuantLinear
 
     a_bits_list = [int(a) for a in args.a_bits.split(",")]
     t0 = time.perf_counter()
@@ -172,6 +194,7 @@ def main() -> None:
         q_plain = quantize_rtn(W, args.w_bits, 0, True)
         base = held_out_errors(W, X_held, q_plain, LayerPlan(), None, None, a_bits_list)
         rows.append({"layer": name, "shape": f"{W.shape[1]}->{W.shape[0]}", "compensator": "none", **base})
+        deployed = {"none": QuantLinear.from_quantized(q_plain, a_bits=a_bits_list[0])}
         for spec in specs:
             comp = pm.create("compensator", spec)
             comp.plan(plain)  # warms lazy imports outside the timed fit
@@ -181,8 +204,8 @@ def main() -> None:
                 def quantize_fn(w_s, h_s, exempt):
                     return quantize_rtn(w_s, args.w_bits, 0, True, exempt).dequantize()
 
-                alpha, _ = smoothing.choose_alpha(comp.smoothing_candidates(), plain.stats.input.absmax, [W], X_cal,
-                                                  quantize_fn, a_bits_list[0], exempt=plan.exempt, act_exempt=plan.act_exempt)
+                alpha = smoothing.choose_alpha(comp.smoothing_candidates(), plain.stats.input.absmax, [W], X_cal,
+                                                  quantize_fn, a_bits_list[0], exempt=plan.exempt, act_exempt=plan.act_exempt).alpha
             ctx = layer_context(name, W, X_cal, 32, alpha)
             q = quantize_rtn(ctx.weight, args.w_bits, 0, True, plan.exempt)
             wall, cpu = time.perf_counter(), time.process_time()
@@ -198,8 +221,15 @@ def main() -> None:
             if "cpu_seconds_by_step" in figs:
                 row["cpu_by_step"] = {k: round(v, 3) for k, v in figs["cpu_seconds_by_step"].items()}
             rows.append(row)
+            deployed[spec] = QuantLinear.from_quantized(q, a_bits=a_bits_list[0], input_scale=ctx.input_scale,
+                                                        act_exempt=plan.act_exempt, compensator=module)
             print_table([row], ["layer", "compensator", "alpha", "fit_s", "fit_cpu_s", *[f"A{a}" for a in a_bits_list], "router_agreement"])
-    cols = ["layer", "shape", "compensator", "alpha", "fit_s", "fit_cpu_s", *[f"A{a}" for a in a_bits_list], "router_agreement"]
+        forward_ms = time_forwards(deployed, X_held[: args.forward_tokens])
+        for r in rows:
+            if r["layer"] == name:
+                r["forward_ms"] = forward_ms[r["compensator"]]
+    cols = ["layer", "shape", "compensator", "alpha", "fit_s", "fit_cpu_s", *[f"A{a}" for a in a_bits_list],
+            "router_agreement", "forward_ms"]
     print()
     print_table(rows, cols)
     summary = summarize(rows, a_bits_list)
@@ -239,6 +269,18 @@ def summarize(rows, a_bits_list):
                 ratio = (sum(qe_t) / len(qe_t)) / (sum(lr_t) / len(lr_t))
                 out[f"fit_cpu_ratio:{comp}:{s}"] = ratio
                 lines.append(f"{s}: {comp} fit {sum(qe_t) / len(qe_t):.2f} s CPU vs lowrank-64 {sum(lr_t) / len(lr_t):.2f} s CPU: {ratio:.1f}×")
+    for s in sorted({r["shape"] for r in rows}):
+        fwd = {r["compensator"]: [] for r in rows}
+        for r in rows:
+            if r["shape"] == s and "forward_ms" in r:
+                fwd[r["compensator"]].append(r["forward_ms"])
+        lr = fwd.get("lowrank[rank=64]")
+        for comp in compensators:
+            if comp.startswith("qe") and fwd.get(comp) and lr:
+                ratio = statistics.median(fwd[comp]) / statistics.median(lr)
+                out[f"forward_ratio:{comp}:{s}"] = ratio
+                lines.append(f"{s}: {comp} forward {statistics.median(fwd[comp]):.2f} ms vs lowrank-64 "
+                             f"{statistics.median(lr):.2f} ms: {ratio:.2f}× (none: {statistics.median(fwd['none']):.2f} ms)")
     return {"lines": lines, **out}
 
 

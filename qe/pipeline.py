@@ -46,6 +46,7 @@ class PipelineOptions:
     propagation: Propagation = "quantized"
     max_tokens: int = 16384  # bounded token sample per linear (fitting steps)
     figure_tokens: int = 4096  # the first (random) tokens of that sample, for the per-layer error figures
+    alpha_tokens: int = 4096  # the first tokens of that sample, to choose a group's smoothing α
     batch_size: int = 8
     device: str = "cpu"
     seed: int = 0
@@ -314,12 +315,13 @@ class QuantizationPipeline:
         alpha = group_quantizer.smoothing_alpha()
         candidates = group_compensator.smoothing_candidates()
         alpha_errors: dict = {}
+        chosen: dict[str, object] = {}  # the chosen candidate's quantized weights, reused below
         if alpha is None and candidates and not hasattr(group_quantizer, "search_smoothing_scales"):
             def quantize_fn(w_s, h_s, exempt):
-                return group_quantizer.quantize(w_s, self.setting, hessian=h_s, exempt=exempt, layer_name=prefix).dequantize()
+                return group_quantizer.quantize(w_s, self.setting, hessian=h_s, exempt=exempt, layer_name=prefix)
 
-            # One α per group: exemptions of the group's linears are pooled for the choice.
-            alpha, alpha_errors = smoothing.choose_alpha(
+            # Each linear is quantized with its own exemption, as it will be below.
+            choice = smoothing.choose_alpha(
                 candidates,
                 shared.absmax,
                 [weights[n] for n in names],
@@ -327,9 +329,14 @@ class QuantizationPipeline:
                 quantize_fn,
                 self.setting.a_bits,
                 hessian=shared.xtx,
-                exempt=_union([plans[n].exempt for n in names]),
-                act_exempt=_union([plans[n].act_exempt for n in names]),
+                exempt=[plans[n].exempt for n in names],
+                act_exempt=[plans[n].act_exempt for n in names],
+                max_tokens=self.options.alpha_tokens,
             )
+            alpha, alpha_errors = choice.alpha, choice.errors
+            # The chosen candidate's quantization is the base (same weight, Hessian and
+            # exemption), unless a per-layer override gives a linear another quantizer.
+            chosen = {n: q for n, q in zip(names, choice.quantized) if self.plugins_for(f"{prefix}.{n}")[0] is group_quantizer}
         scale = None
         mode = "none"
         search = getattr(group_quantizer, "search_smoothing_scales", None)
@@ -359,7 +366,7 @@ class QuantizationPipeline:
             ctx = self._context(index, prefix, n, lin, w, stats[n], hessian, tokens, token_modality, scale)
             quantizer, compensator = self.plugins_for(full)
             t0 = time.perf_counter()
-            q = self._base_quantize(quantizer, w, hessian, plans[n].exempt, full, scale)
+            q = self._base_quantize(quantizer, w, hessian, plans[n].exempt, full, scale, chosen.get(n))
             t1 = time.perf_counter()
             module = compensator.fit(ctx, q, plans[n])
             t2 = time.perf_counter()
@@ -380,14 +387,17 @@ class QuantizationPipeline:
             result.layers.append(LayerRecord(full, index, (lin.out_features, lin.in_features), figures, alpha, mode))
             hook.qe_layer_end(block_index=index, layer_name=full, figures=figures)
 
-    def _base_quantize(self, quantizer, w, hessian, exempt, full, scale):
+    def _base_quantize(self, quantizer, w, hessian, exempt, full, scale, already=None):
+        """The base quantization of one linear; ``already``: the same quantization, done while
+        choosing α."""
         key = None
         if self.base_cache is not None:
             label = f"{getattr(quantizer, 'name', type(quantizer).__name__)}:{quantizer.config!r}"
             key = (label, self.setting, full, _digest(scale), _digest(exempt))
             if key in self.base_cache:
                 return self.base_cache[key]
-        q = quantizer.quantize(w, self.setting, hessian=hessian, exempt=exempt, layer_name=full)
+        q = already if already is not None else quantizer.quantize(w, self.setting, hessian=hessian, exempt=exempt,
+                                                                   layer_name=full)
         if key is not None:
             self.base_cache[key] = q
         return q

@@ -18,7 +18,7 @@ function, so it knows nothing of which quantizer or compensator is used.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -150,37 +150,57 @@ def _warn_once(key: str, message: str) -> None:
 # --------------------------------------------------------------------------- choosing α
 
 
+Masks = "torch.Tensor | Sequence[torch.Tensor | None] | None"  # one (d_in,) mask for the group, or one per weight
+
+
+def _per_weight(masks, n: int) -> list:
+    if masks is None or isinstance(masks, torch.Tensor):
+        return [masks] * n
+    masks = list(masks)
+    if len(masks) != n:
+        raise ConfigError(f"{len(masks)} exemption masks for {n} weights: give one mask, or one per weight")
+    return masks
+
+
 def relative_group_error(
     tokens: torch.Tensor,
     weights: Sequence[torch.Tensor],
     dequantized: Sequence[torch.Tensor],
     s: torch.Tensor,
     a_bits: int,
-    exempt: torch.Tensor | None = None,
-    act_exempt: torch.Tensor | None = None,
+    exempt: Masks = None,
+    act_exempt: Masks = None,
     token_weights: torch.Tensor | None = None,
+    references: Sequence[torch.Tensor] | None = None,
 ) -> float:
     """``Σ_i ‖X W_iᵀ − Ŷ_i‖² / Σ_i ‖X W_iᵀ‖²`` on ``tokens`` ``X`` ``(S, d_in)``; with
     ``token_weights`` ``(S,)`` each token's squared errors (and norms) count that many times.
+    ``references`` may hold the ``X W_iᵀ`` already computed (they do not depend on α).
 
-    ``Ŷ_i = Q_a(x̃ ⊙ keep) Ŵ_iᵀ + x̃_E W̃_{i,E}ᵀ``: the quantized path reads the per-token
-    quantized ``x̃`` with the activation-exempt channels zeroed, and the columns ``E`` it leaves
-    out (weight- or activation-exempt) are added exactly, as a compensator absorbs them, so
-    the figure measures what the quantized path gets wrong.
+    ``Ŷ_i = Q_a(x̃ ⊙ keep_i) Ŵ_iᵀ + x̃_{E_i} W̃_{i,E_i}ᵀ``: the quantized path reads the
+    per-token quantized ``x̃`` with linear ``i``'s activation-exempt channels zeroed, and the
+    columns ``E_i`` it leaves out (weight- or activation-exempt) are added exactly, as a
+    compensator absorbs them, so the figure measures what the quantized path gets wrong.
+    ``exempt`` / ``act_exempt``: one mask for every weight, or a sequence of one per weight
+    (QE's exempt channels differ between the linears of a group).
     """
     x = tokens.float()
     xs = smooth_tokens(x, s)  # (S, d_in)
-    left_out = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
-    for mask in (exempt, act_exempt):
-        if mask is not None:
-            left_out |= mask.to(device=x.device, dtype=torch.bool)
-    xq_in = xs if act_exempt is None else xs.masked_fill(act_exempt.to(x.device), 0.0)
-    xq = fake_quantize_activations(xq_in, a_bits)
+    n = len(weights)
     tw = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if token_weights is None else token_weights.double().to(x.device)
+    xq_by_mask: dict[int, torch.Tensor] = {}  # linears sharing an activation mask share Q_a(x̃)
     num = den = 0.0
-    for w, w_hat in zip(weights, dequantized):
+    for i, (w, w_hat, ex, act_ex) in enumerate(zip(weights, dequantized, _per_weight(exempt, n), _per_weight(act_exempt, n))):
+        left_out = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
+        for mask in (ex, act_ex):
+            if mask is not None:
+                left_out |= mask.to(device=x.device, dtype=torch.bool)
+        if id(act_ex) not in xq_by_mask:
+            xq_in = xs if act_ex is None else xs.masked_fill(act_ex.to(x.device, torch.bool), 0.0)
+            xq_by_mask[id(act_ex)] = fake_quantize_activations(xq_in, a_bits)
+        xq = xq_by_mask[id(act_ex)]
         w = w.float()
-        y = x @ w.T  # (S, d_out)
+        y = x @ w.T if references is None else references[i]  # (S, d_out)
         w_hat = w_hat.float().masked_fill(left_out[None, :], 0.0)
         y_hat = xq @ w_hat.T
         if bool(left_out.any()):
@@ -190,38 +210,56 @@ def relative_group_error(
     return num / max(den, 1e-30)
 
 
+class AlphaChoice(NamedTuple):
+    alpha: float | None
+    errors: dict  # {candidate α: relative group error}, in candidate order
+    quantized: list  # what quantize_fn returned for each weight at the chosen α
+
+
 def choose_alpha(
     candidates: Sequence[float | None],
     act_absmax: torch.Tensor,
     weights: Sequence[torch.Tensor],
     tokens: torch.Tensor,
-    quantize_fn: QuantizeFn,
+    quantize_fn: Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], Any],
     a_bits: int,
     *,
     hessian: torch.Tensor | None = None,
-    exempt: torch.Tensor | None = None,
-    act_exempt: torch.Tensor | None = None,
-) -> tuple[float | None, dict[float | None, float]]:
+    exempt: Masks = None,
+    act_exempt: Masks = None,
+    max_tokens: int | None = None,
+) -> AlphaChoice:
     """Pick the smoothing α of one group by its relative output error on calibration tokens.
 
     For each candidate (``None`` = no smoothing): ``s`` from :func:`smoothing_scales`, each
     linear's ``W̃`` quantized by ``quantize_fn(W̃, H̃, exempt)`` (``H̃`` is None when no
-    ``hessian`` is given), activations quantized per token at ``a_bits``, and the error of
-    :func:`relative_group_error` on ``tokens`` ``(S, d_in)`` (original, unsmoothed basis).
-    Returns ``(best α, {α: error})``; ties keep the earlier candidate.
+    ``hessian`` is given; ``exempt`` is that weight's mask where one per weight is given),
+    activations quantized per token at ``a_bits``, and the error of
+    :func:`relative_group_error` on the first ``max_tokens`` rows of ``tokens`` ``(S, d_in)``
+    (original, unsmoothed basis). ``quantize_fn`` returns a dequantized weight or an object
+    with ``.dequantize()``; the chosen candidate's returns come back in ``quantized``, so a
+    caller need not quantize the chosen ``W̃`` again (a GPTQ run per linear saved). Ties keep
+    the earlier candidate.
     """
     if not candidates:
         raise ConfigError("choose_alpha needs at least one candidate (None means no smoothing)")
     if tokens.dim() != 2 or tokens.shape[0] == 0:
         raise ConfigError("choose_alpha needs a non-empty (tokens, d_in) sample of calibration inputs")
+    x = tokens if max_tokens is None else tokens[:max_tokens]
+    x = x.float()
+    references = [x @ w.float().T for w in weights]  # the same for every candidate
     errors: dict[float | None, float] = {}
+    best: AlphaChoice | None = None
     for alpha in candidates:
         s = smoothing_scales(act_absmax, weights, alpha)
         h = smooth_hessian(hessian, s) if hessian is not None else None
-        dequantized = [quantize_fn(smooth_weight(w.float(), s), h, exempt) for w in weights]
-        errors[alpha] = relative_group_error(tokens, weights, dequantized, s, a_bits, exempt, act_exempt)
-    best = min(errors, key=lambda a: errors[a])  # dicts keep insertion order: ties go to the earlier
-    return best, errors
+        quantized = [quantize_fn(smooth_weight(w.float(), s), h, ex) for w, ex in zip(weights, _per_weight(exempt, len(weights)))]
+        dequantized = [q if isinstance(q, torch.Tensor) else q.dequantize(torch.float32) for q in quantized]
+        errors[alpha] = relative_group_error(x, weights, dequantized, s, a_bits, exempt, act_exempt,
+                                             references=references)
+        if best is None or errors[alpha] < errors[best.alpha]:  # strict: ties keep the earlier
+            best = AlphaChoice(alpha, errors, quantized)
+    return best
 
 
 # --------------------------------------------------------------------------- AWQ-style search

@@ -215,3 +215,30 @@ def test_data_free_composition_skips_calibration(tmp_path, monkeypatch):
     _, manifest = run_quantize(Recipe(setting="W4A8", samples=2), "tiny:llava", out=tmp_path / "x", progress=False)
     assert len(manifest["layers"]) == 14
     assert all("rel_error" not in r["figures"] for r in manifest["layers"])
+
+
+def test_alpha_choice_quantization_is_reused_and_changes_nothing(tmp_path, monkeypatch):
+    """Choosing α quantizes each candidate; the chosen one is the base (no extra GPTQ run per
+    linear), and the checkpoint equals one where every base is quantized afresh."""
+    from safetensors.torch import load_file
+
+    import qe.smoothing as smoothing
+    from qe.quantizers.gptq import GPTQ
+
+    calls = []
+    real_quantize = GPTQ.quantize
+    monkeypatch.setattr(GPTQ, "quantize", lambda self, *a, **k: calls.append(1) or real_quantize(self, *a, **k))
+    recipe = Recipe(quantizer="gptq", compensator="qe[k=4;num_experts=2;shared_rank=4;expert_rank=4]", setting="W4A8", samples=2)
+    _, manifest = run_quantize(recipe, "tiny:llava", out=tmp_path / "reused", progress=False)
+    candidates = 4  # QE's grid: None, 0.25, 0.5, 0.75
+    assert len(calls) == candidates * len(manifest["layers"])
+
+    real_choose = smoothing.choose_alpha
+    monkeypatch.setattr(smoothing, "choose_alpha",
+                        lambda *a, **k: real_choose(*a, **k)._replace(quantized=[]))  # nothing to reuse
+    calls.clear()
+    _, fresh = run_quantize(recipe, "tiny:llava", out=tmp_path / "fresh", progress=False)
+    assert len(calls) == (candidates + 1) * len(fresh["layers"])
+    a = load_file(tmp_path / "reused" / manifest["shards"][0])
+    b = load_file(tmp_path / "fresh" / fresh["shards"][0])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

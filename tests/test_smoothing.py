@@ -205,7 +205,7 @@ def test_choose_alpha_reports_every_candidate_and_picks_the_smallest_error():
     x, weights = outlier_group()
     setting = parse_setting("W8A4")
     candidates = (None, 0.25, 0.5, 0.75)
-    best, errors = choose_alpha(candidates, x.abs().amax(0), weights, x, rtn_fn(setting), setting.a_bits)
+    best, errors, _ = choose_alpha(candidates, x.abs().amax(0), weights, x, rtn_fn(setting), setting.a_bits)
     assert list(errors) == list(candidates)
     assert errors[best] == min(errors.values())
     assert best is not None and errors[best] < 0.5 * errors[None]  # smoothing tames A4 outliers here
@@ -230,7 +230,7 @@ def test_choose_alpha_hands_the_smoothed_weight_and_hessian_to_the_quantizer():
     def quantize_fn(w, h, ex):
         seen.append((w, h, ex))
         return w  # no weight error
-    _, errors = choose_alpha((None, 0.5), x.abs().amax(0), weights, x, quantize_fn, 16, hessian=H, exempt=exempt)
+    _, errors, _ = choose_alpha((None, 0.5), x.abs().amax(0), weights, x, quantize_fn, 16, hessian=H, exempt=exempt)
     s = smoothing_scales(x.abs().amax(0), weights, 0.5)
     assert len(seen) == 4 and all(ex is exempt for _, _, ex in seen)
     torch.testing.assert_close(seen[2][0], smooth_weight(weights[0], s))
@@ -246,8 +246,46 @@ def test_exempt_channels_are_zeroed_before_the_activation_scale():
     plain = relative_group_error(x, weights, weights, torch.ones(64), 4)
     exempted = relative_group_error(x, weights, weights, torch.ones(64), 4, act_exempt=act_exempt)
     assert exempted < 0.1 * plain  # the outliers no longer set each token's scale
-    best, errors = choose_alpha((None,), x.abs().amax(0), weights, x, ident, 4, act_exempt=act_exempt)
+    best, errors, _ = choose_alpha((None,), x.abs().amax(0), weights, x, ident, 4, act_exempt=act_exempt)
     assert best is None and errors[None] == pytest.approx(exempted)
+
+
+def test_choose_alpha_returns_the_chosen_quantization_and_reads_only_max_tokens():
+    x, weights = outlier_group()
+    setting = parse_setting("W8A4")
+    calls = []
+
+    def quantize_fn(w, h, ex):
+        q = quantize_rtn(w, 8, 0, True)
+        calls.append(q)
+        return q  # an object with .dequantize(), as the pipeline passes
+    candidates = (None, 0.25, 0.5, 0.75)
+    choice = choose_alpha(candidates, x.abs().amax(0), weights, x, quantize_fn, setting.a_bits)
+    k = candidates.index(choice.alpha)
+    assert all(a is b for a, b in zip(choice.quantized, calls[2 * k: 2 * k + 2], strict=True))  # its own quantizations
+    s = smoothing_scales(x.abs().amax(0), weights, choice.alpha)
+    for w, q in zip(weights, choice.quantized):
+        torch.testing.assert_close(q.dequantize(), quantize_rtn(smooth_weight(w, s), 8, 0, True).dequantize())
+    # max_tokens: the error is computed on the first rows only (rows past it are ignored)
+    poisoned = torch.cat([x[:100], torch.full_like(x[100:], 1e6)])
+    head = choose_alpha(candidates, x.abs().amax(0), weights, poisoned, quantize_fn, setting.a_bits, max_tokens=100)
+    direct = choose_alpha(candidates, x.abs().amax(0), weights, x[:100], quantize_fn, setting.a_bits)
+    assert head.errors == direct.errors
+
+
+def test_group_error_with_one_mask_per_weight_pools_the_single_weight_errors():
+    x, weights = outlier_group()
+    g = torch.Generator().manual_seed(1)
+    masks = [torch.rand(64, generator=g) < 0.2 for _ in weights]
+    deq = [quantize_rtn(w, 3, 0, True).dequantize() for w in weights]
+    s = smoothing_scales(x.abs().amax(0), weights, 0.5)
+    pooled = relative_group_error(x, weights, deq, s, 6, exempt=masks, act_exempt=masks)
+    dens = [float((x @ w.T).double().pow(2).sum()) for w in weights]
+    nums = [relative_group_error(x, [w], [d], s, 6, exempt=m, act_exempt=m) * den
+            for w, d, m, den in zip(weights, deq, masks, dens)]
+    assert pooled == pytest.approx(sum(nums) / sum(dens), rel=1e-9)
+    with pytest.raises(ConfigError, match="one per weight"):
+        relative_group_error(x, weights, deq, s, 6, exempt=masks[:1])
 
 
 def test_choose_alpha_refuses_empty_input():
