@@ -29,9 +29,10 @@ summary and the fit time.
 
 Measured (``benchmarks/layer_fit.py``, SmolLM2-135M blocks 2/12/24 × q/gate/down, W4
 per-channel, 8k calibration / 4k held-out tokens, one core): held-out error against
-lowrank-64 on the same smoothed, exempted base, geometric means 0.919 (A6) and 0.891 (A8);
-oracle routing 0.894 / 0.861; random routing 1.114 / 1.146; ``alternation_rounds=2`` 0.872 /
-0.837, at about twice the fit time. Fit time is 4.4–6.5× lowrank-64's at 8k tokens. Ad-hoc
+lowrank-64 on the same smoothed, exempted base, geometric means 0.920 (A6) and 0.891 (A8);
+oracle routing 0.895 / 0.861; random routing 1.113 / 1.146; ``alternation_rounds=2`` 0.874 /
+0.838, at about twice the fit time. Fit time is 4.6–5.8× lowrank-64's at 8k tokens; the
+deployed forward on 512 tokens 1.21–1.34× lowrank-64's (torch path). Ad-hoc
 runs (not in the committed results) gave: 6 alternation rounds ~0.81 on q/gate; 4k → 8k → 16k
 calibration tokens 0.94 → 0.91 → 0.89 on q (A6); fit time ~8–11× at 16k. QE's products scale with
 ``tokens × d²`` (the Grams of the experts and of the router), the whitened low-rank fit's
