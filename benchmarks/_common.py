@@ -34,6 +34,28 @@ def machine() -> dict:
             "cpus": os.cpu_count(), "machine": platform.machine(), "load_avg": os.getloadavg()[0]}
 
 
+def finished_cells(out: Path) -> dict[str, str]:
+    """``{cell label: status}`` of the cells a ``qe compare`` directory holds (read from the
+    cell files, so listing needs no model load; a label run under other options would also
+    be listed, but a compare directory refuses other options)."""
+    found = {}
+    for f in sorted((Path(out) / "cells").glob("*.json")):
+        try:
+            cell = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if "label" in cell:
+            found[cell["label"]] = cell.get("status", "?")
+    return found
+
+
+def print_cell_list(labels: list[str], out: Path) -> None:
+    done = finished_cells(out)
+    for label in labels:
+        print(f"{done.get(label, 'todo'):5}  {label}")
+    print(f"{sum(done.get(label) == 'ok' for label in labels)} of {len(labels)} cells done in {out}")
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))

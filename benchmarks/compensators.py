@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table  # noqa: E402
+from _common import machine, print_cell_list, print_table  # noqa: E402
 
 MAIN_QUANTIZERS = ["rtn", "gptq"]
 MAIN_COMPENSATORS = ["none", "lowrank[rank=64]", "lowrank[rank=64;on_qe_base=true]", "lowrank[rank=288]",
@@ -41,8 +41,13 @@ def main() -> None:
     ap.add_argument("--part", choices=["main", "ablations"], default="main")
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None, help="comma list of substrings of cell labels to run")
-    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--list", action="store_true", help="list the cells and whether they are done")
+    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from qe.compare import CompareOptions, collect_rows, grid_cells, run_compare
 
@@ -56,8 +61,7 @@ def main() -> None:
                                  propagation="fp-inputs")
         out = Path(args.out or "benchmarks/results/compensators-ablations-16win-fp-inputs")
     if args.list:
-        for c in cells:
-            print(c.label)
+        print_cell_list([c.label for c in cells], out)
         return
     wanted = [c for c in cells if not args.only or any(s.strip() in c.label for s in args.only.split(","))]
     if not wanted:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table  # noqa: E402
+from _common import machine, print_cell_list, print_table  # noqa: E402
 
 QUANTIZERS = ["rtn", "gptq", "smoothquant", "smoothquant[inner=gptq]"]
 SETTINGS = ["W4A16chsym", "W4A16g64sym", "W4A16g128sym", "W3A16g128asym", "W8A8", "W4A8", "W4A6"]
@@ -47,8 +47,7 @@ def main() -> None:
     cells = grid_cells(QUANTIZERS, ["none"], SETTINGS)
     wanted = [c for c in cells if not args.only or any(s.strip() in c.label for s in args.only.split(","))]
     if args.list:
-        for c in cells:
-            print(c.label)
+        print_cell_list([c.label for c in cells], Path(args.out))
         return
     if not wanted:
         sys.exit(f"--only {args.only!r} matches no cell; cells look like {cells[0].label}")
