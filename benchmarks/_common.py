@@ -56,6 +56,24 @@ def print_cell_list(labels: list[str], out: Path) -> None:
     print(f"{sum(done.get(label) == 'ok' for label in labels)} of {len(labels)} cells done in {out}")
 
 
+def rewrite_full_report(out: Path, order: list[str] = ()) -> list[dict]:
+    """Rewrite a benchmark's ``results.csv``/``results.md``/plots/``index.html`` over every
+    finished cell (each ``qe compare`` call writes its own cells only) and return the rows.
+    Rows follow ``order`` (cell labels; FP32 first, cells not in it last). The benchmarks run
+    on the embedded default, whose vision tower is synthetic."""
+    from qe.compare import GRID_FILE, collect_rows
+    from qe.compare_report import write_compare_report
+    from qe.models.default_model import SYNTHETIC_NOTE
+
+    out = Path(out)
+    rank = {label: i for i, label in enumerate(["FP32", *order])}
+    rows = sorted(collect_rows(out, all_cells=True), key=lambda r: (rank.get(r["label"], len(rank)), r["label"]))
+    grid = json.loads((out / GRID_FILE).read_text())
+    grid["cells"] = [r["label"] for r in rows if r["label"] != "FP32"]
+    write_compare_report(out, rows, {**grid, "synthetic_vision_tower": True, "notes": [SYNTHETIC_NOTE]})
+    return rows
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))

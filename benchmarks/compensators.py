@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_cell_list, print_table  # noqa: E402
+from _common import machine, print_cell_list, print_table, rewrite_full_report  # noqa: E402
 
 MAIN_QUANTIZERS = ["rtn", "gptq"]
 MAIN_COMPENSATORS = ["none", "lowrank[rank=64]", "lowrank[rank=64;on_qe_base=true]", "lowrank[rank=288]",
@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None, help="comma list of substrings of cell labels to run")
     ap.add_argument("--list", action="store_true", help="list the cells and whether they are done")
+    ap.add_argument("--report", action="store_true", help="only rewrite the report over every finished cell")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -49,7 +50,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
 
-    from qe.compare import CompareOptions, collect_rows, grid_cells, run_compare
+    from qe.compare import CompareOptions, grid_cells, run_compare
 
     if args.part == "main":
         cells = grid_cells(MAIN_QUANTIZERS, MAIN_COMPENSATORS, MAIN_SETTINGS)
@@ -63,16 +64,19 @@ def main() -> None:
     if args.list:
         print_cell_list([c.label for c in cells], out)
         return
+    if args.report:
+        print_table(rewrite_full_report(out, [c.label for c in cells]), COLUMNS)
+        return
     wanted = [c for c in cells if not args.only or any(s.strip() in c.label for s in args.only.split(","))]
     if not wanted:
         sys.exit(f"--only {args.only!r} matches no cell; cells look like {cells[0].label}")
     for cell in wanted:
         run_compare(None, [cell.quantizer], [cell.compensator], [cell.setting], out=out, options=options)
-    rows = collect_rows(out, all_cells=True)
+    rows = rewrite_full_report(out, [c.label for c in cells])
     print_table(rows, COLUMNS)
     (out / "benchmark.json").write_text(json.dumps({"machine": machine(), "protocol": options.describe(),
                                                     "rows": rows}, indent=1))
-    print(f"wrote {out}/benchmark.json (every finished cell)")
+    print(f"wrote {out}/results.csv, results.md, index.html and benchmark.json (every finished cell)")
 
 
 if __name__ == "__main__":

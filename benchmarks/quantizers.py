@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_cell_list, print_table  # noqa: E402
+from _common import machine, print_cell_list, print_table, rewrite_full_report  # noqa: E402
 
 QUANTIZERS = ["rtn", "gptq", "smoothquant", "smoothquant[inner=gptq]"]
 SETTINGS = ["W4A16chsym", "W4A16g64sym", "W4A16g128sym", "W3A16g128asym", "W8A8", "W4A8", "W4A6"]
@@ -35,12 +35,13 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/quantizers")
     ap.add_argument("--only", default=None, help="comma list of substrings of cell labels to run")
     ap.add_argument("--list", action="store_true", help="list the cells and whether they are done")
+    ap.add_argument("--report", action="store_true", help="only rewrite the report over every finished cell")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
 
     import torch
 
-    from qe.compare import CompareOptions, collect_rows, grid_cells, run_compare
+    from qe.compare import CompareOptions, grid_cells, run_compare
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -49,16 +50,19 @@ def main() -> None:
     if args.list:
         print_cell_list([c.label for c in cells], Path(args.out))
         return
+    if args.report:
+        print_table(rewrite_full_report(Path(args.out), [c.label for c in cells]), COLUMNS)
+        return
     if not wanted:
         sys.exit(f"--only {args.only!r} matches no cell; cells look like {cells[0].label}")
     options = CompareOptions(calib="pydoc", samples=64, eval_tokens=None, caption_nll=False, progress=True)
     out = Path(args.out)
     for cell in wanted:  # one cell per call: each is saved as soon as it is done
         run_compare(None, [cell.quantizer], ["none"], [cell.setting], out=out, options=options)
-    rows = collect_rows(out, all_cells=True)
+    rows = rewrite_full_report(out, [c.label for c in cells])
     print_table(rows, COLUMNS)
     (out / "benchmark.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
-    print(f"wrote {out}/results.csv (this run's cells), {out}/benchmark.json (every finished cell)")
+    print(f"wrote {out}/results.csv, results.md, index.html and benchmark.json (every finished cell)")
 
 
 if __name__ == "__main__":

@@ -132,11 +132,12 @@ def _write_all(out: Path, rows: list[dict], facts: dict) -> None:
     opts = facts["options"]
     eval_text = (f"perplexity on the first {opts['eval_tokens']} tokens of the held-out text (whole 512-token windows)"
                  if opts.get("eval_tokens") else "perplexity on the whole held-out text")
+    caption = "; caption NLL on the held-out image–caption pairs" if opts.get("caption_nll", True) else ""
     counts = facts.get("calibration_tokens") or {}
     tokens = (" (" + ", ".join(f"{n} {m}" for m, n in counts.items()) + " tokens)") if counts else ""
     md = (f"# qe compare: {facts['model']}\n\n{note}"
           f"Calibration: {opts['samples']} samples of {facts.get('calibration')}{tokens}; propagation {opts['propagation']}; "
-          f"{eval_text}; caption NLL on the held-out image–caption pairs.\n\n{markdown_table(rows)}\n")
+          f"{eval_text}{caption}.\n\n{markdown_table(rows)}\n")
     (out / "results.md").write_text(md)
     plots = []
     for metric, label, name in (("ppl", "held-out perplexity", "ppl_by_setting.png"),
