@@ -19,6 +19,7 @@ plugins can watch without touching this code.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import re
 import time
 from dataclasses import dataclass, field
@@ -317,8 +318,11 @@ class QuantizationPipeline:
         alpha_errors: dict = {}
         chosen: dict[str, object] = {}  # the chosen candidate's quantized weights, reused below
         if alpha is None and candidates and not hasattr(group_quantizer, "search_smoothing_scales"):
-            def quantize_fn(w_s, h_s, exempt):
-                return group_quantizer.quantize(w_s, self.setting, hessian=h_s, exempt=exempt, layer_name=prefix)
+            linear_order = itertools.cycle(names)  # choose_alpha quantizes the weights in order, per candidate
+
+            def quantize_fn(w_s, h_s, exempt):  # a warning (e.g. GPTQ's damping) names the linear
+                return group_quantizer.quantize(w_s, self.setting, hessian=h_s, exempt=exempt,
+                                                layer_name=f"{prefix}.{next(linear_order)}")
 
             # Each linear is quantized with its own exemption, as it will be below.
             choice = smoothing.choose_alpha(

@@ -232,7 +232,7 @@ def choose_alpha(
     """Pick the smoothing α of one group by its relative output error on calibration tokens.
 
     For each candidate (``None`` = no smoothing): ``s`` from :func:`smoothing_scales`, each
-    linear's ``W̃`` quantized by ``quantize_fn(W̃, H̃, exempt)`` (``H̃`` is None when no
+    linear's ``W̃`` quantized, in the order of ``weights``, by ``quantize_fn(W̃, H̃, exempt)`` (``H̃`` is None when no
     ``hessian`` is given; ``exempt`` is that weight's mask where one per weight is given),
     activations quantized per token at ``a_bits``, and the error of
     :func:`relative_group_error` on the first ``max_tokens`` rows of ``tokens`` ``(S, d_in)``

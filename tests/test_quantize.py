@@ -227,11 +227,13 @@ def test_alpha_choice_quantization_is_reused_and_changes_nothing(tmp_path, monke
 
     calls = []
     real_quantize = GPTQ.quantize
-    monkeypatch.setattr(GPTQ, "quantize", lambda self, *a, **k: calls.append(1) or real_quantize(self, *a, **k))
+    monkeypatch.setattr(GPTQ, "quantize", lambda self, *a, **k: calls.append(k["layer_name"]) or real_quantize(self, *a, **k))
     recipe = Recipe(quantizer="gptq", compensator="qe[k=4;num_experts=2;shared_rank=4;expert_rank=4]", setting="W4A8", samples=2)
     _, manifest = run_quantize(recipe, "tiny:llava", out=tmp_path / "reused", progress=False)
     candidates = 4  # QE's grid: None, 0.25, 0.5, 0.75
     assert len(calls) == candidates * len(manifest["layers"])
+    # every linear is quantized once per candidate under its own name (GPTQ's warnings name it)
+    assert sorted(calls) == sorted(r["name"] for r in manifest["layers"] for _ in range(candidates))
 
     real_choose = smoothing.choose_alpha
     monkeypatch.setattr(smoothing, "choose_alpha",
