@@ -35,18 +35,14 @@ def machine() -> dict:
 
 
 def finished_cells(out: Path) -> dict[str, str]:
-    """``{cell label: status}`` of the cells a ``qe compare`` directory holds (read from the
-    cell files, so listing needs no model load; a label run under other options would also
-    be listed, but a compare directory refuses other options)."""
-    found = {}
-    for f in sorted((Path(out) / "cells").glob("*.json")):
-        try:
-            cell = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if "label" in cell:
-            found[cell["label"]] = cell.get("status", "?")
-    return found
+    """``{cell label: status}`` of the cells a benchmark's ``qe compare`` directory holds (read
+    from its cell files by :func:`qe.compare.collect_rows`: no model load)."""
+    from qe.compare import GRID_FILE, collect_rows
+
+    out = Path(out)
+    if not (out / GRID_FILE).is_file():
+        return {}
+    return {r["label"]: r.get("status", "?") for r in collect_rows(out, all_cells=True)}
 
 
 def print_cell_list(labels: list[str], out: Path) -> None:
