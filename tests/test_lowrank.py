@@ -15,7 +15,6 @@ from qe.compensators.linalg import (
     damped_objective,
     lqer_lowrank,
     svd_lowrank_plain,
-    symmetric_gram,
     top_eigenpairs,
     whitened_lowrank,
 )
@@ -120,14 +119,6 @@ def test_top_eigenpairs_batched_matches_eigh():
     residual = total - torch.einsum("bdr,bde,ber->b", vectors, G, vectors)
     assert torch.all(residual <= best_residual * (1 + 1e-6))
     assert torch.allclose(vectors.transpose(1, 2) @ vectors, torch.eye(10, dtype=torch.float64).expand(3, 10, 10), atol=1e-10)
-
-
-@pytest.mark.parametrize("d", [1, 5, 200, 577, 1000])
-def test_symmetric_gram_equals_the_product(d):
-    M = torch.randn(300, d, generator=torch.Generator().manual_seed(d))
-    G = symmetric_gram(M)
-    assert G.dtype == torch.float64 and torch.equal(G, G.T)
-    assert torch.allclose(G, M.double().T @ M.double(), rtol=1e-5, atol=1e-3)
 
 
 def test_lqer_and_plain_svd_match_their_definitions():

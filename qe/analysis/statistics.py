@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from qe.errors import NumericalError
+from qe.gram import gram_upper, mirror_upper
 from qe.models.base import MODALITIES
 
 NUM_MODALITIES = len(MODALITIES)
@@ -51,7 +52,10 @@ class InputStats:
         self.n_tokens = 0
         self.n_by_modality = torch.zeros(NUM_MODALITIES, dtype=torch.long)
         self.absmax = torch.zeros(d_in)
-        self.xtx = torch.zeros(d_in, d_in, dtype=torch.float64) if hessian else None
+        # Only the upper triangle is accumulated (a symmetric rank-k update does half a GEMM's
+        # work); ``xtx`` mirrors it on read.
+        self._xtx_upper = torch.zeros(d_in, d_in, dtype=torch.float64) if hessian else None
+        self._xtx: torch.Tensor | None = None
         self.moments = torch.zeros(4, d_in, dtype=torch.float64) if moments else None
         self.sample_positions = sample_positions
         self._sample_chunks: list[torch.Tensor] = []
@@ -68,8 +72,10 @@ class InputStats:
         self.n_tokens += T
         self.n_by_modality += torch.bincount(modality.long(), minlength=NUM_MODALITIES)[:NUM_MODALITIES].cpu()
         self.absmax = torch.maximum(self.absmax, batch_absmax.cpu())
-        if self.xtx is not None:
-            self.xtx += (x.T @ x).double().cpu()  # fp32 GEMM per batch, fp64 accumulation across batches
+        if self._xtx_upper is not None:
+            # fp32 product per batch, fp64 accumulation across batches
+            self._xtx_upper += gram_upper(x).double().cpu()
+            self._xtx = None
         if self.moments is not None:
             x2 = x * x
             self.moments += torch.stack([x.sum(0), x2.sum(0), (x2 * x).sum(0), (x2 * x2).sum(0)]).double().cpu()
@@ -81,6 +87,15 @@ class InputStats:
                 idx = (pos[lo:hi] - offset).to(x.device)
                 self._sample_chunks.append(x[idx].cpu())
                 self._sample_mod_chunks.append(modality[idx.cpu()].cpu())
+
+    @property
+    def xtx(self) -> torch.Tensor | None:
+        """``Σ_t x_t x_tᵀ`` (float64, symmetric), or None when no Hessian is streamed."""
+        if self._xtx_upper is None:
+            return None
+        if self._xtx is None:
+            self._xtx = mirror_upper(self._xtx_upper)
+        return self._xtx
 
     @property
     def sample(self) -> torch.Tensor:

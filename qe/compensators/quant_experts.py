@@ -64,7 +64,6 @@ from qe.compensators.linalg import (
     damped_cholesky,
     lowrank_from_input_cholesky,
     lowrank_from_output_gram,
-    symmetric_gram,
     whitened_lowrank,
 )
 from qe.compensators.lowrank import (
@@ -77,6 +76,7 @@ from qe.compensators.lowrank import (
 )
 from qe.compensators.modules import QuantExpertsAdapter
 from qe.errors import ConfigError, DataError
+from qe.gram import symmetric_gram
 from qe.quantizers.base import QuantizedWeight
 
 Mode = Literal["full", "shared-only", "routed-only", "random-routing", "random-clustering", "oracle-routing"]

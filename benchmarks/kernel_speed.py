@@ -1,6 +1,6 @@
 """Latency of the quantized linear kernels on the linear shapes of Qwen2-VL-2B and -7B.
 
-    python benchmarks/kernels.py [--out DIR] [--tokens 1 16 128 2048] [--models 2b 7b]
+    python benchmarks/kernel_speed.py [--out DIR] [--tokens 1 16 128 2048] [--models 2b 7b]
 
 On a CUDA GPU (triton installed) it times, per linear shape and token count, the median over
 ``--repeats`` runs (CUDA events, after ``--warmup`` runs that also let the autotuner settle):

@@ -1,0 +1,120 @@
+"""A peer's GPTQ (llm-compressor) on the same model, text and calibration as qe: wall time and
+perplexity, for a same-run ratio against benchmarks/quantize_time.py (issue: quantizers).
+
+Two steps, because llm-compressor pins another transformers than qe:
+
+1. in qe's environment, export what the peer needs (the embedded default's language model as a
+   plain transformers checkpoint, qe's 64 calibration windows and the held-out windows as
+   token ids; nothing of qe is imported by step 2):
+
+       .venv/bin/python benchmarks/peer_gptq.py export --dir /tmp/peer
+
+2. in a separate environment (python -m venv /tmp/peer-venv; /tmp/peer-venv/bin/pip install
+   torch==2.13.0 llmcompressor==0.14.0.1), quantize with the peer at one intra-op thread and
+   score it:
+
+       /tmp/peer-venv/bin/python benchmarks/peer_gptq.py run --dir /tmp/peer --group-size 64
+
+Run step 2 beside ``quantize_time.py --threads 1`` (two single-threaded processes on the two
+cores) to put both under the same conditions; each writes its own JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+
+def export(out: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from transformers import LlamaForCausalLM
+
+    from qe.api import calibration_set
+    from qe.evaluation.perplexity import heldout_windows
+    from qe.models.default_model import load_smollm2_from_gguf
+    from qe.models.loading import load_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    lm, tokenizer = load_smollm2_from_gguf()
+    config = lm.config
+    if hasattr(config, "quantization_config"):  # the GGUF loader's marker; the weights are plain fp32 now
+        del config.quantization_config
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(lm.state_dict())
+    plain.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    loaded = load_model(None)
+    _, encoded = calibration_set(loaded, "pydoc", 64, False)
+    (out / "calib.json").write_text(json.dumps([e.inputs["input_ids"][0].tolist() for e in encoded]))
+    (out / "eval.json").write_text(json.dumps([w.tolist() for w in heldout_windows(loaded.tokenizer)]))
+    print(f"exported model, {len(encoded)} calibration windows and the held-out windows to {out}")
+
+
+def run(directory: Path, group_size: int, threads: int, out: Path, samples: int = 64, eval_windows: int | None = None) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    import llmcompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory / "model", dtype=torch.float32)
+    ids = json.loads((directory / "calib.json").read_text())[:samples]
+    data = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]})
+    strategy = "group" if group_size else "channel"
+    weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy=strategy,
+                               group_size=group_size or None)
+    recipe = GPTQModifier(config_groups={"g": QuantizationScheme(targets=["Linear"], weights=weights)},
+                          ignore=["lm_head"])
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=512, num_calibration_samples=len(ids),
+            shuffle_calibration_samples=False)
+    seconds = time.perf_counter() - t0
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        windows = json.loads((directory / "eval.json").read_text())[:eval_windows]
+        for i in range(0, len(windows), 8):
+            batch = torch.tensor(windows[i:i + 8])
+            logits = model(input_ids=batch).logits.float()
+            nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                           batch[:, 1:].reshape(-1), reduction="sum"))
+            count += batch[:, 1:].numel()
+    result = {"tool": f"llm-compressor {llmcompressor.__version__}", "setting": f"W4A16 {strategy} {group_size or ''}",
+              "threads": threads, "calibration_windows": len(ids), "quantize_s": seconds, "ppl": math.exp(nll / count), "eval_tokens": count,
+              "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"{result['tool']} GPTQ {result['setting']}: {seconds:.1f} s with {threads} thread(s), "
+          f"perplexity {result['ppl']:.3f}; wrote {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("step", choices=["export", "run"])
+    ap.add_argument("--dir", default="/tmp/peer", help="where step 1 writes and step 2 reads")
+    ap.add_argument("--group-size", type=int, default=64, help="0 for per channel")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--samples", type=int, default=64, help="calibration windows (64 is the protocol; fewer to smoke-test)")
+    ap.add_argument("--eval-windows", type=int, default=None, help="held-out windows to score (default all 88)")
+    args = ap.parse_args()
+    directory = Path(args.dir)
+    if args.step == "export":
+        export(directory)
+    else:
+        out = Path(args.out or f"benchmarks/results/peer_llmcompressor_gptq_g{args.group_size}_{args.threads}thread.json")
+        run(directory, args.group_size, args.threads, out, args.samples, args.eval_windows)
+
+
+if __name__ == "__main__":
+    main()
