@@ -16,7 +16,12 @@ Two steps, because llm-compressor pins another transformers than qe:
        /tmp/peer-venv/bin/python benchmarks/peer_gptq.py run --dir /tmp/peer --group-size 64
 
 Run step 2 beside ``quantize_time.py --threads 1`` (two single-threaded processes on the two
-cores) to put both under the same conditions; each writes its own JSON.
+cores) to put both under the same conditions; each writes its own JSON. Name them
+``qe_<tag>_run<i>.json`` and ``llmcompressor_<tag>_run<i>.json`` in one folder, then
+
+       .venv/bin/python benchmarks/peer_gptq.py summarize --dir benchmarks/results/gptq_wall_time
+
+prints each pair's ratio and the medians, and writes pairs.csv and summary.json.
 """
 
 from __future__ import annotations
@@ -98,10 +103,48 @@ def run(directory: Path, group_size: int, threads: int, out: Path, samples: int 
           f"perplexity {result['ppl']:.3f}; wrote {out}")
 
 
+def summarize(directory: Path) -> None:
+    """Pair the runs written beside each other (``qe_<tag>_run<i>.json`` with
+    ``llmcompressor_<tag>_run<i>.json``): per-run ratio, medians; print and write CSV + JSON."""
+    import statistics
+
+    rows = []
+    for peer_file in sorted(directory.glob("llmcompressor_*_run*.json")):
+        qe_file = directory / peer_file.name.replace("llmcompressor_", "qe_", 1)
+        if not qe_file.exists():
+            continue
+        tag, run = peer_file.stem.split("_")[1:3]
+        run = run.removeprefix("run")
+        peer, ours = json.loads(peer_file.read_text()), json.loads(qe_file.read_text())
+        rows.append({"setting": tag, "run": run, "qe_s": round(ours["quantize_s"], 1),
+                     "peer_s": round(peer["quantize_s"], 1), "ratio": round(ours["quantize_s"] / peer["quantize_s"], 3),
+                     "peer_ppl": round(peer["ppl"], 3)})
+    if not rows:
+        raise SystemExit(f"no paired runs in {directory}: run step 2 beside quantize_time.py first")
+    summary = []
+    for tag in sorted({r["setting"] for r in rows}):
+        mine = [r for r in rows if r["setting"] == tag]
+        summary.append({"setting": tag, "runs": len(mine),
+                        "qe_median_s": statistics.median(r["qe_s"] for r in mine),
+                        "peer_median_s": statistics.median(r["peer_s"] for r in mine),
+                        "median_ratio": statistics.median(r["ratio"] for r in mine)})
+    header = list(rows[0])
+    lines = [",".join(header)] + [",".join(str(r[h]) for h in header) for r in rows]
+    (directory / "pairs.csv").write_text("\n".join(lines) + "\n")
+    (directory / "summary.json").write_text(json.dumps({"pairs": rows, "summary": summary}, indent=1))
+    for r in rows:
+        print(f"{r['setting']:>4} run {r['run']}: qe {r['qe_s']:7.1f} s  llm-compressor {r['peer_s']:7.1f} s  "
+              f"ratio {r['ratio']:.3f}  (peer perplexity {r['peer_ppl']})")
+    for s in summary:
+        print(f"{s['setting']:>4} median of {s['runs']}: qe {s['qe_median_s']:.1f} s, llm-compressor "
+              f"{s['peer_median_s']:.1f} s, ratio {s['median_ratio']:.3f}")
+    print(f"wrote {directory}/pairs.csv and summary.json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["export", "run"])
-    ap.add_argument("--dir", default="/tmp/peer", help="where step 1 writes and step 2 reads")
+    ap.add_argument("step", choices=["export", "run", "summarize"])
+    ap.add_argument("--dir", default="/tmp/peer", help="where step 1 writes and step 2 reads (summarize: the runs)")
     ap.add_argument("--group-size", type=int, default=64, help="0 for per channel")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
@@ -111,6 +154,8 @@ def main() -> None:
     directory = Path(args.dir)
     if args.step == "export":
         export(directory)
+    elif args.step == "summarize":
+        summarize(directory)
     else:
         out = Path(args.out or f"benchmarks/results/peer_llmcompressor_gptq_g{args.group_size}_{args.threads}thread.json")
         run(directory, args.group_size, args.threads, out, args.samples, args.eval_windows)
