@@ -61,6 +61,27 @@ def export(out: Path) -> None:
     print(f"exported model, {len(encoded)} calibration windows and the held-out windows to {out}")
 
 
+def _score(model, windows) -> tuple[float, int]:
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(windows), 8):
+            batch = torch.tensor(windows[i:i + 8])
+            logits = model(input_ids=batch).logits.float()
+            nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                           batch[:, 1:].reshape(-1), reduction="sum"))
+            count += batch[:, 1:].numel()
+    return math.exp(nll / count), count
+
+
+def _write(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"{result['tool']} GPTQ {result['setting']}: {result['quantize_s']:.1f} s with {result['threads']} thread(s), "
+          f"perplexity {result['ppl']:.3f}; wrote {out}")
+
+
 def run(directory: Path, group_size: int, threads: int, out: Path, samples: int = 64, eval_windows: int | None = None) -> None:
     import torch
 
@@ -85,22 +106,10 @@ def run(directory: Path, group_size: int, threads: int, out: Path, samples: int 
     oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=512, num_calibration_samples=len(ids),
             shuffle_calibration_samples=False)
     seconds = time.perf_counter() - t0
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        windows = json.loads((directory / "eval.json").read_text())[:eval_windows]
-        for i in range(0, len(windows), 8):
-            batch = torch.tensor(windows[i:i + 8])
-            logits = model(input_ids=batch).logits.float()
-            nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                           batch[:, 1:].reshape(-1), reduction="sum"))
-            count += batch[:, 1:].numel()
-    result = {"tool": f"llm-compressor {llmcompressor.__version__}", "setting": f"W4A16 {strategy} {group_size or ''}",
-              "threads": threads, "calibration_windows": len(ids), "quantize_s": seconds, "ppl": math.exp(nll / count), "eval_tokens": count,
-              "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0]}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"{result['tool']} GPTQ {result['setting']}: {seconds:.1f} s with {threads} thread(s), "
-          f"perplexity {result['ppl']:.3f}; wrote {out}")
+    ppl, count = _score(model, json.loads((directory / "eval.json").read_text())[:eval_windows])
+    _write(out, {"tool": f"llm-compressor {llmcompressor.__version__}", "setting": f"W4A16 {strategy} {group_size or ''}",
+                 "threads": threads, "calibration_windows": len(ids), "quantize_s": seconds, "ppl": ppl,
+                 "eval_tokens": count, "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0]})
 
 
 def summarize(directory: Path) -> None:
@@ -157,7 +166,7 @@ def main() -> None:
     elif args.step == "summarize":
         summarize(directory)
     else:
-        out = Path(args.out or f"benchmarks/results/peer_llmcompressor_gptq_g{args.group_size}_{args.threads}thread.json")
+        out = Path(args.out or f"benchmarks/results/gptq_wall_time/llmcompressor_g{args.group_size}.json")
         run(directory, args.group_size, args.threads, out, args.samples, args.eval_windows)
 
 
