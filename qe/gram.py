@@ -22,7 +22,7 @@ def gram_upper(M: torch.Tensor) -> torch.Tensor:
     """``MᵀM`` of ``M`` ``(T, d)`` in M's dtype, exact in its upper triangle only (the lower one
     is unspecified)."""
     syrk = _SYRK.get(M.dtype)
-    if M.device.type != "cpu" or syrk is None or M.requires_grad:
+    if M.device.type != "cpu" or syrk is None or M.requires_grad or 0 in M.shape:
         return M.T @ M
     a = np.ascontiguousarray(M.numpy())
     with _blas_threads().limit(limits=torch.get_num_threads(), user_api="blas"):

@@ -10,7 +10,7 @@ from qe.analysis.statistics import InputStats
 from qe.gram import gram_upper, symmetric_gram
 
 
-@given(seed=st.integers(0, 1000), tokens=st.integers(1, 200), d=st.integers(1, 40), threads=st.integers(1, 2),
+@given(seed=st.integers(0, 1000), tokens=st.integers(0, 200), d=st.integers(1, 40), threads=st.integers(1, 2),
        double=st.booleans())
 @settings(max_examples=30, deadline=None)
 def test_gram_upper_matches_the_full_product(seed, tokens, d, threads, double):
