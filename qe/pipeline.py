@@ -19,7 +19,6 @@ plugins can watch without touching this code.
 from __future__ import annotations
 
 import fnmatch
-import itertools
 import re
 import time
 from dataclasses import dataclass, field
@@ -318,11 +317,9 @@ class QuantizationPipeline:
         alpha_errors: dict = {}
         chosen: dict[str, object] = {}  # the chosen candidate's quantized weights, reused below
         if alpha is None and candidates and not hasattr(group_quantizer, "search_smoothing_scales"):
-            linear_order = itertools.cycle(names)  # choose_alpha quantizes the weights in order, per candidate
-
-            def quantize_fn(w_s, h_s, exempt):  # a warning (e.g. GPTQ's damping) names the linear
-                return group_quantizer.quantize(w_s, self.setting, hessian=h_s, exempt=exempt,
-                                                layer_name=f"{prefix}.{next(linear_order)}")
+            def quantizer_for(name):  # a warning (e.g. GPTQ's damping) names the linear
+                return lambda w_s, h_s, exempt: group_quantizer.quantize(w_s, self.setting, hessian=h_s, exempt=exempt,
+                                                                         layer_name=f"{prefix}.{name}")
 
             # Each linear is quantized with its own exemption, as it will be below.
             choice = smoothing.choose_alpha(
@@ -330,7 +327,7 @@ class QuantizationPipeline:
                 shared.absmax,
                 [weights[n] for n in names],
                 tokens,
-                quantize_fn,
+                [quantizer_for(n) for n in names],
                 self.setting.a_bits,
                 hessian=shared.xtx,
                 exempt=[plans[n].exempt for n in names],

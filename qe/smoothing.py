@@ -31,6 +31,8 @@ SCALE_RANGE = (1e-5, 1e5)  # s is clamped to this range so no channel is scaled 
 # quantize_fn(weight_smoothed (d_out, d_in), hessian_smoothed (d_in, d_in) | None, exempt (d_in,) | None)
 #   -> dequantized weight (d_out, d_in)
 QuantizeFn = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
+# The same, returning a dequantized tensor or an object with ``.dequantize()`` (a QuantizedWeight)
+QuantizeAny = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], Any]
 
 
 # --------------------------------------------------------------------------- the transform
@@ -221,7 +223,7 @@ def choose_alpha(
     act_absmax: torch.Tensor,
     weights: Sequence[torch.Tensor],
     tokens: torch.Tensor,
-    quantize_fn: Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], Any],
+    quantize_fn: QuantizeAny | Sequence[QuantizeAny],
     a_bits: int,
     *,
     hessian: torch.Tensor | None = None,
@@ -232,8 +234,9 @@ def choose_alpha(
     """Pick the smoothing α of one group by its relative output error on calibration tokens.
 
     For each candidate (``None`` = no smoothing): ``s`` from :func:`smoothing_scales`, each
-    linear's ``W̃`` quantized, in the order of ``weights``, by ``quantize_fn(W̃, H̃, exempt)`` (``H̃`` is None when no
-    ``hessian`` is given; ``exempt`` is that weight's mask where one per weight is given),
+    linear's ``W̃`` quantized by ``quantize_fn(W̃, H̃, exempt)`` (one function for all weights,
+    or one per weight, e.g. to name the layer; ``H̃`` is None when no ``hessian`` is given;
+    ``exempt`` is that weight's mask where one per weight is given),
     activations quantized per token at ``a_bits``, and the error of
     :func:`relative_group_error` on the first ``max_tokens`` rows of ``tokens`` ``(S, d_in)``
     (original, unsmoothed basis). ``quantize_fn`` returns a dequantized weight or an object
@@ -245,6 +248,9 @@ def choose_alpha(
         raise ConfigError("choose_alpha needs at least one candidate (None means no smoothing)")
     if tokens.dim() != 2 or tokens.shape[0] == 0:
         raise ConfigError("choose_alpha needs a non-empty (tokens, d_in) sample of calibration inputs")
+    fns = list(quantize_fn) if isinstance(quantize_fn, Sequence) else [quantize_fn] * len(weights)
+    if len(fns) != len(weights):
+        raise ConfigError(f"choose_alpha got {len(fns)} quantize functions for {len(weights)} weights: give one, or one per weight")
     x = tokens if max_tokens is None else tokens[:max_tokens]
     x = x.float()
     references = [x @ w.float().T for w in weights]  # the same for every candidate
@@ -253,7 +259,8 @@ def choose_alpha(
     for alpha in candidates:
         s = smoothing_scales(act_absmax, weights, alpha)
         h = smooth_hessian(hessian, s) if hessian is not None else None
-        quantized = [quantize_fn(smooth_weight(w.float(), s), h, ex) for w, ex in zip(weights, _per_weight(exempt, len(weights)))]
+        quantized = [fn(smooth_weight(w.float(), s), h, ex)
+                     for fn, w, ex in zip(fns, weights, _per_weight(exempt, len(weights)))]
         dequantized = [q if isinstance(q, torch.Tensor) else q.dequantize(torch.float32) for q in quantized]
         errors[alpha] = relative_group_error(x, weights, dequantized, s, a_bits, exempt, act_exempt,
                                              references=references)

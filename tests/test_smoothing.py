@@ -273,6 +273,23 @@ def test_choose_alpha_returns_the_chosen_quantization_and_reads_only_max_tokens(
     assert head.errors == direct.errors
 
 
+def test_choose_alpha_calls_each_weight_s_own_quantize_function():
+    x, weights = outlier_group()
+    seen = []
+
+    def named(i, bits):
+        return lambda w, h, ex: seen.append(i) or quantize_rtn(w, bits, 0, True)
+    candidates = (None, 0.5)
+    per_weight = choose_alpha(candidates, x.abs().amax(0), weights, x, [named(i, 8) for i in range(len(weights))], 8)
+    assert seen == list(range(len(weights))) * len(candidates)
+    shared = choose_alpha(candidates, x.abs().amax(0), weights, x, named(0, 8), 8)
+    assert per_weight.errors == shared.errors
+    # a coarser grid for one weight only changes the result: each function serves its own weight
+    mixed = choose_alpha(candidates, x.abs().amax(0), weights, x, [named(0, 8), named(1, 3)], 8)
+    assert mixed.errors != shared.errors
+    with pytest.raises(ConfigError, match="one per weight"):
+        choose_alpha(candidates, x.abs().amax(0), weights, x, [named(0, 8)], 8)
+
 def test_group_error_with_one_mask_per_weight_pools_the_single_weight_errors():
     x, weights = outlier_group()
     g = torch.Generator().manual_seed(1)
