@@ -28,9 +28,10 @@ def test_gram_upper_matches_the_full_product(seed, tokens, d, threads, double):
     assert upper.dtype == x.dtype
     tol = 1e-12 if double else 1e-5
     assert torch.allclose(upper.double().triu(), exact.triu(), rtol=tol, atol=tol * 10)
-    # A non-contiguous view (a column slice) gives the same triangle as its contiguous copy.
+    # A non-contiguous view (a column slice) is read with its strides.
     if d > 1:
-        assert torch.equal(gram_upper(x[:, 1:]).triu(), gram_upper(x[:, 1:].contiguous()).triu())
+        view = gram_upper(x[:, 1:]).double().triu()
+        assert torch.allclose(view, exact[1:, 1:].triu(), rtol=tol, atol=tol * 10)
 
 
 @given(seed=st.integers(0, 1000), chunks=st.integers(1, 4))
