@@ -85,7 +85,7 @@ def top_eigenpairs(
     return values.clamp_min(0), vectors
 
 
-# --------------------------------------------------------------------------- damping (Grams themselves: qe.gram)
+# --------------------------------------------------------------------------- damping and Cholesky
 
 
 def damping(H: torch.Tensor, damp: float) -> float:
