@@ -30,13 +30,16 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
+# _common needs the standard library only, so this also imports in the peer's environment.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write_csv
+
 
 def export(out: Path) -> None:
-    import sys
-
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from transformers import LlamaForCausalLM
 
@@ -137,16 +140,11 @@ def summarize(directory: Path) -> None:
                         "qe_median_s": statistics.median(r["qe_s"] for r in mine),
                         "peer_median_s": statistics.median(r["peer_s"] for r in mine),
                         "median_ratio": statistics.median(r["ratio"] for r in mine)})
-    header = list(rows[0])
-    lines = [",".join(header)] + [",".join(str(r[h]) for h in header) for r in rows]
-    (directory / "pairs.csv").write_text("\n".join(lines) + "\n")
+    write_csv(directory / "pairs.csv", rows)
     (directory / "summary.json").write_text(json.dumps({"pairs": rows, "summary": summary}, indent=1))
-    for r in rows:
-        print(f"{r['setting']:>4} run {r['run']}: qe {r['qe_s']:7.1f} s  llm-compressor {r['peer_s']:7.1f} s  "
-              f"ratio {r['ratio']:.3f}  (peer perplexity {r['peer_ppl']})")
-    for s in summary:
-        print(f"{s['setting']:>4} median of {s['runs']}: qe {s['qe_median_s']:.1f} s, llm-compressor "
-              f"{s['peer_median_s']:.1f} s, ratio {s['median_ratio']:.3f}")
+    print_table(rows, list(rows[0]))
+    print()
+    print_table(summary, list(summary[0]))
     print(f"wrote {directory}/pairs.csv and summary.json")
 
 
