@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_cell_list, print_table, rewrite_full_report  # noqa: E402
+from _common import machine, print_cell_list, print_table, rewrite_full_report
 
 MAIN_QUANTIZERS = ["rtn", "gptq"]
 MAIN_COMPENSATORS = ["none", "lowrank[rank=64]", "lowrank[rank=64;on_qe_base=true]", "lowrank[rank=288]",
@@ -70,8 +70,19 @@ def main() -> None:
     wanted = [c for c in cells if not args.only or any(s.strip() in c.label for s in args.only.split(","))]
     if not wanted:
         sys.exit(f"--only {args.only!r} matches no cell; cells look like {cells[0].label}")
-    for cell in wanted:
-        run_compare(None, [cell.quantizer], [cell.compensator], [cell.setting], out=out, options=options)
+    if options.propagation == "fp-inputs":
+        # Every cell's block i sees the full-precision inputs, so one call streams the
+        # statistics once for all wanted cells (and quantizes a shared base once). The
+        # ablation grid has one quantizer and one setting, so the product is the wanted cells.
+        def axis(name):
+            return list(dict.fromkeys(getattr(c, name) for c in wanted))
+
+        run_compare(None, axis("quantizer"), axis("compensator"), axis("setting"), out=out, options=options)
+    else:
+        # Quantized propagation shares nothing after block 0: one call per cell, so each
+        # finished cell is kept if a later one is interrupted.
+        for cell in wanted:
+            run_compare(None, [cell.quantizer], [cell.compensator], [cell.setting], out=out, options=options)
     rows = rewrite_full_report(out, [c.label for c in cells])
     print_table(rows, COLUMNS)
     (out / "benchmark.json").write_text(json.dumps({"machine": machine(), "protocol": options.describe(),

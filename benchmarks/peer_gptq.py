@@ -1,7 +1,8 @@
-"""A peer's GPTQ (llm-compressor) on the same model, text and calibration as qe: wall time and
-perplexity, for a same-run ratio against benchmarks/quantize_time.py (issue: quantizers).
+"""A peer's GPTQ (llm-compressor or GPTQModel) on the same model, text and calibration as qe:
+wall time and perplexity, for a same-run ratio against benchmarks/quantize_time.py (issue:
+quantizers).
 
-Two steps, because llm-compressor pins another transformers than qe:
+Two steps, because the peers pin other packages than qe:
 
 1. in qe's environment, export what the peer needs (the embedded default's language model as a
    plain transformers checkpoint, qe's 64 calibration windows and the held-out windows as
@@ -15,9 +16,17 @@ Two steps, because llm-compressor pins another transformers than qe:
 
        /tmp/peer-venv/bin/python benchmarks/peer_gptq.py run --dir /tmp/peer --group-size 64
 
+   GPTQModel (the only peer that takes g128 on 576-wide layers; python -m venv /tmp/gm-venv;
+   /tmp/gm-venv/bin/pip install torch==2.13.0 gptqmodel==7.6.0; it needs
+   GPTQMODEL_CPU_WORKERS set on a 2-core machine) the same way with ``--tool gptqmodel``. Its
+   quantized model is saved and reloaded through GPTQModel before scoring, the path its
+   documentation gives for inference; the wall time covers ``quantize()`` only, as for
+   llm-compressor's ``oneshot``.
+
 Run step 2 beside ``quantize_time.py --threads 1`` (two single-threaded processes on the two
 cores) to put both under the same conditions; each writes its own JSON. Name them
-``qe_<tag>_run<i>.json`` and ``llmcompressor_<tag>_run<i>.json`` in one folder, then
+``qe_<tag>_run<i>.json`` and ``<peer>_<tag>_run<i>.json`` (peer: llmcompressor or gptqmodel)
+in one folder, then
 
        .venv/bin/python benchmarks/peer_gptq.py summarize --dir benchmarks/results/gptq_wall_time
 
@@ -62,6 +71,9 @@ def export(out: Path) -> None:
     (out / "calib.json").write_text(json.dumps([e.inputs["input_ids"][0].tolist() for e in encoded]))
     (out / "eval.json").write_text(json.dumps([w.tolist() for w in heldout_windows(loaded.tokenizer)]))
     print(f"exported model, {len(encoded)} calibration windows and the held-out windows to {out}")
+
+
+PEERS = ("llmcompressor", "gptqmodel")  # file-name prefixes of the peers' JSON results
 
 
 def _score(model, windows) -> tuple[float, int]:
@@ -115,28 +127,78 @@ def run(directory: Path, group_size: int, threads: int, out: Path, samples: int 
                  "eval_tokens": count, "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0]})
 
 
+def run_gptqmodel(directory: Path, group_size: int, threads: int, out: Path, samples: int = 64,
+                  eval_windows: int | None = None) -> None:
+    import tempfile
+
+    import torch
+
+    torch.set_num_threads(threads)
+    import gptqmodel
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+    from transformers import AutoModelForCausalLM
+
+    ids = json.loads((directory / "calib.json").read_text())[:samples]
+    calibration = [{"input_ids": x, "attention_mask": [1] * len(x)} for x in ids]
+    config = QuantizeConfig(bits=4, group_size=group_size or -1, sym=True)
+    model = GPTQModel.load(str(directory / "model"), config, device="cpu", dtype=torch.float32)
+    load_before = os.getloadavg()[0]
+    t0, c0 = time.perf_counter(), time.process_time()
+    model.quantize(calibration, batch_size=1)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    with tempfile.TemporaryDirectory() as saved:
+        model.save(saved)
+        del model
+        # Scored in fp32 like every other row: the saved codes and scales, dequantized by
+        # GPTQModel's own module, replace the linears of the fp32 model. Its CPU kernels do not
+        # score directly: the fused one needs the input width to be a multiple of the group
+        # size (576 is not one of 128), the plain torch one refuses fp32.
+        quantized = GPTQModel.load(saved, device="cpu", dtype=torch.float16, backend=BACKEND.GPTQ_TORCH)
+        reference = AutoModelForCausalLM.from_pretrained(directory / "model", dtype=torch.float32)
+        replaced, rel_err = 0, []
+        with torch.no_grad():
+            for name, module in quantized.model.named_modules():
+                if hasattr(module, "qweight") and hasattr(module, "dequantize_weight"):
+                    target = reference.get_submodule(name)
+                    W = module.dequantize_weight().T.float()  # GPTQ layout is (in, out)
+                    rel_err.append(float((W - target.weight).norm() / target.weight.norm()))
+                    target.weight.copy_(W)
+                    replaced += 1
+        del quantized
+        ppl, count = _score(reference, json.loads((directory / "eval.json").read_text())[:eval_windows])
+    strategy = f"group {group_size}" if group_size else "channel"
+    _write(out, {"tool": f"GPTQModel {gptqmodel.__version__}", "setting": f"W4A16 {strategy}",
+                 "config": {k: str(v) for k, v in sorted(vars(config).items()) if not k.startswith("_")},
+                 "threads": threads, "calibration_windows": len(ids), "quantize_s": seconds, "ppl": ppl,
+                 "quantize_cpu_s": cpu_seconds,  # above quantize_s: its worker threads used more than one core
+                 "cpu_workers": os.environ.get("GPTQMODEL_CPU_WORKERS"),
+                 "eval_tokens": count, "linears_scored": replaced,
+                 "weight_rel_error_median": sorted(rel_err)[len(rel_err) // 2] if rel_err else None,
+                 "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0]})
+
+
 def summarize(directory: Path) -> None:
     """Pair the runs written beside each other (``qe_<tag>_run<i>.json`` with
-    ``llmcompressor_<tag>_run<i>.json``): per-run ratio, medians; print and write CSV + JSON."""
+    ``<peer>_<tag>_run<i>.json``): per-run ratio, medians; print and write CSV + JSON."""
     import statistics
 
     rows = []
-    for peer_file in sorted(directory.glob("llmcompressor_*_run*.json")):
-        qe_file = directory / peer_file.name.replace("llmcompressor_", "qe_", 1)
+    for peer_file in sorted(p for peer in PEERS for p in directory.glob(f"{peer}_*_run*.json")):
+        peer_name, tag, run = peer_file.stem.split("_")[:3]
+        qe_file = directory / peer_file.name.replace(f"{peer_name}_", "qe_", 1)
         if not qe_file.exists():
             continue
-        tag, run = peer_file.stem.split("_")[1:3]
         run = run.removeprefix("run")
         peer, ours = json.loads(peer_file.read_text()), json.loads(qe_file.read_text())
-        rows.append({"setting": tag, "run": run, "qe_s": round(ours["quantize_s"], 1),
+        rows.append({"peer": peer_name, "setting": tag, "run": run, "qe_s": round(ours["quantize_s"], 1),
                      "peer_s": round(peer["quantize_s"], 1), "ratio": round(ours["quantize_s"] / peer["quantize_s"], 3),
                      "peer_ppl": round(peer["ppl"], 3)})
     if not rows:
         raise SystemExit(f"no paired runs in {directory}: run step 2 beside quantize_time.py first")
     summary = []
-    for tag in sorted({r["setting"] for r in rows}):
-        mine = [r for r in rows if r["setting"] == tag]
-        summary.append({"setting": tag, "runs": len(mine),
+    for peer_name, tag in sorted({(r["peer"], r["setting"]) for r in rows}):
+        mine = [r for r in rows if (r["peer"], r["setting"]) == (peer_name, tag)]
+        summary.append({"peer": peer_name, "setting": tag, "runs": len(mine),
                         "qe_median_s": statistics.median(r["qe_s"] for r in mine),
                         "peer_median_s": statistics.median(r["peer_s"] for r in mine),
                         "median_ratio": statistics.median(r["ratio"] for r in mine)})
@@ -151,6 +213,7 @@ def summarize(directory: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("step", choices=["export", "run", "summarize"])
+    ap.add_argument("--tool", choices=PEERS, default="llmcompressor", help="the peer that step 2 runs")
     ap.add_argument("--dir", default="/tmp/peer", help="where step 1 writes and step 2 reads (summarize: the runs)")
     ap.add_argument("--group-size", type=int, default=64, help="0 for per channel")
     ap.add_argument("--threads", type=int, default=1)
@@ -164,8 +227,9 @@ def main() -> None:
     elif args.step == "summarize":
         summarize(directory)
     else:
-        out = Path(args.out or f"benchmarks/results/gptq_wall_time/llmcompressor_g{args.group_size}.json")
-        run(directory, args.group_size, args.threads, out, args.samples, args.eval_windows)
+        out = Path(args.out or f"benchmarks/results/gptq_wall_time/{args.tool}_g{args.group_size}.json")
+        runner = run_gptqmodel if args.tool == "gptqmodel" else run
+        runner(directory, args.group_size, args.threads, out, args.samples, args.eval_windows)
 
 
 if __name__ == "__main__":
