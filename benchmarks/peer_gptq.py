@@ -165,12 +165,15 @@ def run_gptqmodel(directory: Path, group_size: int, threads: int, out: Path, sam
                     target.weight.copy_(W)
                     replaced += 1
         del quantized
+        expected = sum(isinstance(m, torch.nn.Linear) and ".layers." in n for n, m in reference.named_modules())
+        if replaced != expected:  # scoring a partly replaced model would pass the fp32 model off as quantized
+            raise SystemExit(f"GPTQModel's checkpoint gave {replaced} quantized linears, the decoder has {expected}")
         ppl, count = _score(reference, json.loads((directory / "eval.json").read_text())[:eval_windows])
     strategy = f"group {group_size}" if group_size else "channel"
     _write(out, {"tool": f"GPTQModel {gptqmodel.__version__}", "setting": f"W4A16 {strategy}",
                  "config": {k: str(v) for k, v in sorted(vars(config).items()) if not k.startswith("_")},
                  "threads": threads, "calibration_windows": len(ids), "quantize_s": seconds, "ppl": ppl,
-                 "quantize_cpu_s": cpu_seconds,  # above quantize_s: its worker threads used more than one core
+                 "quantize_cpu_s": cpu_seconds,  # well above quantize_s means its workers used more than one core
                  "cpu_workers": os.environ.get("GPTQMODEL_CPU_WORKERS"),
                  "eval_tokens": count, "linears_scored": replaced,
                  "weight_rel_error_median": sorted(rel_err)[len(rel_err) // 2] if rel_err else None,
