@@ -19,9 +19,9 @@ Two steps, because the peers pin other packages than qe:
    GPTQModel (the only peer that takes g128 on 576-wide layers; python -m venv /tmp/gm-venv;
    /tmp/gm-venv/bin/pip install torch==2.13.0 gptqmodel==7.6.0; it needs
    GPTQMODEL_CPU_WORKERS set on a 2-core machine) the same way with ``--tool gptqmodel``. Its
-   quantized model is saved and reloaded through GPTQModel before scoring, the path its
-   documentation gives for inference; the wall time covers ``quantize()`` only, as for
-   llm-compressor's ``oneshot``.
+   checkpoint is saved and reloaded through GPTQModel, and the fp32 model is scored with the
+   linears GPTQModel dequantizes (its CPU kernels do not score this model in fp32); the wall
+   time covers ``quantize()`` only, as for llm-compressor's ``oneshot``.
 
 Run step 2 beside ``quantize_time.py --threads 1`` (two single-threaded processes on the two
 cores) to put both under the same conditions; each writes its own JSON. Name them
@@ -45,7 +45,7 @@ from pathlib import Path
 
 # _common needs the standard library only, so this also imports in the peer's environment.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_csv
+from _common import median, print_table, write_csv
 
 
 def export(out: Path) -> None:
@@ -176,7 +176,7 @@ def run_gptqmodel(directory: Path, group_size: int, threads: int, out: Path, sam
                  "quantize_cpu_s": cpu_seconds,  # well above quantize_s means its workers used more than one core
                  "cpu_workers": os.environ.get("GPTQMODEL_CPU_WORKERS"),
                  "eval_tokens": count, "linears_scored": replaced,
-                 "weight_rel_error_median": sorted(rel_err)[len(rel_err) // 2] if rel_err else None,
+                 "weight_rel_error_median": median(rel_err),
                  "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0]})
 
 
