@@ -269,8 +269,12 @@ def test_bad_configs_and_shapes():
     assert cfg.alphas == (None, 0.25, 0.5) and cfg.num_experts == 4
     assert QuantExperts(cfg).smoothing_candidates() == (None, 0.25, 0.5)
     assert QuantExperts(cfg).importance_k() == 32
-    with pytest.raises(ConfigError, match="refine"):
-        pm.resolve("compensator", "qe[refine=true]")
+    assert pm.resolve("compensator", "qe[refine=true;refine_epochs=2]").config.refine
+    for spec, match in (("qe[refine=true;mode=shared-only]", "has none"), ("qe[refine=true;num_experts=0]", "has none"),
+                        ("qe[refine=true;mode=oracle-routing]", "does not use"), ("qe[refine_epochs=0]", "at least 1"),
+                        ("qe[refine_lr=0]", "must be positive")):
+        with pytest.raises(ConfigError, match=match):
+            pm.resolve("compensator", spec)
     with pytest.raises(ConfigError, match="outside"):
         pm.resolve("compensator", "qe[alphas=1.5]")
     with pytest.raises(ConfigError, match="choose one of"):

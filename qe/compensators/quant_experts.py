@@ -20,7 +20,8 @@ Decisions where QE-METHOD.md leaves room (each documented where it is made):
   (``x = x̃ · s``) with the statistics' estimator, as the statistics themselves were.
 * ``routed-only`` keeps the same ``C_r`` (ranks k … k(1+N_r) of the frequency order) and the
   same smoothing candidates; only the exemption and the shared expert go.
-* ``refine=true`` (layer-wise training, §6) is not implemented and is refused.
+* ``refine=true`` (layer-wise training, §6) runs after the closed-form fit and any
+  alternation; see :mod:`qe.compensators.refinement` for its loss and the keep-if-better rule.
 
 The fitted :class:`QuantExpertsAdapter` carries ``fit_figures`` (JSON-serialisable; see
 :meth:`QuantExperts.fit`): the router's agreement with oracle routing, the calibration
@@ -75,6 +76,7 @@ from qe.compensators.lowrank import (
     layer_hessian,
 )
 from qe.compensators.modules import QuantExpertsAdapter
+from qe.compensators.refinement import RefineSchedule, refine_experts
 from qe.errors import ConfigError, DataError
 from qe.gram import symmetric_gram
 from qe.quantizers.base import QuantizedWeight
@@ -101,6 +103,11 @@ class QuantExpertsConfig:
     max_tokens: int = 16384
     alternation_rounds: int = 0
     refine: bool = False
+    refine_epochs: int = 16
+    refine_iterations: int = 100
+    refine_lr: float = 3e-2  # relative to each tensor's RMS (refinement.py); chosen on block 12's q/gate/down
+    refine_kl_weight: float = 1.0
+    refine_temperature: float = 1.0
     mode: Mode = "full"
     branch_input_bits: int = 16
 
@@ -118,14 +125,23 @@ class QuantExpertsConfig:
             raise ConfigError(f"max_tokens={self.max_tokens} must be at least 1")
         if self.alternation_rounds < 0:
             raise ConfigError(f"alternation_rounds={self.alternation_rounds} must be 0 or more")
-        if self.refine:
+        if self.refine_epochs < 1 or self.refine_iterations < 1:
+            raise ConfigError(f"refine_epochs={self.refine_epochs} and refine_iterations={self.refine_iterations} must be at least 1")
+        if not (self.refine_lr > 0 and self.refine_temperature > 0 and self.refine_kl_weight >= 0):
             raise ConfigError(
-                "refine=true (layer-wise refinement of experts and router) is not implemented yet: use refine=false"
+                f"refine_lr={self.refine_lr} and refine_temperature={self.refine_temperature} must be positive, "
+                f"refine_kl_weight={self.refine_kl_weight} 0 or more"
             )
-        if self.mode == "routed-only" and self.num_experts == 0:
-            raise ConfigError("mode=routed-only with num_experts=0 compensates nothing: use num_experts ≥ 1")
-        if self.branch_input_bits not in (8, 16):
-            raise ConfigError(f"branch_input_bits={self.branch_input_bits} unsupported: use 8 or 16")
+        if self.refine and self.routed_experts == 0:
+            raise ConfigError(
+                f"refine=true trains the routed experts and the router, and num_experts={self.num_experts} with "
+                f"mode={self.mode} has none: use num_experts ≥ 1 and a mode other than shared-only"
+            )
+        if self.refine and self.mode in ("random-routing", "oracle-routing"):
+            raise ConfigError(
+                f"refine=true trains the experts for the router's choice, which mode={self.mode} does not use: "
+                "use mode=full, routed-only or random-clustering"
+            )
 
     # ------------------------------------------------------------------ derived
     @property
@@ -214,7 +230,9 @@ class QuantExperts(Compensator):
         routed expert; oracle: ``argmin_i e_{t,i}``); ``router_agreement``: share of tokens
         whose router choice is the oracle's; ``tokens_per_expert`` (fit assignment) and
         ``router_tokens_per_expert``; ``cluster_sizes``, ``cluster_mean_npmi``;
-        ``alternation_rounds_kept``; ``seconds`` (wall), ``cpu_seconds`` (all threads) and
+        ``alternation_rounds_kept``; with ``refine=true`` ``refine_residual_before`` /
+        ``refine_residual_after`` (the router's residual objective), ``refine_kept``,
+        ``refine_loss_first_epoch`` / ``refine_loss_last_epoch``; ``seconds`` (wall), ``cpu_seconds`` (all threads) and
         ``seconds_by_step`` / ``cpu_seconds_by_step``.
         """
         c = self.config
@@ -271,6 +289,10 @@ class QuantExperts(Compensator):
                     break
                 A, B, R, e_sq, assignment, kept = A2, B2, R2, e_sq2, router_choice, kept + 1
             clock.lap("alternation")
+            if c.refine:
+                A, B, R, e_sq, refine_figures = self._refine(layer, X, E_S, residual, F, A, B, R, e_sq)
+                figures.update(refine_figures)
+                clock.lap("refine")
             module.A.copy_(A)
             module.B.copy_(B)
             module.R.copy_(R)
@@ -368,6 +390,27 @@ class QuantExperts(Compensator):
             return None
         positions = positions if rows is None else positions[rows.to(positions.device)]
         return topk[positions.long()]
+
+    def _refine(self, layer, X, E_S, residual, F, A, B, R, e_sq):
+        """Layer-wise refinement (§6); the refined factors replace the closed-form ones only if
+        they lower the calibration residual objective under the router's choice."""
+        c = self.config
+        schedule = RefineSchedule(c.refine_epochs, c.refine_iterations, c.refine_lr, c.refine_kl_weight,
+                                  c.refine_temperature, layer.seed)
+        Y = residual.Y if residual.Y is not None else X @ E_S.T
+        refined = refine_experts(X, Y, A, B, R, schedule, E=E_S)
+        e_sq2 = residual.routed_sq(refined.A, refined.B)
+
+        def routed_objective(R_, e_sq_):
+            return residual.relative(e_sq_.gather(1, (F @ R_.T).argmin(dim=1)[:, None]))
+
+        before, after = routed_objective(R, e_sq), routed_objective(refined.R, e_sq2)
+        kept = after < before
+        figures = {"refine_residual_before": before, "refine_residual_after": after, "refine_kept": kept,
+                   "refine_loss_first_epoch": refined.first_loss, "refine_loss_last_epoch": refined.last_loss}
+        if kept:
+            return refined.A, refined.B, refined.R, e_sq2, figures
+        return A, B, R, e_sq, figures
 
     def _fit_router(self, layer: LayerContext, F: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Ridge least squares ``R`` ``(N, d_in)``: ``R |x̃_t| ≈ targets_t`` (λ relative to the
