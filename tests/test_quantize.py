@@ -244,3 +244,16 @@ def test_alpha_choice_quantization_is_reused_and_changes_nothing(tmp_path, monke
     a = load_file(tmp_path / "reused" / manifest["shards"][0])
     b = load_file(tmp_path / "fresh" / fresh["shards"][0])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refinement_runs_through_the_pipeline_and_reports_per_layer(tmp_path):
+    loaded = load_model("tiny:llava")
+    qe_spec = "qe[k=4;num_experts=2;shared_rank=4;expert_rank=4;refine=true;refine_epochs=2;refine_iterations=3]"
+    recipe = Recipe(quantizer="rtn", compensator=qe_spec, setting="W4A8", samples=2)
+    path, manifest = run_quantize(recipe, out=tmp_path / "refined", loaded=loaded, progress=False)
+    figures = [r["figures"] for r in json.loads((path / "qe_manifest.json").read_text())["layers"]]
+    assert figures and all("refine_kept" in f for f in figures)
+    for f in figures:  # kept exactly when the router's calibration objective fell
+        assert (f["refine_kept"] == 1.0) == (f["refine_residual_after"] < f["refine_residual_before"])
+        kept_value = f["refine_residual_after"] if f["refine_kept"] else f["refine_residual_before"]
+        assert f["residual_router"] == pytest.approx(kept_value, rel=1e-12)

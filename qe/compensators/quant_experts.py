@@ -38,6 +38,8 @@ runs (not in the committed results) gave: 6 alternation rounds ~0.81 on q/gate; 
 calibration tokens 0.94 → 0.91 → 0.89 on q (A6); fit time ~8–11× at 16k. QE's products scale with
 ``tokens × d²`` (the Grams of the experts and of the router), the whitened low-rank fit's
 with ``d³`` only.
+With ``refine=true`` (16k calibration tokens, same layers) the held-out error against that
+lowrank-64 falls from 0.911 / 0.881 to 0.848 / 0.808 (A6 / A8), for 7–15 s more per layer.
 """
 
 from __future__ import annotations
