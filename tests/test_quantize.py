@@ -250,7 +250,7 @@ def test_refinement_runs_through_the_pipeline_and_reports_per_layer(tmp_path):
     loaded = load_model("tiny:llava")
     qe_spec = "qe[k=4;num_experts=2;shared_rank=4;expert_rank=4;refine=true;refine_epochs=2;refine_iterations=3]"
     recipe = Recipe(quantizer="rtn", compensator=qe_spec, setting="W4A8", samples=2)
-    path, manifest = run_quantize(recipe, out=tmp_path / "refined", loaded=loaded, progress=False)
+    path, _ = run_quantize(recipe, out=tmp_path / "refined", loaded=loaded, progress=False)
     figures = [r["figures"] for r in json.loads((path / "qe_manifest.json").read_text())["layers"]]
     assert figures and all("refine_kept" in f for f in figures)
     for f in figures:  # kept exactly when the router's calibration objective fell

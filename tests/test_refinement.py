@@ -4,9 +4,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from qe.compensators.refinement import RefineSchedule, _loss_and_grads, _spread, refine_experts, residual_norms
 from test_quant_experts import calibration_objective, fit, make_layer
+
+from qe.compensators.refinement import (
+    RefineSchedule,
+    _loss_and_grads,
+    _spread,
+    refine_experts,
+    residual_norms,
+)
 
 
 def _random_problem(seed, T, N, d_in, d_out, r):
@@ -65,7 +71,7 @@ def test_residual_norms_equal_the_direct_computation(seed, T, N, r):
 def test_refinement_lowers_the_routed_objective_and_leaves_the_shared_expert():
     layer = make_layer(T=1500, seed=3)
     base = fit(layer)[3]
-    comp, plan, q, refined = fit(layer, refine=True, refine_epochs=6, refine_iterations=20, refine_lr=3e-2)
+    _, _, q, refined = fit(layer, refine=True, refine_epochs=6, refine_iterations=20, refine_lr=3e-2)
     figs = refined.fit_figures
     assert figs["refine_kept"] and figs["refine_residual_after"] < figs["refine_residual_before"]
     assert figs["refine_residual_before"] == pytest.approx(base.fit_figures["residual_router"], rel=1e-12)
