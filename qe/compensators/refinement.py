@@ -77,9 +77,9 @@ def refine_experts(
 
     The router's target distributions are recomputed from the current experts at the start of
     every epoch (every expert's residual on every token, in large products), not per batch:
-    the experts move little within an epoch. The gradients are written out (they are a few
-    batched products, see :func:`_loss_and_grads`): autograd's bookkeeping for small batches
-    cost more than the arithmetic. ``first_loss`` / ``last_loss`` are the mean loss of the
+    the experts move little within an epoch. The gradients are written out (a few products per
+    expert, see :func:`_loss_and_grads`): autograd's bookkeeping for batches of a few hundred
+    tokens cost more than the arithmetic. AdamW keeps torch's other defaults. ``first_loss`` / ``last_loss`` are the mean loss of the
     first and the last epoch.
     """
     T = X.shape[0]
@@ -101,19 +101,19 @@ def refine_experts(
         target = torch.softmax(-e / tau, dim=1)
         order = torch.randperm(T, generator=gen).to(X.device)
         # One gather per epoch, so that every batch is a contiguous slice.
-        Xe, Ye, Fe, qe, te = X[order], Y[order], F[order], target[order], tau[order]
+        x_ep, y_ep, f_ep, q_ep, tau_ep = X[order], Y[order], F[order], target[order], tau[order]
         total, seen = 0.0, 0
         for it in range(schedule.iterations):
             s = slice(it * batch, (it + 1) * batch)
             if s.start >= T:
                 break
-            loss, grads = _loss_and_grads(Xe[s], Ye[s], Fe[s], qe[s], te[s], *params, schedule.kl_weight)
+            loss, grads = _loss_and_grads(x_ep[s], y_ep[s], f_ep[s], q_ep[s], tau_ep[s], *params, schedule.kl_weight)
             for p, g in zip(params, grads):
                 p.grad = g
             opt.step()
             sched.step()
-            total += loss * Xe[s].shape[0]
-            seen += Xe[s].shape[0]
+            total += loss * x_ep[s].shape[0]
+            seen += x_ep[s].shape[0]
         mean = total / max(1, seen)
         if epoch == 0:
             first = mean
