@@ -6,23 +6,33 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_quant_experts import calibration_objective, fit, make_layer
 
+from qe.compensators.quant_experts import _Residuals
 from qe.compensators.refinement import (
     RefineSchedule,
     _loss_and_grads,
-    _spread,
+    layer_temperature,
     refine_experts,
-    residual_norms,
 )
 
 
 def _random_problem(seed, T, N, d_in, d_out, r):
+    """Tokens ``X``, a weight error ``E``, ``Y = X Eᵀ`` and random experts and router."""
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(T, d_in, generator=g, dtype=torch.float64)
-    Y = X @ torch.randn(d_out, d_in, generator=g, dtype=torch.float64).T * 0.1
+    E = torch.randn(d_out, d_in, generator=g, dtype=torch.float64) * 0.1
     A = torch.randn(N, d_out, r, generator=g, dtype=torch.float64) * 0.1
     B = torch.randn(N, r, d_in, generator=g, dtype=torch.float64) * 0.1
     R = torch.randn(N, d_in, generator=g, dtype=torch.float64)
-    return X, Y, A, B, R
+    return X, E, X @ E.T, A, B, R
+
+
+def _direct_norms(X, Y, A, B):
+    return torch.stack([(Y - X @ B[i].T @ A[i].T).norm(dim=1) for i in range(A.shape[0])], dim=1)
+
+
+def _routed_sq(X, E):
+    """QE's residual expansion with no shared expert, as the fit hands it to the refinement."""
+    return _Residuals(X, E, E.new_zeros(E.shape[0], 0), E.new_zeros(0, E.shape[1])).routed_sq
 
 
 def _reference_loss(x, y, f, target, tau, A, B, R, kl_weight):
@@ -40,10 +50,10 @@ def _reference_loss(x, y, f, target, tau, A, B, R, kl_weight):
        kl_weight=st.sampled_from([0.0, 0.5, 1.0]))
 def test_written_out_gradients_equal_autograd(seed, b, N, r, kl_weight):
     # Batches smaller than N leave experts without tokens: their gradient must be zero.
-    x, y, A, B, R = _random_problem(seed, b, N, 7, 5, r)
+    x, _, y, A, B, R = _random_problem(seed, b, N, 7, 5, r)
     f = x.abs()
-    e = residual_norms(x, y, A, B)
-    tau = _spread(e) * 0.7
+    e = _direct_norms(x, y, A, B)
+    tau = layer_temperature(e, 0.7)
     target = torch.softmax(-e / tau, dim=1)
     loss, (gA, gB, gR) = _loss_and_grads(x, y, f, target, tau, A, B, R, kl_weight)
     leaves = [t.clone().requires_grad_(True) for t in (A, B, R)]
@@ -56,16 +66,11 @@ def test_written_out_gradients_equal_autograd(seed, b, N, r, kl_weight):
 
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 10_000), T=st.integers(1, 30), N=st.integers(1, 4), r=st.integers(1, 4))
-def test_residual_norms_equal_the_direct_computation(seed, T, N, r):
-    for d_in, d_out in ((9, 6), (5, 11)):  # both ways of projecting y onto A_i
-        X, Y, A, B, _ = _random_problem(seed, T, N, d_in, d_out, r)
-        E = torch.linalg.lstsq(X, Y).solution.T if T >= d_in else None
-        if E is not None:
-            Y = X @ E.T
-        direct = torch.stack([(Y - X @ B[i].T @ A[i].T).norm(dim=1) for i in range(N)], dim=1)
-        torch.testing.assert_close(residual_norms(X, Y, A, B, chunk=7), direct, rtol=1e-7, atol=1e-9)
-        if E is not None:
-            torch.testing.assert_close(residual_norms(X, Y, A, B, E, Y.pow(2).sum(1), chunk=7), direct, rtol=1e-7, atol=1e-9)
+def test_residual_expansion_equals_the_direct_computation(seed, T, N, r):
+    # The refinement's per-epoch targets come from QE's _Residuals.routed_sq.
+    for d_in, d_out in ((9, 6), (5, 11)):  # both ways of projecting E_S x̃ onto A_i
+        X, E, Y, A, B, _ = _random_problem(seed, T, N, d_in, d_out, r)
+        torch.testing.assert_close(_routed_sq(X, E)(A, B).sqrt(), _direct_norms(X, Y, A, B), rtol=1e-7, atol=1e-9)
 
 
 def test_refinement_lowers_the_routed_objective_and_leaves_the_shared_expert():
@@ -99,9 +104,9 @@ def test_a_refinement_that_does_not_help_is_not_kept():
 
 
 def test_refine_schedule_runs_the_requested_steps():
-    X, Y, A, B, R = (t.float() for t in _random_problem(0, 50, 3, 8, 4, 2))
-    out = refine_experts(X, Y, A, B, R, RefineSchedule(epochs=3, iterations=7, lr=1e-2))
+    X, E, Y, A, B, R = (t.float() for t in _random_problem(0, 50, 3, 8, 4, 2))
+    out = refine_experts(X, Y, A, B, R, RefineSchedule(epochs=3, iterations=7, lr=1e-2), _routed_sq(X, E))
     assert out.A.shape == A.shape and out.B.shape == B.shape and out.R.shape == R.shape
     assert out.last_loss < out.first_loss  # the loss falls over the epochs on a learnable problem
     # Inputs untouched.
-    assert torch.equal(A, _random_problem(0, 50, 3, 8, 4, 2)[2].float())
+    assert torch.equal(A, _random_problem(0, 50, 3, 8, 4, 2)[3].float())

@@ -286,7 +286,7 @@ class QuantExperts(Compensator):
                 A2, B2 = fit_experts(E_S, X, router_choice, n_experts, r_r, c.damp, Y=residual.Y)
                 e_sq2 = residual.routed_sq(A2, B2)
                 R2 = self._fit_router(layer, F, e_sq2.sqrt())
-                after = e_sq2.gather(1, (F @ R2.T).argmin(dim=1)[:, None]).sum()
+                after = _routed(e_sq2, F, R2).sum()
                 if not after < before:
                     break
                 A, B, R, e_sq, assignment, kept = A2, B2, R2, e_sq2, router_choice, kept + 1
@@ -400,13 +400,10 @@ class QuantExperts(Compensator):
         schedule = RefineSchedule(c.refine_epochs, c.refine_iterations, c.refine_lr, c.refine_kl_weight,
                                   c.refine_temperature, layer.seed)
         Y = residual.Y if residual.Y is not None else X @ E_S.T
-        refined = refine_experts(X, Y, A, B, R, schedule, E=E_S)
+        refined = refine_experts(X, Y, A, B, R, schedule, residual.routed_sq)
         e_sq2 = residual.routed_sq(refined.A, refined.B)
-
-        def routed_objective(R_, e_sq_):
-            return residual.relative(e_sq_.gather(1, (F @ R_.T).argmin(dim=1)[:, None]))
-
-        before, after = routed_objective(R, e_sq), routed_objective(refined.R, e_sq2)
+        before = residual.relative(_routed(e_sq, F, R))
+        after = residual.relative(_routed(e_sq2, F, refined.R))
         kept = after < before
         figures = {"refine_residual_before": before, "refine_residual_after": after, "refine_kept": kept,
                    "refine_loss_first_epoch": refined.first_loss, "refine_loss_last_epoch": refined.last_loss}
@@ -567,11 +564,16 @@ class _Residuals:
         return self._expand(A, B, sign=-1.0)
 
 
+def _routed(e_sq: torch.Tensor, F: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """Each token's squared residual ``(T, 1)`` under the router ``R``'s choice."""
+    return e_sq.gather(1, (F @ R.T).argmin(dim=1)[:, None])
+
+
 def _routing_figures(F, R, e_sq, residual: _Residuals, assignment, n_experts) -> dict[str, Any]:
     router_choice = (F @ R.T).argmin(dim=1)
     oracle_choice = e_sq.argmin(dim=1)
     return {
-        "residual_router": residual.relative(e_sq.gather(1, router_choice[:, None])),
+        "residual_router": residual.relative(_routed(e_sq, F, R)),
         "residual_oracle": residual.relative(e_sq.gather(1, oracle_choice[:, None])),
         "router_agreement": float((router_choice == oracle_choice).double().mean()),
         "tokens_per_expert": torch.bincount(assignment, minlength=n_experts).tolist(),

@@ -15,8 +15,9 @@ over the paper's 16 epochs × 100 iterations. The loss has two terms:
   experts (no gradient), and the router's, ``p_t = softmax(−R|x̃_t| / τ)``. One temperature per
   layer, ``τ = temperature · mean_t std_i(e_{t,i})``, in the residuals' own units. A per-token
   temperature (``std_i e_{t,i}`` of each token) was tried first and made the router worse on
-  the residual objective in every trial: it gives tokens whose experts are nearly tied, where
-  the choice costs nothing, the sharpest targets and the largest gradients.
+  the residual objective in every trial (planted synthetic layers, two seeds, six settings):
+  it gives tokens whose experts are nearly tied, where the choice costs nothing, the sharpest
+  targets and the largest gradients.
 
 Learning rates are relative: Adam moves every element by about ``lr`` per step whatever its
 size, so each tensor's rate is ``lr`` times its root mean square, after the experts' factors
@@ -34,6 +35,7 @@ with a seeded generator for the batch order, so a run repeats exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -69,18 +71,19 @@ def refine_experts(
     B: torch.Tensor,
     R: torch.Tensor,
     schedule: RefineSchedule,
-    E: torch.Tensor | None = None,
+    routed_sq: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> Refined:
     """Train ``A (N, d_out, r)``, ``B (N, r, d_in)``, ``R (N, d_in)`` on tokens ``X (T, d_in)``
-    whose targets are ``Y = X E_Sᵀ`` ``(T, d_out)`` (``E`` = ``E_S`` if given, for
-    :func:`residual_norms`); returns new tensors (inputs untouched).
+    whose targets are ``Y = X E_Sᵀ`` ``(T, d_out)``; returns new tensors (inputs untouched).
+    ``routed_sq(A, B)`` gives every expert's squared residual ``e²`` ``(T, N)`` on these tokens
+    (QE's ``_Residuals.routed_sq``).
 
     The router's target distributions are recomputed from the current experts at the start of
-    every epoch (every expert's residual on every token, in large products), not per batch:
-    the experts move little within an epoch. The gradients are written out (a few products per
-    expert, see :func:`_loss_and_grads`): autograd's bookkeeping for batches of a few hundred
-    tokens cost more than the arithmetic. AdamW keeps torch's other defaults. ``first_loss`` / ``last_loss`` are the mean loss of the
-    first and the last epoch.
+    every epoch (every expert's residual on every token, in large products), not per batch.
+    The gradients are written out (a few products per expert, see :func:`_loss_and_grads`):
+    for q's 16 epochs that ran in 9.8 s against autograd's 11.3 s (one ad-hoc timing). AdamW
+    keeps torch's other defaults. ``first_loss`` / ``last_loss`` are the mean loss of the first
+    and the last epoch.
     """
     T = X.shape[0]
     params = [*balanced(A.detach().float(), B.detach().float()), R.detach().float().clone()]
@@ -93,31 +96,28 @@ def refine_experts(
     gen = torch.Generator().manual_seed(schedule.seed)
     X, Y = X.float(), Y.float()
     F = X.abs()  # router features
-    y_sq = Y.pow(2).sum(1)
     first = last = float("nan")
     for epoch in range(schedule.epochs):
-        e = residual_norms(X, Y, params[0], params[1], E, y_sq)
-        tau = schedule.temperature * _spread(e).mean().expand(T, 1)  # one temperature per layer
+        e = routed_sq(params[0], params[1]).sqrt().to(X.dtype)
+        tau = layer_temperature(e, schedule.temperature)
         target = torch.softmax(-e / tau, dim=1)
         order = torch.randperm(T, generator=gen).to(X.device)
         # One gather per epoch, so that every batch is a contiguous slice.
-        x_ep, y_ep, f_ep, q_ep, tau_ep = X[order], Y[order], F[order], target[order], tau[order]
-        total, seen = 0.0, 0
+        x_ep, y_ep, f_ep, q_ep = X[order], Y[order], F[order], target[order]
+        total = 0.0
         for it in range(schedule.iterations):
             s = slice(it * batch, (it + 1) * batch)
             if s.start >= T:
                 break
-            loss, grads = _loss_and_grads(x_ep[s], y_ep[s], f_ep[s], q_ep[s], tau_ep[s], *params, schedule.kl_weight)
+            loss, grads = _loss_and_grads(x_ep[s], y_ep[s], f_ep[s], q_ep[s], tau, *params, schedule.kl_weight)
             for p, g in zip(params, grads):
                 p.grad = g
             opt.step()
             sched.step()
             total += loss * x_ep[s].shape[0]
-            seen += x_ep[s].shape[0]
-        mean = total / max(1, seen)
+        last = total / T
         if epoch == 0:
-            first = mean
-        last = mean
+            first = last
     return Refined(*params, first, last)
 
 
@@ -137,38 +137,15 @@ def _rms(t: torch.Tensor) -> float:
     return value if value > 0 else 1.0
 
 
-def residual_norms(X: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, E: torch.Tensor | None = None,
-                   y_sq: torch.Tensor | None = None, chunk: int = 4096) -> torch.Tensor:
-    """``e_{t,i} = ‖y_t − A_i B_i x̃_t‖`` ``(T, N)`` from
-    ``‖y‖² − 2 (A_iᵀy)·z + zᵀ(A_iᵀA_i)z``, ``z = B_i x̃`` (no ``(T, N, d_out)`` temporary).
-
-    With ``E`` (``Y = X Eᵀ``) and ``d_in < d_out``, ``A_iᵀy`` is computed as ``(EᵀA_i)ᵀx̃``,
-    the narrower product; ``y_sq`` (``‖y_t‖²``) may be passed in, as it does not change."""
-    N, d_out, r = A.shape
-    A_flat = A.transpose(0, 1).reshape(d_out, N * r)
-    B_flat = B.reshape(N * r, -1)
-    through_input = E is not None and X.shape[1] < d_out
-    C = E.T.to(A_flat) @ A_flat if through_input else None  # (d_in, N·r)
-    gram = A.transpose(1, 2) @ A  # (N, r, r)
-    out = X.new_empty(X.shape[0], N)
-    for s in range(0, X.shape[0], chunk):
-        x, y = X[s : s + chunk], Y[s : s + chunk]
-        Z = (x @ B_flat.T).reshape(-1, N, r)
-        proj = (x @ C if through_input else y @ A_flat).reshape(-1, N, r)
-        quad = (torch.einsum("bnr,nrs->bns", Z, gram) * Z).sum(2)
-        ysq = y.pow(2).sum(1) if y_sq is None else y_sq[s : s + chunk]
-        sq = ysq[:, None] - 2 * (proj * Z).sum(2) + quad
-        out[s : s + chunk] = sq.clamp_min(0).sqrt()
-    return out
+def layer_temperature(e: torch.Tensor, temperature: float) -> float:
+    """``temperature · mean_t std_i(e_{t,i})`` for residual norms ``e`` ``(T, N)``, floored at
+    ``1e-4 · mean(e)`` (experts that leave the same residual everywhere)."""
+    spread = float(e.std(dim=1, correction=0).mean()) if e.numel() else 0.0
+    floor = _MIN_RELATIVE_SPREAD * float(e.mean()) if e.numel() else 0.0
+    return temperature * max(spread, floor, torch.finfo(e.dtype).tiny)
 
 
-def _spread(e: torch.Tensor) -> torch.Tensor:
-    """Per-token spread of the experts' residual norms ``(T, 1)``, floored (see module doc)."""
-    floor = _MIN_RELATIVE_SPREAD * e.mean(dim=1, keepdim=True) + torch.finfo(e.dtype).tiny
-    return torch.maximum(e.std(dim=1, correction=0, keepdim=True), floor)
-
-
-def _loss_and_grads(x, y, f, target, tau, A, B, R, kl_weight: float):
+def _loss_and_grads(x, y, f, target, tau: float, A, B, R, kl_weight: float):
     """Loss of one batch and its gradients with respect to ``A``, ``B``, ``R``.
 
     Tokens are sorted by the router's choice, so each expert with tokens works on a contiguous
