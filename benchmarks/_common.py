@@ -8,8 +8,9 @@ import platform
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def peak_rss_gb() -> float:
@@ -36,8 +37,8 @@ def machine() -> dict:
 
 def finished_cells(out: Path) -> dict[str, str]:
     """``{cell label: status}`` of the cells a benchmark's ``qe compare`` directory holds (read
-    from its cell files by :func:`qe.compare.collect_rows`: no model load)."""
-    from qe.compare import GRID_FILE, collect_rows
+    from its cell files by :func:`qe.commands.compare.collect_rows`: no model load)."""
+    from qe.commands.compare import GRID_FILE, collect_rows
 
     out = Path(out)
     if not (out / GRID_FILE).is_file():
@@ -57,8 +58,8 @@ def rewrite_full_report(out: Path, order: list[str] = ()) -> list[dict]:
     finished cell (each ``qe compare`` call writes its own cells only) and return the rows.
     Rows follow ``order`` (cell labels; FP32 first, cells not in it last). The benchmarks run
     on the embedded default, whose vision tower is synthetic."""
-    from qe.compare import GRID_FILE, collect_rows
-    from qe.compare_report import write_compare_report
+    from qe.commands.compare import GRID_FILE, collect_rows
+    from qe.commands.compare_report import write_compare_report
     from qe.models.default_model import SYNTHETIC_NOTE
 
     out = Path(out)

@@ -31,7 +31,7 @@ def main() -> None:
 
     from qe.analysis.analyze import AnalyzeOptions, run_analysis
     from qe.analysis.report import write_report
-    from qe.api import calibration_set, token_counts
+    from qe.data.calibration import calibration_set, token_counts
     from qe.models.loading import load_model
 
     loaded = load_model(args.model)

@@ -30,8 +30,8 @@ def run_phase(phase: str, samples: int, calib: str | None) -> dict:
     import torch
 
     from qe.analysis.statistics import choose_sample_positions
-    from qe.api import calibration_set
     from qe.capture import StreamContext, attach_stats, capture_block_inputs, run_block
+    from qe.data.calibration import calibration_set
     from qe.models.loading import load_model
 
     t0 = time.perf_counter()

@@ -50,7 +50,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
 
-    from qe.compare import CompareOptions, grid_cells, run_compare
+    from qe.commands.compare import CompareOptions, grid_cells, run_compare
 
     if args.part == "main":
         cells = grid_cells(MAIN_QUANTIZERS, MAIN_COMPENSATORS, MAIN_SETTINGS)

@@ -52,7 +52,7 @@ def export(out: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from transformers import LlamaForCausalLM
 
-    from qe.api import calibration_set
+    from qe.data.calibration import calibration_set
     from qe.evaluation.perplexity import heldout_windows
     from qe.models.default_model import load_smollm2_from_gguf
     from qe.models.loading import load_model

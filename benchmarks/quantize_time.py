@@ -34,7 +34,7 @@ def main() -> None:
 
     import torch
 
-    from qe.compare import CompareOptions, run_compare
+    from qe.commands.compare import CompareOptions, run_compare
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]

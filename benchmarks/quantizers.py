@@ -41,7 +41,7 @@ def main() -> None:
 
     import torch
 
-    from qe.compare import CompareOptions, grid_cells, run_compare
+    from qe.commands.compare import CompareOptions, grid_cells, run_compare
 
     if args.threads:
         torch.set_num_threads(args.threads)

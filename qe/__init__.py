@@ -17,15 +17,15 @@ def load_quantized(directory, *, device=None):
 
 
 def analyze(*args, **kwargs):
-    """``qe analyze`` from Python: see :func:`qe.api.analyze`."""
-    from qe.api import analyze as _analyze
+    """``qe analyze`` from Python: see :func:`qe.commands.analyze.analyze`."""
+    from qe.commands.analyze import analyze as _analyze
 
     return _analyze(*args, **kwargs)
 
 
 def quantize(recipe, model=None, **kwargs):
-    """``qe quantize`` from Python: see :func:`qe.quantize.run_quantize`."""
-    from qe.quantize import run_quantize
+    """``qe quantize`` from Python: see :func:`qe.commands.quantize.run_quantize`."""
+    from qe.commands.quantize import run_quantize
 
     return run_quantize(recipe, model, **kwargs)
 

@@ -13,8 +13,9 @@ each batch tagged with its modality mask and its global token offset.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,7 +53,7 @@ class BlockInputs:
     def total_tokens(self) -> int:
         return sum(b.num_tokens for b in self.batches)
 
-    def with_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
+    def with_hidden(self, hidden: list[torch.Tensor]) -> BlockInputs:
         """The same batches with new hidden states (the next block's inputs)."""
         return BlockInputs([CapturedBatch(h, b.kwargs, b.modality, b.offset) for h, b in zip(hidden, self.batches)])
 

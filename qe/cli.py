@@ -56,7 +56,7 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from qe.info import model_info, render_info
+    from qe.commands.info import model_info, render_info
 
     t0 = time.perf_counter()
     info = model_info(args.model, calib=args.calib, dtype=args.dtype, device=_device(args))
@@ -82,7 +82,7 @@ def _plot_blocks(text: str | None):
 
 
 def cmd_analyze(args) -> int:
-    from qe.api import analyze
+    from qe.commands.analyze import analyze
 
     out, summary = analyze(
         args.model, calib=args.calib, samples=args.samples or 32, out=args.out, estimator=args.estimator, k=args.k,
@@ -125,7 +125,7 @@ def recipe_from_args(args):
 
 
 def cmd_quantize(args) -> int:
-    from qe.quantize import run_quantize
+    from qe.commands.quantize import run_quantize
 
     recipe = recipe_from_args(args)
     composition = recipe.validate()
@@ -169,7 +169,7 @@ def render_layer_table(manifest: dict) -> str:
     for r in manifest["layers"]:
         f = r["figures"]
 
-        def g(key, spec=".4f"):
+        def g(key, spec=".4f", f=f):
             v = f.get(key)
             return format(v, spec) if isinstance(v, (int, float)) else "–"
 
@@ -195,7 +195,7 @@ def _quantize_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_compare(args) -> int:
-    from qe.compare import CompareOptions, run_compare
+    from qe.commands.compare import CompareOptions, run_compare
 
     options = CompareOptions(
         propagation=args.propagation or "quantized",
@@ -206,7 +206,7 @@ def cmd_compare(args) -> int:
     out = args.out or f"reports/compare-{(args.model or 'embedded-default').replace('/', '_')}"
     path, rows = run_compare(args.model, args.quantizers, args.compensators, args.settings, out=out,
                              options=options, force=args.force)
-    from qe.compare_report import markdown_table
+    from qe.commands.compare_report import markdown_table
 
     print(markdown_table(rows))
     failed = [r for r in rows if r.get("status") != "ok"]
@@ -228,7 +228,7 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args) -> int:
-    from qe.evaluate import run_eval
+    from qe.commands.evaluate import run_eval
 
     results = run_eval(args.model, metric=args.metric, text_file=args.text_file, window=args.window,
                        stride=args.stride, reference=args.reference, samples=args.samples, calib=args.calib,

@@ -18,7 +18,8 @@ Two families of hooks:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -38,7 +39,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def qe_estimators() -> Sequence[type["Estimator"]]:
+def qe_estimators() -> Sequence[type[Estimator]]:
     """Return channel-importance estimator classes.
 
     An estimator turns a linear layer's input tokens ``x`` (``T × d_in``) and its weight ``W``
@@ -49,7 +50,7 @@ def qe_estimators() -> Sequence[type["Estimator"]]:
 
 
 @hookspec
-def qe_quantizers() -> Sequence[type["Quantizer"]]:
+def qe_quantizers() -> Sequence[type[Quantizer]]:
     """Return weight quantizer classes.
 
     A quantizer maps a weight matrix, its calibration statistics and a mask of exempt input
@@ -59,7 +60,7 @@ def qe_quantizers() -> Sequence[type["Quantizer"]]:
 
 
 @hookspec
-def qe_compensators() -> Sequence[type["Compensator"]]:
+def qe_compensators() -> Sequence[type[Compensator]]:
     """Return quantization-error compensator classes.
 
     A compensator has a planning step before weight quantization (it may ask for smoothing
@@ -69,7 +70,7 @@ def qe_compensators() -> Sequence[type["Compensator"]]:
 
 
 @hookspec
-def qe_model_adapters() -> Sequence[type["ModelAdapter"]]:
+def qe_model_adapters() -> Sequence[type[ModelAdapter]]:
     """Return model adapter classes.
 
     An adapter recognises a model family and finds its language model's decoder blocks, their
@@ -80,7 +81,7 @@ def qe_model_adapters() -> Sequence[type["ModelAdapter"]]:
 
 
 @hookspec
-def qe_calibration_sources() -> Sequence[type["CalibrationSource"]]:
+def qe_calibration_sources() -> Sequence[type[CalibrationSource]]:
     """Return calibration source classes (named data sets usable as ``--calib NAME``).
 
     Subclass :class:`qe.data.sources.CalibrationSource`.

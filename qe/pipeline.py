@@ -21,8 +21,9 @@ from __future__ import annotations
 import fnmatch
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -32,10 +33,11 @@ from qe.capture import BlockInputs, StreamContext, attach_stats, capture_block_i
 from qe.compensators.base import Compensator, LayerContext, LayerPlan
 from qe.composition import Composition
 from qe.errors import ConfigError, ModelError, NumericalError
-from qe.models.base import MODALITIES, EncodedSample, Modality
+from qe.modality import MODALITIES, Modality
+from qe.models.base import EncodedSample
 from qe.models.loading import LoadedModel
 from qe.plugins import QEPluginManager, default_manager
-from qe.quantizers.grid import fake_quantize_activations
+from qe.quantized import fake_quantize_activations
 from qe.quantizers.qlinear import QuantLinear
 
 Propagation = Literal["quantized", "fp-inputs"]
@@ -191,7 +193,7 @@ class QuantizationPipeline:
         encoded: list[EncodedSample],
         *,
         start_block: int = 0,
-        on_block_done: Callable[[int, "PipelineResult"], None] | None = None,
+        on_block_done: Callable[[int, PipelineResult], None] | None = None,
         result: PipelineResult | None = None,
         inputs: BlockInputs | None = None,
     ) -> PipelineResult:

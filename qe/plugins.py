@@ -15,9 +15,10 @@ import dataclasses
 import importlib.metadata
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
 import pluggy
 

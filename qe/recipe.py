@@ -26,10 +26,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from qe.composition import Composition, resolve_composition
 from qe.errors import ConfigError
@@ -61,7 +62,7 @@ class Recipe:
     skip: tuple[str, ...] = ()
     overrides: tuple[LayerOverride, ...] = field(default_factory=tuple)
 
-    def replace(self, **changes: Any) -> "Recipe":
+    def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:

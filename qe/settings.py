@@ -61,7 +61,7 @@ class QuantSetting:
 
     def with_overrides(
         self, w_bits: int | None = None, a_bits: int | None = None, group_size: int | None = None
-    ) -> "QuantSetting":
+    ) -> QuantSetting:
         """Apply the explicit ``--w-bits/--a-bits/--group-size`` flags."""
         changes = {k: v for k, v in dict(w_bits=w_bits, a_bits=a_bits, group_size=group_size).items() if v is not None}
         return replace(self, **changes)

@@ -18,13 +18,14 @@ function, so it knows nothing of which quantizer or compensator is used.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from qe.errors import ConfigError, NumericalError
-from qe.quantizers.grid import fake_quantize_activations
+from qe.quantized import fake_quantize_activations
 
 SCALE_RANGE = (1e-5, 1e5)  # s is clamped to this range so no channel is scaled to 0 or ∞
 

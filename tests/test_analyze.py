@@ -15,7 +15,7 @@ from qe.analysis.estimators import ActAbsMax, ActWeight
 from qe.analysis.report import load_schema
 from qe.analysis.statistics import ImportanceStats, InputStats, LinearStats, choose_sample_positions
 from qe.errors import ConfigError
-from qe.models.base import Modality
+from qe.modality import Modality
 
 
 def _stats(x, modality, k, estimator, chunks=1, weight=None):
@@ -120,7 +120,7 @@ def test_missing_modality_is_reported_not_divided():
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
-    from qe.api import analyze
+    from qe.commands.analyze import analyze
 
     out = tmp_path_factory.mktemp("an") / "report"
     path, summary = analyze("tiny:llava", samples=6, out=out, k=4, num_experts=2, progress=False,
@@ -160,7 +160,7 @@ def test_summary_validates_against_schema(tiny_report):
 
 
 def test_bad_input_fails_before_work(tmp_path):
-    from qe.api import analyze
+    from qe.commands.analyze import analyze
 
     with pytest.raises(ConfigError, match="matches no linear; names look like"):
         analyze("tiny:llava", layers="nothing_here", out=tmp_path / "a", progress=False)

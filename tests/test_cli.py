@@ -8,8 +8,8 @@ from qe import cli
 
 
 def test_unknown_setting_is_one_line_error(capsys):
-    from qe.settings import parse_setting
     from qe.errors import QEError
+    from qe.settings import parse_setting
 
     with pytest.raises(QEError):
         parse_setting("W4B8")

@@ -7,7 +7,7 @@ import pytest
 
 import qe
 from qe import cli
-from qe.compare import CompareOptions, run_compare
+from qe.commands.compare import CompareOptions, run_compare
 from qe.compensators.base import Compensator
 from qe.errors import ConfigError, QEError
 from qe.plugins import QEPluginManager
@@ -41,7 +41,7 @@ def test_grid_writes_every_file(grid):
 
 def test_rerun_does_no_work(grid, monkeypatch):
     path, rows = grid
-    import qe.compare as compare
+    import qe.commands.compare as compare
 
     def boom(*a, **k):
         raise AssertionError("a finished grid must not quantize again")
@@ -92,8 +92,8 @@ def test_failing_cell_is_recorded_and_grid_goes_on(tmp_path, propagation):
 
 def test_fp_inputs_grid_shares_statistics_and_matches_quantize(tmp_path):
     """In fp-inputs mode a cell equals the same composition quantized alone in fp-inputs mode."""
-    from qe.api import calibration_set
     from qe.composition import resolve_composition
+    from qe.data.calibration import calibration_set
     from qe.models.loading import load_model
     from qe.pipeline import PipelineOptions, QuantizationPipeline
 
@@ -135,10 +135,10 @@ def test_eval_cli_metrics(tmp_path, capsys):
 
 
 def test_layer_error_is_zero_against_itself_and_positive_when_quantized(tmp_path):
-    from qe.api import calibration_set
+    from qe.commands.quantize import run_quantize
+    from qe.data.calibration import calibration_set
     from qe.evaluation.metrics import layer_errors
     from qe.models.loading import load_model
-    from qe.quantize import run_quantize
     from qe.recipe import Recipe
 
     ref = load_model("tiny:llava")
@@ -151,7 +151,7 @@ def test_layer_error_is_zero_against_itself_and_positive_when_quantized(tmp_path
 
 
 def test_grid_accepts_setting_strings_and_objects():
-    from qe.compare import grid_cells
+    from qe.commands.compare import grid_cells
     from qe.settings import parse_setting
 
     cells = grid_cells(["rtn"], ["none"], ["W4A16chsym", parse_setting("W4A8")])

@@ -3,8 +3,8 @@
 import torch
 
 from qe.data.images import builtin_image_captions, default_prompt
+from qe.modality import Modality
 from qe.models import default_model as default_model_module
-from qe.models.base import Modality
 
 
 def test_text_logits_equal_smollm2_from_gguf(default_model):

@@ -6,14 +6,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qe.errors import ConfigError, NumericalError
+from qe.quantized import fake_quantize_activations, quantize_activations_per_token
 from qe.quantizers.grid import (
     check_group_size,
-    fake_quantize_activations,
     grid_params,
     group_params,
     mse_clip_ratio,
     num_groups,
-    quantize_activations_per_token,
     quantize_rtn,
     quantize_rtn_per_tensor,
     quantize_to_codes,

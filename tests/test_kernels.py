@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 from qe.kernels import ops
 from qe.kernels import reference as twin
-from qe.quantizers.grid import fake_quantize_activations, quantize_activations_per_token, quantize_rtn
+from qe.quantized import fake_quantize_activations, quantize_activations_per_token
+from qe.quantizers.grid import quantize_rtn
 from qe.quantizers.packing import pack
 from qe.quantizers.qlinear import QuantLinear
 

@@ -270,7 +270,7 @@ def test_registered_as_model_qe_and_built_from_an_arg_string(bridge, tiny):
 
 # ---------------------------------------------------------------------- quantized checkpoints
 def test_quantized_checkpoint_scores_and_generates(bridge, tiny, image, tmp_path):
-    from qe.quantize import run_quantize
+    from qe.commands.quantize import run_quantize
     from qe.quantizers.qlinear import QuantLinear
     from qe.recipe import Recipe
 

@@ -13,8 +13,6 @@ from qe.models.families import Idefics3Adapter, InternVLAdapter, QwenVLAdapter
 from qe.models.loading import load_model, select_adapter
 
 
-
-
 class OddBlock(nn.Module):
     """A decoder block with names no adapter knows."""
 

@@ -114,7 +114,7 @@ def test_streamed_statistics_equal_without_offload(pair):
     """The block loop reads an offloaded model block by block: every streamed statistic (and
     the analysis built on them) equals the in-memory model's."""
     from qe.analysis.analyze import AnalyzeOptions, run_analysis
-    from qe.api import calibration_set
+    from qe.data.calibration import calibration_set
 
     ref, off = pair
     _, encoded = calibration_set(ref, None, 3)

@@ -25,8 +25,6 @@ from qe.models import tiny
 from qe.models.loading import load_model
 
 
-
-
 class Output:
     def __init__(self, logits):
         self.logits = logits

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from qe.quantizers.grid import fake_quantize_activations, quantize_rtn, static_activation_scale
+from qe.quantized import fake_quantize_activations
+from qe.quantizers.grid import quantize_rtn, static_activation_scale
 from qe.quantizers.qlinear import QuantLinear
 
 

@@ -148,7 +148,7 @@ def test_grouped_forward_equals_per_token_reference(T, n, r, r_s, bits, seed):
     m.R[-1] += 100.0  # the last expert never wins: an expert without tokens
     x = torch.randn(T, d_in, generator=g)
     y = m(x)
-    from qe.quantizers.grid import fake_quantize_activations
+    from qe.quantized import fake_quantize_activations
 
     xb = fake_quantize_activations(x, bits) if bits < 16 else x
     for t in range(T):

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import qe
+from qe.commands.quantize import partial_dir, run_quantize
 from qe.errors import ConfigError, ModelError, QEError
 from qe.models.loading import load_model
 from qe.plugins import QEPluginManager
-from qe.quantize import partial_dir, run_quantize
 from qe.recipe import LayerOverride, Recipe, load_recipe
 
 
@@ -45,7 +45,7 @@ def test_checkpoint_is_self_contained(quantized_tiny):
 
 
 def test_reload_equals_in_memory_model_and_generates(quantized_tiny):
-    from qe.api import calibration_set
+    from qe.data.calibration import calibration_set
 
     loaded, path, _ = quantized_tiny
     reloaded = qe.load_quantized(path)

@@ -14,9 +14,10 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from qe.errors import ConfigError
 from qe.plugins import default_manager
+from qe.quantized import fake_quantize_activations
 from qe.quantizers.awq import AWQ, AWQConfig
 from qe.quantizers.gptq import GPTQ
-from qe.quantizers.grid import fake_quantize_activations, quantize_rtn
+from qe.quantizers.grid import quantize_rtn
 from qe.quantizers.rtn import RTN
 from qe.quantizers.smoothquant import SmoothQuant, SmoothQuantConfig
 from qe.settings import parse_setting

@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 from qe.data.images import builtin_image_captions, default_prompt
 from qe.errors import ModelError
+from qe.modality import Modality
 from qe.models import tiny
-from qe.models.base import LLAMA_LINEARS, Modality
+from qe.models.base import LLAMA_LINEARS
 from qe.models.loading import load_model
 
 EXPECTED_ADAPTER = {
@@ -113,7 +114,7 @@ def test_encode_matches_processor_and_forward_runs(family, loaded, image_sample)
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_info_command_path(family):
-    from qe.info import model_info, render_info
+    from qe.commands.info import model_info, render_info
 
     info = model_info(f"tiny:{family}")
     assert info["adapter"] == EXPECTED_ADAPTER[family]

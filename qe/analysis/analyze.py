@@ -24,7 +24,8 @@ from qe.analysis import channels as ch
 from qe.analysis.statistics import LinearStats, choose_sample_positions
 from qe.capture import StreamContext, attach_stats, capture_block_inputs, run_block
 from qe.errors import ConfigError
-from qe.models.base import MODALITIES, EncodedSample, Modality
+from qe.modality import MODALITIES, Modality
+from qe.models.base import EncodedSample
 from qe.models.loading import LoadedModel
 from qe.plugins import QEPluginManager, default_manager
 

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from qe.analysis.analyze import AnalysisResult, LayerPlotData  # noqa: E402
-from qe.models.base import MODALITIES  # noqa: E402
+from qe.modality import MODALITIES  # noqa: E402
 
 SCHEMA_VERSION = 1
 MODALITY_COLORS = {"all": "black", "text": "tab:blue", "vision": "tab:orange", "answer": "tab:green"}

@@ -18,7 +18,7 @@ import torch
 
 from qe.errors import NumericalError
 from qe.gram import gram_upper, mirror_upper
-from qe.models.base import MODALITIES
+from qe.modality import MODALITIES
 
 NUM_MODALITIES = len(MODALITIES)
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from qe.analysis.statistics import LinearStats
 from qe.plugins import Plugin
-from qe.quantizers.base import QuantizedWeight
+from qe.quantized import QuantizedWeight
 from qe.settings import QuantSetting
 
 

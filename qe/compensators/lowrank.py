@@ -37,7 +37,7 @@ from qe.compensators.base import Compensator, LayerContext, LayerPlan
 from qe.compensators.linalg import lqer_lowrank, svd_lowrank_plain, whitened_lowrank
 from qe.compensators.modules import LowRankAdapter
 from qe.errors import ConfigError
-from qe.quantizers.base import QuantizedWeight
+from qe.quantized import QuantizedWeight
 
 # Quant Experts' default smoothing grid (QE-METHOD.md §3.1): None = no smoothing.
 QE_DEFAULT_ALPHAS: tuple[float | None, ...] = (None, 0.25, 0.5, 0.75)

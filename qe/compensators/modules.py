@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from qe.errors import ConfigError
-from qe.quantizers.grid import fake_quantize_activations
+from qe.quantized import fake_quantize_activations
 
 ROUTINGS = ("router", "random", "oracle")
 

@@ -81,7 +81,7 @@ from qe.compensators.modules import QuantExpertsAdapter
 from qe.compensators.refinement import RefineSchedule, refine_experts
 from qe.errors import ConfigError, DataError
 from qe.gram import symmetric_gram
-from qe.quantizers.base import QuantizedWeight
+from qe.quantized import QuantizedWeight
 
 Mode = Literal["full", "shared-only", "routed-only", "random-routing", "random-clustering", "oracle-routing"]
 SCORE_CHUNK = 4096  # tokens scored at a time (bounds the (chunk, d_in) score matrix)

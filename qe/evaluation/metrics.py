@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qe.errors import DataError
-from qe.models.base import MODALITIES, EncodedSample, Modality
+from qe.modality import MODALITIES, Modality
+from qe.models.base import EncodedSample
 
 
 @dataclass(frozen=True)

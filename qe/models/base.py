@@ -15,7 +15,6 @@ prompt format.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Any, ClassVar
 
 import torch
@@ -23,16 +22,8 @@ from torch import nn
 
 from qe.data.samples import Sample
 from qe.errors import DataError, ModelError
+from qe.modality import MODALITIES, Modality
 from qe.plugins import Plugin
-
-
-class Modality(IntEnum):
-    TEXT = 0  # text prompt (and plain text)
-    VISION = 1
-    ANSWER = 2
-
-
-MODALITIES = tuple(m.name.lower() for m in Modality)
 
 
 @dataclass

@@ -32,7 +32,7 @@ class ImageOnlyProcessorMixin:
     @classmethod
     def load_processor(cls, path: str | Path, config=None):
         """The image-only processor of the checkpoint at ``path`` (None: use AutoProcessor)."""
-        from qe.models.tiny import image_only_processor_class
+        from qe.models.processors import image_only_processor_class
 
         model_type = getattr(config, "model_type", None) or cls.model_types[0]
         processor_cls = image_only_processor_class(model_type)

@@ -119,9 +119,8 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from qe.models import default_model, tiny
-
     from qe import checkpoint
+    from qe.models import default_model, tiny
 
     if isinstance(name_or_path, (str, Path)) and checkpoint.is_checkpoint(name_or_path):
         return checkpoint.load_quantized(name_or_path, device=device, manager=manager)

@@ -15,7 +15,7 @@ offloaded tree or write them back itself.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

@@ -23,7 +23,7 @@ import copy
 import hashlib
 import json
 import logging
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from qe.errors import ModelError
+from qe.models.processors import image_only_processor_class
 from qe.paths import atomic_directory, cache_dir
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def _training_text() -> list[str]:
     return list(_OWN_SENTENCES) + [topics[k] for k in keys[:: max(1, len(keys) // 12)]]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _base_tokenizer_json(vocab_size: int) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -232,67 +233,6 @@ def tiny_tokenizer(family: str):
 
 
 # --------------------------------------------------------------------------- processors
-
-
-# The image-sequence-length parameter each processor takes, where it has one.
-_SEQ_PARAM = {"InternVLProcessor": "image_seq_length", "SmolVLMProcessor": "image_seq_len"}
-
-
-def _image_only(processor_cls: type) -> type:
-    """``processor_cls`` without a video processor (images only; no torchvision needed).
-
-    transformers derives a processor's parts from its ``__init__`` signature (and the
-    parameters ``from_pretrained`` passes on from its code object), so the subclass leaves
-    ``video_processor`` out of the signature, hands ``None`` to the parent, and names the
-    parent's other parameters explicitly.
-    """
-    seq_param = _SEQ_PARAM.get(processor_cls.__name__)
-    if seq_param == "image_seq_length":
-
-        class ImageOnly(processor_cls):
-            def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256,
-                         chat_template=None, **kwargs):
-                kwargs.pop("video_processor", None)
-                super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length,
-                                 chat_template=chat_template, **kwargs)
-    elif seq_param == "image_seq_len":
-
-        class ImageOnly(processor_cls):
-            def __init__(self, image_processor=None, tokenizer=None, image_seq_len: int = 169,
-                         chat_template=None, **kwargs):
-                kwargs.pop("video_processor", None)
-                super().__init__(image_processor, tokenizer, None, image_seq_len=image_seq_len,
-                                 chat_template=chat_template, **kwargs)
-    else:
-
-        class ImageOnly(processor_cls):
-            def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-                kwargs.pop("video_processor", None)
-                super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    ImageOnly.__name__ = ImageOnly.__qualname__ = f"ImageOnly{processor_cls.__name__}"
-    ImageOnly.__module__ = __name__
-    ImageOnly.__doc__ = f"{processor_cls.__name__} without a video processor (images only; no torchvision)."
-    return ImageOnly
-
-
-# Processors whose stock class builds a torchvision video processor, by model type.
-VIDEO_PROCESSOR_FAMILIES = {
-    "qwen2_vl": "Qwen2VLProcessor",
-    "qwen2_5_vl": "Qwen2_5_VLProcessor",
-    "qwen3_vl": "Qwen3VLProcessor",
-    "internvl": "InternVLProcessor",
-    "smolvlm": "SmolVLMProcessor",
-}
-
-
-@lru_cache(maxsize=None)
-def image_only_processor_class(model_type: str) -> type:
-    import transformers
-
-    if model_type not in VIDEO_PROCESSOR_FAMILIES:
-        raise ModelError(f"no image-only processor for model type {model_type!r}")
-    return _image_only(getattr(transformers, VIDEO_PROCESSOR_FAMILIES[model_type]))
 
 
 def _processor(family: str, tokenizer):

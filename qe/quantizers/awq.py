@@ -21,13 +21,14 @@ silently producing an unsmoothed RTN model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
 from qe.errors import ConfigError
-from qe.quantizers.base import QuantizedWeight, Quantizer
+from qe.quantized import QuantizedWeight
+from qe.quantizers.base import Quantizer
 from qe.settings import QuantSetting
 
 INNER_QUANTIZERS = ("rtn", "gptq")

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from qe.errors import ConfigError, DataError, NumericalError
-from qe.quantizers.base import QuantizedWeight, Quantizer
+from qe.quantized import QuantizedWeight
+from qe.quantizers.base import Quantizer
 from qe.quantizers.grid import (
     check_finite,
     check_group_size,

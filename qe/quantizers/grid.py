@@ -29,7 +29,7 @@ import math
 import torch
 
 from qe.errors import ConfigError, NumericalError
-from qe.quantizers.base import QuantizedWeight
+from qe.quantized import QuantizedWeight, quantize_activations_per_token  # noqa: F401
 
 _EPS = 1e-12
 WEIGHT_BITS = range(2, 9)
@@ -213,15 +213,6 @@ def quantize_rtn_per_tensor(
 # --------------------------------------------------------------------------- activations
 
 
-def quantize_activations_per_token(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token dynamic symmetric quantization: integer codes ``q ∈ [-qmax, qmax]`` and
-    per-token scales (``x ≈ q * scale``), ``qmax = 2^(b-1) - 1``."""
-    qmax = 2 ** (bits - 1) - 1
-    scale = (x.abs().amax(dim=-1, keepdim=True).float() / qmax).clamp_min(_EPS)
-    q = (x.float() / scale).round().clamp(-qmax, qmax)
-    return q, scale
-
-
 def static_activation_scale(
     absmax: torch.Tensor, bits: int, act_exempt: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -234,17 +225,3 @@ def static_activation_scale(
         a = a.masked_fill(act_exempt.to(a.device), 0.0)
     qmax = 2 ** (bits - 1) - 1
     return (a.max() / qmax).clamp_min(_EPS)
-
-
-def fake_quantize_activations(x: torch.Tensor, bits: int, static_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantize-dequantize activations; A16 (bits ≥ 16) is the identity.
-
-    Per token and dynamic by default; with ``static_scale`` one calibrated per-tensor scale.
-    """
-    if bits >= 16:
-        return x
-    if static_scale is not None:
-        qmax = 2 ** (bits - 1) - 1
-        return ((x.float() / static_scale).round().clamp(-qmax, qmax) * static_scale).to(x.dtype)
-    q, scale = quantize_activations_per_token(x, bits)
-    return (q * scale).to(x.dtype)

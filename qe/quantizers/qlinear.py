@@ -18,8 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qe.quantizers.base import QuantizedWeight
-from qe.quantizers.grid import fake_quantize_activations
+from qe.quantized import QuantizedWeight, fake_quantize_activations
 from qe.quantizers.packing import pack, packed_columns, unpack
 
 
@@ -64,7 +63,7 @@ class QuantLinear(nn.Module):
         act_exempt: torch.Tensor | None = None,
         static_act_scale: torch.Tensor | None = None,
         compensator: nn.Module | None = None,
-    ) -> "QuantLinear":
+    ) -> QuantLinear:
         d_out, d_in = q.shape
         m = cls(
             d_in, d_out, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, a_bits=a_bits,
@@ -100,7 +99,7 @@ class QuantLinear(nn.Module):
         }
 
     @classmethod
-    def from_layout(cls, layout: dict[str, Any]) -> "QuantLinear":
+    def from_layout(cls, layout: dict[str, Any]) -> QuantLinear:
         layout = dict(layout)
         return cls(layout.pop("in_features"), layout.pop("out_features"), **layout)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qe.errors import ConfigError
-from qe.quantizers.base import QuantizedWeight, Quantizer
+from qe.quantized import QuantizedWeight
+from qe.quantizers.base import Quantizer
 from qe.quantizers.grid import quantize_rtn
 
 # Clip ratios searched per row/group when clipping is on (MSE-optimal choice among them).

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qe.errors import ConfigError
-from qe.quantizers.base import QuantizedWeight, Quantizer
+from qe.quantized import QuantizedWeight
+from qe.quantizers.base import Quantizer
 
 INNER_QUANTIZERS = ("rtn", "gptq")
 

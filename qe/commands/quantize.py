@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qe import checkpoint
-from qe.api import calibration_set, data_hash, token_counts
+from qe.data.calibration import calibration_set, data_hash, token_counts
 from qe.errors import ConfigError, QEError
 from qe.models.loading import LoadedModel, load_model
 from qe.pipeline import LayerRecord, PipelineOptions, PipelineResult, QuantizationPipeline

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qe.api import calibration_set, encode_samples
+from qe.data.calibration import calibration_set, encode_samples
 from qe.errors import ConfigError
 from qe.models.loading import load_model
 from qe.paths import atomic_write_text

@@ -85,7 +85,7 @@ def _plot_pareto(path: Path, rows: list[dict], x_key: str, x_label: str) -> str 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     settings = list(dict.fromkeys(r["setting"] for r in ok))
     for s in settings:
-        pts = sorted(((_num(r.get(x_key)) or 0.0, _num(r["ppl"]), r["compensator"]) for r in ok if r["setting"] == s))
+        pts = sorted((_num(r.get(x_key)) or 0.0, _num(r["ppl"]), r["compensator"]) for r in ok if r["setting"] == s)
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=s, s=18)
         for x, y, name in pts:
             ax.annotate(name, (x, y), fontsize=6, alpha=0.7)

@@ -30,9 +30,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from qe.analysis.statistics import choose_sample_positions
-from qe.api import calibration_set, data_hash, encode_samples, token_counts
 from qe.capture import StreamContext, attach_stats, capture_block_inputs, run_block
 from qe.composition import Composition, resolve_composition
+from qe.data.calibration import calibration_set, data_hash, encode_samples, token_counts
 from qe.errors import ConfigError, QEError
 from qe.models.loading import LoadedModel, load_model
 from qe.pipeline import PipelineOptions, PipelineResult, QuantizationPipeline
@@ -236,7 +236,7 @@ def run_compare(
             _run_quantized(loaded, pending, pipeline_opts, inputs, evaluator, cells_dir, manager, options, shared)
 
     rows = collect_rows(out)
-    from qe.compare_report import write_compare_report
+    from qe.commands.compare_report import write_compare_report
 
     write_compare_report(out, rows, {**grid, **calib_facts, "notes": loaded.notes,
                                      "synthetic_vision_tower": loaded.synthetic_vision,

@@ -1,0 +1,68 @@
+"""Image-only processors: the stock processors of some VLM families build a torchvision video
+processor, which cannot be installed beside every torch; these subclasses leave it out."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from qe.errors import ModelError
+
+# The image-sequence-length parameter each processor takes, where it has one.
+_SEQ_PARAM = {"InternVLProcessor": "image_seq_length", "SmolVLMProcessor": "image_seq_len"}
+
+
+def _image_only(processor_cls: type) -> type:
+    """``processor_cls`` without a video processor (images only; no torchvision needed).
+
+    transformers derives a processor's parts from its ``__init__`` signature (and the
+    parameters ``from_pretrained`` passes on from its code object), so the subclass leaves
+    ``video_processor`` out of the signature, hands ``None`` to the parent, and names the
+    parent's other parameters explicitly.
+    """
+    seq_param = _SEQ_PARAM.get(processor_cls.__name__)
+    if seq_param == "image_seq_length":
+
+        class ImageOnly(processor_cls):
+            def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256,
+                         chat_template=None, **kwargs):
+                kwargs.pop("video_processor", None)
+                super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length,
+                                 chat_template=chat_template, **kwargs)
+    elif seq_param == "image_seq_len":
+
+        class ImageOnly(processor_cls):
+            def __init__(self, image_processor=None, tokenizer=None, image_seq_len: int = 169,
+                         chat_template=None, **kwargs):
+                kwargs.pop("video_processor", None)
+                super().__init__(image_processor, tokenizer, None, image_seq_len=image_seq_len,
+                                 chat_template=chat_template, **kwargs)
+    else:
+
+        class ImageOnly(processor_cls):
+            def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+                kwargs.pop("video_processor", None)
+                super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = f"ImageOnly{processor_cls.__name__}"
+    ImageOnly.__module__ = __name__
+    ImageOnly.__doc__ = f"{processor_cls.__name__} without a video processor (images only; no torchvision)."
+    return ImageOnly
+
+
+# Processors whose stock class builds a torchvision video processor, by model type.
+VIDEO_PROCESSOR_FAMILIES = {
+    "qwen2_vl": "Qwen2VLProcessor",
+    "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "qwen3_vl": "Qwen3VLProcessor",
+    "internvl": "InternVLProcessor",
+    "smolvlm": "SmolVLMProcessor",
+}
+
+
+@cache
+def image_only_processor_class(model_type: str) -> type:
+    import transformers
+
+    if model_type not in VIDEO_PROCESSOR_FAMILIES:
+        raise ModelError(f"no image-only processor for model type {model_type!r}")
+    return _image_only(getattr(transformers, VIDEO_PROCESSOR_FAMILIES[model_type]))
