@@ -209,34 +209,3 @@ def effective_bits(model: nn.Module) -> dict[str, float]:
     if weights == 0:
         return {"bits_per_weight": float("nan"), "bits_per_weight_with_adapters": float("nan")}
     return {"bits_per_weight": 8 * base / weights, "bits_per_weight_with_adapters": 8 * full / weights}
-
-
-def load_quantized(directory: str | Path, *, device: str | None = None, manager=None):
-    """Load a checkpoint written by ``qe quantize`` as a :class:`~qe.models.loading.LoadedModel`.
-
-    The model's outputs equal those of the in-memory quantized model that was saved.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    from qe.models.loading import LoadedModel, load_processor, select_adapter
-
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    verify_files(directory, manifest["files"])
-    config = AutoConfig.from_pretrained(directory)
-    try:
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    except ValueError:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    install_quantized_modules(model, manifest["layouts"], manager)
-    load_tensors(model, directory, manifest["shards"], manifest.get("tied", {}))
-    model.eval()
-    if device is not None:
-        model.to(device)
-    adapter = select_adapter(model, manager)
-    processor = load_processor(str(directory), adapter, config)
-    info = manifest["model"]
-    notes = list(info.get("notes", [])) + [f"quantized with {manifest['composition']['quantizer']} + "
-                                           f"{manifest['composition']['compensator']} at {manifest['composition']['setting']}"]
-    card = {"synthetic_vision_tower": info.get("synthetic_vision_tower", False)}
-    return LoadedModel(model, processor, adapter, f"{info['name']}-quantized", str(directory), notes, card, manifest)

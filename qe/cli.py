@@ -57,6 +57,11 @@ def cmd_plugins(args) -> int:
             print(f"  {e.name:<18} [{e.origin}] {e.summary}")
             if params:
                 print(f"  {'':<18} parameters: {params}")
+    print("event hooks (implement with @qe.hookimpl to watch the pipeline):")
+    for name, summary, implementers in manager.event_hooks():
+        print(f"  {name:<18} {summary}")
+        if implementers:
+            print(f"  {'':<18} implemented by: {', '.join(implementers)}")
     return 0
 
 
@@ -270,7 +275,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qe import __version__
+    from qe.version import __version__
 
     shared = _shared_options()
     parser = argparse.ArgumentParser(

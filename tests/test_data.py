@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qe.data.images import _catalog, _load_reference, builtin_image_captions, load_image, to_rgb
+from qe.data.images import _catalog, _load_reference, builtin_image_captions, load_image, sample_image, to_rgb
 from qe.data.sources import BuiltinImages, JsonlSource, PydocText, read_jsonl, resolve_source, take_samples
 from qe.data.text import (
     CALIB_WINDOWS,
@@ -169,7 +169,7 @@ def test_jsonl_reads_the_three_record_kinds(tmp_path, png):
     assert samples[0].image == str(png) and samples[0].prompt is None
     assert samples[1].prompt == "What colour?"
     assert samples[2].image is None and samples[2].text == "Plain text for calibration."
-    assert samples[0].load_image().getpixel((0, 0)) == (200, 10, 10)
+    assert sample_image(samples[0]).getpixel((0, 0)) == (200, 10, 10)
     assert isinstance(resolve_source(str(f)), JsonlSource)
     assert resolve_source(str(f)).samples() == samples
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qe.data.images import builtin_image_captions, default_prompt
+from qe.data.images import builtin_image_captions, default_prompt, sample_image
 from qe.errors import ModelError
 from qe.modality import Modality
 from qe.models import tiny
@@ -83,7 +83,7 @@ def test_encode_matches_processor_and_forward_runs(family, loaded, image_sample)
 
     # Reference: the processor's own output for the same prompt and image.
     prompt_text = lm.adapter.format_prompt(lm.processor, default_prompt())
-    ref = lm.processor(text=[prompt_text], images=[image_sample.load_image()], return_tensors="pt")
+    ref = lm.processor(text=[prompt_text], images=[sample_image(image_sample)], return_tensors="pt")
     n_prompt = ref["input_ids"].shape[1]
     n_image = int((ref["input_ids"] == tiny.IMAGE_TOKEN_ID).sum())
     answer = lm.tokenizer(" " + image_sample.text.strip(), add_special_tokens=False)["input_ids"]

@@ -44,9 +44,9 @@ def _write_json(path: Path, data: Any) -> None:
 def _versions() -> dict[str, str]:
     import transformers
 
-    import qe
+    from qe.version import __version__
 
-    return {"qe": qe.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return {"qe": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def run_quantize(

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from qe.data.images import sample_image
 from qe.data.samples import Sample
 from qe.errors import DataError, ModelError
 from qe.modality import MODALITIES, Modality
@@ -189,7 +190,7 @@ class ModelAdapter(Plugin):
                 torch.full((ids.shape[1],), int(Modality.TEXT), dtype=torch.int8),
                 sample.origin,
             )
-        image = sample.load_image()
+        image = sample_image(sample)
         prompt_text = self.format_prompt(processor, sample.prompt or default_prompt)
         inputs = dict(processor(text=[prompt_text], images=[image], return_tensors="pt", **self.processor_kwargs()))
         answer = tokenizer(" " + sample.text.strip(), add_special_tokens=False, return_tensors="pt")["input_ids"]

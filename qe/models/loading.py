@@ -123,7 +123,7 @@ def load_model(
     from qe.models import default_model, tiny
 
     if isinstance(name_or_path, (str, Path)) and checkpoint.is_checkpoint(name_or_path):
-        return checkpoint.load_quantized(name_or_path, device=device, manager=manager)
+        return load_quantized(name_or_path, device=device, manager=manager)
     torch_dtype = parse_dtype(dtype)
     notes: list[str] = []
     tiny_spec = tiny.parse_tiny_name(name_or_path) if isinstance(name_or_path, str) else None
@@ -163,3 +163,34 @@ def load_model(
     adapter = select_adapter(model, manager)
     processor = load_processor(path, adapter, config)
     return LoadedModel(model, processor, adapter, name, path, notes, card)
+
+
+def load_quantized(directory: str | Path, *, device: str | None = None, manager=None):
+    """Load a checkpoint written by ``qe quantize`` as a :class:`~qe.models.loading.LoadedModel`.
+
+    The model's outputs equal those of the in-memory quantized model that was saved.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from qe import checkpoint
+
+    directory = Path(directory)
+    manifest = checkpoint.read_manifest(directory)
+    checkpoint.verify_files(directory, manifest["files"])
+    config = AutoConfig.from_pretrained(directory)
+    try:
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    except ValueError:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    checkpoint.install_quantized_modules(model, manifest["layouts"], manager)
+    checkpoint.load_tensors(model, directory, manifest["shards"], manifest.get("tied", {}))
+    model.eval()
+    if device is not None:
+        model.to(device)
+    adapter = select_adapter(model, manager)
+    processor = load_processor(str(directory), adapter, config)
+    info = manifest["model"]
+    notes = list(info.get("notes", [])) + [f"quantized with {manifest['composition']['quantizer']} + "
+                                           f"{manifest['composition']['compensator']} at {manifest['composition']['setting']}"]
+    card = {"synthetic_vision_tower": info.get("synthetic_vision_tower", False)}
+    return LoadedModel(model, processor, adapter, f"{info['name']}-quantized", str(directory), notes, card, manifest)
