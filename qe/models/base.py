@@ -81,6 +81,12 @@ class ModelAdapter(Plugin):
 
     # ------------------------------------------------------------------ recognition
     @classmethod
+    def load_processor(cls, path: str, config=None):
+        """The checkpoint's processor where the family needs its own loader (e.g. an image-only
+        processor without torchvision), or None to let ``AutoProcessor`` load it."""
+        return None
+
+    @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return getattr(getattr(model, "config", None), "model_type", None) in cls.model_types
 

@@ -63,12 +63,12 @@ def select_adapter(model: nn.Module, manager=None) -> ModelAdapter:
     from qe.plugins import default_manager
 
     manager = manager or default_manager()
-    entries = sorted(manager.entries("model_adapter").values(), key=lambda e: -getattr(e.cls, "priority", 0))
+    entries = sorted(manager.entries("model_adapter").values(), key=lambda e: -e.cls.priority)
     for entry in entries:
         if entry.cls.matches(model):
             return entry.cls()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    known = sorted({t for e in entries for t in getattr(e.cls, "model_types", ())})
+    known = sorted({t for e in entries for t in e.cls.model_types})
     raise ModelError(
         f"no model adapter reads {type(model).__name__} (model_type {model_type!r}): the family adapters serve "
         f"model types {', '.join(known)}, and the generic fallback found no ModuleList of decoder blocks holding "
@@ -80,14 +80,12 @@ def load_processor(path: str, adapter: ModelAdapter, config=None):
     """The model's processor: the adapter's own loader where it has one, else ``AutoProcessor``.
 
     Some families' stock processors need torchvision for a video processor; their adapters
-    rebuild an image-only processor (a ``load_processor(path, config)`` classmethod that may
-    return None to defer to ``AutoProcessor``). Text-only checkpoints fall back to their
-    tokenizer.
+    rebuild an image-only processor (:meth:`ModelAdapter.load_processor`, None to defer to
+    ``AutoProcessor``). Text-only checkpoints fall back to their tokenizer.
     """
     from transformers import AutoProcessor, AutoTokenizer
 
-    own = getattr(adapter, "load_processor", None)
-    processor = own(path, config) if own is not None else None
+    processor = adapter.load_processor(path, config)
     if processor is not None:
         return processor
     try:
