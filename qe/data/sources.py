@@ -78,6 +78,49 @@ class PydocText(CalibrationSource):
         return [Sample(text="", token_ids=tuple(int(t) for t in w), origin=f"pydoc:{split}#{i}") for i, w in enumerate(wins)]
 
 
+@dataclass(frozen=True)
+class MixedConfig:
+    text_share: float = 0.5  # share of the samples that are text windows (the rest image-caption pairs)
+    window: int = WINDOW  # tokens per text window
+
+    def __post_init__(self):
+        if not 0.0 <= self.text_share <= 1.0:
+            raise ConfigError(f"mixed text_share={self.text_share} is outside 0..1")
+        if self.window < 2:
+            raise ConfigError("mixed needs window >= 2")
+
+
+class MixedCalibration(CalibrationSource):
+    """Real text windows (pydoc) interleaved with the built-in image-caption pairs."""
+
+    name = "mixed"
+    Config = MixedConfig
+
+    def samples(self, tokenizer, split: Split = "calib") -> list[Sample]:
+        text = PydocText(PydocConfig(window=self.config.window)).samples(tokenizer, split)
+        images = builtin_image_captions(split)
+        return interleave(text, images, self.config.text_share)
+
+    def describe(self) -> str:
+        return f"mixed ({self.config.text_share:.0%} pydoc text windows of {self.config.window} tokens, the rest image-caption pairs)"
+
+
+def interleave(first: list[Sample], second: list[Sample], share: float) -> list[Sample]:
+    """Both lists in one, so that every prefix of length n holds ``round(n · share)`` (as near as
+    the lists allow) samples of ``first``: taking the first n samples keeps the proportion."""
+    out: list[Sample] = []
+    i = j = 0
+    while i < len(first) or j < len(second):
+        want_first = round((len(out) + 1) * share) > i
+        if (want_first and i < len(first)) or j >= len(second):
+            out.append(first[i])
+            i += 1
+        else:
+            out.append(second[j])
+            j += 1
+    return out
+
+
 class JsonlSource(CalibrationSource):
     """A user's JSONL file of image-caption or text records."""
 
@@ -178,4 +221,4 @@ def take_samples(samples: list[Sample], n: int | None, what: str = "calibration 
 
 @hookimpl
 def qe_calibration_sources():
-    return [BuiltinImages, PydocText]
+    return [BuiltinImages, PydocText, MixedCalibration]
