@@ -39,6 +39,9 @@ class CapturedBatch:
     kwargs: dict[str, Any]
     modality: torch.Tensor  # (B*T,) int8
     offset: int  # global position of this batch's first token
+    # What the model adds between decoder blocks (Qwen3-VL's deepstack features), as the
+    # model adapter keeps it from the language model's call (ModelAdapter.between_blocks_inputs).
+    between: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -55,7 +58,8 @@ class BlockInputs:
 
     def with_hidden(self, hidden: list[torch.Tensor]) -> BlockInputs:
         """The same batches with new hidden states (the next block's inputs)."""
-        return BlockInputs([CapturedBatch(h, b.kwargs, b.modality, b.offset) for h, b in zip(hidden, self.batches)])
+        return BlockInputs([CapturedBatch(h, b.kwargs, b.modality, b.offset, b.between)
+                            for h, b in zip(hidden, self.batches)])
 
 
 def _batches(encoded: list[EncodedSample], batch_size: int) -> list[list[EncodedSample]]:
@@ -114,8 +118,12 @@ def capture_block_inputs(
     issue = loaded.adapter.blockwise_issue(loaded.model)
     if issue:
         raise ModelError(issue)
-    blocks = loaded.adapter.decoder_blocks(loaded.model)
+    adapter = loaded.adapter
+    blocks = adapter.decoder_blocks(loaded.model)
     captured: dict[str, Any] = {}
+
+    def grab_between(module, args, kwargs):
+        captured["between"] = adapter.between_blocks_inputs(kwargs)
 
     def grab(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -123,7 +131,8 @@ def capture_block_inputs(
         captured["hidden"], captured["kwargs"] = hidden, kw
         raise _StopForward
 
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    handles = [blocks[0].register_forward_pre_hook(grab, with_kwargs=True),
+               adapter.language_model(loaded.model).register_forward_pre_hook(grab_between, with_kwargs=True)]
     out = BlockInputs()
     offset = 0
     try:
@@ -139,10 +148,12 @@ def capture_block_inputs(
             hidden = captured["hidden"].detach()
             if not torch.isfinite(hidden).all():
                 raise NumericalError("NaN or Inf in the inputs of decoder block 0: check the model's dtype and the data")
-            out.batches.append(CapturedBatch(hidden.to(storage), _to(captured["kwargs"], storage), modality, offset))
+            out.batches.append(CapturedBatch(hidden.to(storage), _to(captured["kwargs"], storage), modality, offset,
+                                             _to(captured.get("between") or {}, storage)))
             offset += modality.numel()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return out
 
 
@@ -343,10 +354,16 @@ class BlockWalker:
         stop = self.num_blocks if stop is None else stop
         inputs = self.inputs()
         for i in range(replay_from, start):
-            inputs = inputs.with_hidden(BlockStep(self.block(i), inputs, self.device).run())
+            inputs = self.next_inputs(i, inputs, BlockStep(self.block(i), inputs, self.device).run())
         indices = range(start, stop)
         for i in tqdm(indices, desc=desc, disable=not (self.progress and desc)):
             step = BlockStep(self.block(i), inputs, self.device)
             yield step
             hidden = step.next_hidden if step.next_hidden is not None else step.run()
-            inputs = inputs.with_hidden(hidden)
+            inputs = self.next_inputs(i, inputs, hidden)
+
+    def next_inputs(self, index: int, inputs: BlockInputs, hidden: list[torch.Tensor]) -> BlockInputs:
+        """Block ``index + 1``'s inputs from block ``index``'s outputs, with whatever the model
+        adds between the two (the adapter's :meth:`~qe.models.base.ModelAdapter.after_block`)."""
+        after = self.loaded.adapter.after_block
+        return inputs.with_hidden([after(index, h, b.between) for h, b in zip(hidden, inputs.batches)])

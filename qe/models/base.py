@@ -145,6 +145,17 @@ class ModelAdapter(Plugin):
         """Why this model cannot be run block by block from captured inputs, or None."""
         return None
 
+    def between_blocks_inputs(self, language_model_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """What the language model adds to the hidden states between decoder blocks, taken from
+        the keyword arguments of its call (captured with each calibration batch); none by default."""
+        return {}
+
+    def after_block(self, index: int, hidden: torch.Tensor, between: dict[str, Any]) -> torch.Tensor:
+        """The next block's input from block ``index``'s output ``hidden`` ``(B, T, d)``: the
+        output itself unless the model adds something between blocks (see
+        :meth:`between_blocks_inputs`)."""
+        return hidden
+
     def image_token_id(self, model: nn.Module) -> int | None:
         cfg = model.config
         for attr in ("image_token_id", "image_token_index"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
 
 from qe.errors import ModelError
 from qe.models.base import ModelAdapter
@@ -65,12 +65,23 @@ class QwenVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
     language_model_path = "model.language_model"
     image_placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
 
-    def blockwise_issue(self, model: nn.Module) -> str | None:
-        vision = getattr(model.config, "vision_config", None)
-        if getattr(model.config, "model_type", "") == "qwen3_vl" and getattr(vision, "deepstack_visual_indexes", None):
-            return ("Qwen3-VL adds deepstack visual features between its first decoder blocks, which block-wise "
-                    "calibration does not replay yet; use Qwen2-VL / Qwen2.5-VL, or `qe info` for its structure")
-        return None
+    def between_blocks_inputs(self, language_model_kwargs: dict[str, Any]) -> dict[str, Any]:
+        # Qwen3-VL's deepstack: after decoder block i < len(embeds), the i-th visual feature map
+        # is added to the hidden states at the visual positions.
+        embeds = language_model_kwargs.get("deepstack_visual_embeds")
+        mask = language_model_kwargs.get("visual_pos_masks")
+        if embeds is None or mask is None:
+            return {}
+        return {"deepstack_visual_embeds": [e.detach() for e in embeds], "visual_pos_masks": mask.detach()}
+
+    def after_block(self, index: int, hidden: torch.Tensor, between: dict[str, Any]) -> torch.Tensor:
+        embeds = between.get("deepstack_visual_embeds")
+        if not embeds or index >= len(embeds):
+            return hidden
+        mask = between["visual_pos_masks"].to(hidden.device)
+        out = hidden.clone()
+        out[mask, :] = out[mask, :] + embeds[index].to(hidden.device, hidden.dtype)
+        return out
 
     def _image_marker(self, processor) -> str:
         image_token = getattr(processor, "image_token", None) or "<|image_pad|>"
