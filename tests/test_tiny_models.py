@@ -22,7 +22,10 @@ EXPECTED_ADAPTER = {
     "qwen3_vl": "qwen-vl",
     "idefics3": "idefics3",
     "internvl": "internvl",
+    "gemma3": "gemma3",
 }
+# The norm each smoothing group folds into (Gemma 3's MLP reads its pre-feedforward norm).
+EXPECTED_NORMS = {"gemma3": ["input_layernorm", None, "pre_feedforward_layernorm", None]}
 EXPECTED_BLOCKS_PATH = {
     "idefics3": "model.text_model.layers",
 }
@@ -68,7 +71,7 @@ def test_structure(family, loaded):
             ["mlp.gate_proj", "mlp.up_proj"],
             ["mlp.down_proj"],
         ]
-        assert [g.norm for g in groups] == ["input_layernorm", None, "post_attention_layernorm", None]
+        assert [g.norm for g in groups] == EXPECTED_NORMS.get(family, ["input_layernorm", None, "post_attention_layernorm", None])
         # the folding target is the norm that really produces the group's input
         assert block.get_submodule("input_layernorm").weight.shape == (64,)
     assert lm.adapter.image_token_id(lm.model) == tiny.IMAGE_TOKEN_ID
@@ -176,3 +179,31 @@ def test_tokenizer_round_trips_text(text):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert all(0 <= i < tiny.VOCAB_SIZE for i in ids)
     assert tok.decode(ids) == text
+
+
+def test_gemma3_smoothing_folds_into_the_norm_the_mlp_reads(loaded):
+    """Folding s into the pre-feedforward norm and multiplying gate/up by s keeps the block's
+    output; folding it into the post-attention norm (the generic layout) would not."""
+    from qe.transforms.smoothing import fold_into_norm, smooth_weight
+
+    lm = loaded("gemma3")
+    block = lm.blocks[0]
+    hidden = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(0))
+    position = torch.arange(6)[None]
+    rotary = lm.adapter.language_model(lm.model).rotary_emb
+    kwargs = {"position_embeddings": rotary(hidden, position, "sliding_attention"), "attention_mask": None,
+              "position_ids": position}
+    with torch.no_grad():
+        before = block(hidden, **kwargs)
+        s = torch.rand(64, generator=torch.Generator().manual_seed(1)) + 0.5
+        for norm in ("pre_feedforward_layernorm", "post_attention_layernorm"):
+            import copy
+
+            b = copy.deepcopy(block)
+            assert fold_into_norm(b.get_submodule(norm), s)
+            for name in ("mlp.gate_proj", "mlp.up_proj"):
+                lin = b.get_submodule(name)
+                lin.weight.copy_(smooth_weight(lin.weight, s))
+            after = b(hidden, **kwargs)
+            same = torch.allclose(after, before, rtol=1e-4, atol=1e-5)
+            assert same == (norm == "pre_feedforward_layernorm"), norm

@@ -75,3 +75,19 @@ def test_analyze_and_compare_a_tiny_qwen3_vl(tmp_path):
     opts = CompareOptions(samples=2, eval_tokens=512, caption_nll=False, progress=False, propagation="fp-inputs")
     _, rows = run_compare("tiny:qwen3_vl", "rtn", "lowrank[rank=4]", "W4A8", out=tmp_path / "c", options=opts)
     assert [r["status"] for r in rows] == ["ok", "ok"]
+
+
+def test_quantize_and_reload_a_tiny_gemma3(tmp_path):
+    import qe
+
+    loaded = load_model("tiny:gemma3")
+    recipe = Recipe(transform="smoothquant", quantizer="gptq", compensator="qe[k=4;num_experts=2;shared_rank=4;expert_rank=4]",
+                    setting="W4A8", samples=2)
+    path, manifest = run_quantize(recipe, out=tmp_path / "g3", loaded=loaded, progress=False)
+    modes = {r["name"].rsplit(".", 1)[-1]: r["smoothing"] for r in manifest["layers"]}
+    assert modes["gate_proj"] == "folded" and modes["q_proj"] == "folded"  # Gemma's (1 + w) norms
+    assert all(r["figures"]["rel_error"] < r["figures"]["rel_error_base"] for r in manifest["layers"])
+    reloaded = qe.load_quantized(path)
+    ids = torch.arange(5, 40).reshape(1, -1)
+    with torch.no_grad():
+        assert torch.equal(reloaded.model(input_ids=ids).logits, loaded.model(input_ids=ids).logits)

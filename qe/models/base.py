@@ -77,7 +77,10 @@ class ModelAdapter(Plugin):
     language_model_path: ClassVar[str] = "model.language_model"
     blocks_attr: ClassVar[str] = "layers"
     image_placeholder: ClassVar[str] = "<image>"
-
+    # The language model passes each decoder block its own keyword arguments (e.g. Gemma 3's
+    # sliding-window and global layers get their own masks and rotary embeddings), so capture
+    # keeps every block's arguments.
+    kwargs_differ_by_block: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ recognition
     @classmethod

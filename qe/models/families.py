@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from qe.errors import ModelError
-from qe.models.base import ModelAdapter
+from qe.models.base import ModelAdapter, SmoothingGroup
 
 
 class ImageOnlyProcessorMixin:
@@ -56,8 +57,8 @@ class QwenVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
 
     Qwen3-VL adds "deepstack" visual features to the hidden states of image tokens after
     each of its first decoder layers, in the language model's loop rather than inside the
-    blocks: a block-by-block replay must add them too (or take block inputs from a full
-    forward), or the vision tokens of the blocks after them drift.
+    blocks: capture keeps them with each batch and the block walker adds them between blocks
+    (:meth:`after_block`), or the vision tokens of the blocks after them would drift.
     """
 
     name = "qwen-vl"
@@ -126,4 +127,32 @@ class InternVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
         return {"image_seq_length": int(seq)} if seq else {}
 
 
-FAMILY_ADAPTERS = [QwenVLAdapter, Idefics3Adapter, InternVLAdapter]
+class Gemma3Adapter(ModelAdapter):
+    """Gemma 3: a decoder with four norms per block and two kinds of attention layers.
+
+    The MLP reads ``pre_feedforward_layernorm`` (``post_attention_layernorm`` normalises the
+    attention output before the residual add, so smoothing folded there would change the
+    model): gate/up smooth into the former. Its RMSNorms scale by ``(1 + w)``, which the
+    smoothing fold handles. Sliding-window and global layers get their own masks and rotary
+    embeddings from the language model, so capture keeps each block's arguments.
+    """
+
+    name = "gemma3"
+    model_types = ("gemma3",)
+    language_model_path = "model.language_model"
+    image_placeholder = "<start_of_image>"
+    kwargs_differ_by_block = True
+
+    def smoothing_groups(self, block: nn.Module) -> list[SmoothingGroup]:
+        have = self.block_linears(block)
+        groups = [
+            SmoothingGroup(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "input_layernorm"),
+            SmoothingGroup(["self_attn.o_proj"], None),
+            SmoothingGroup(["mlp.gate_proj", "mlp.up_proj"], "pre_feedforward_layernorm"),
+            SmoothingGroup(["mlp.down_proj"], None),
+        ]
+        return [SmoothingGroup([n for n in g.linears if n in have], g.norm) for g in groups
+                if any(n in have for n in g.linears)]
+
+
+FAMILY_ADAPTERS = [QwenVLAdapter, Idefics3Adapter, InternVLAdapter, Gemma3Adapter]
