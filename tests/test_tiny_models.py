@@ -23,6 +23,7 @@ EXPECTED_ADAPTER = {
     "idefics3": "idefics3",
     "internvl": "internvl",
     "gemma3": "gemma3",
+    "llava_onevision": "llava-onevision",
 }
 # The norm each smoothing group folds into (Gemma 3's MLP reads its pre-feedforward norm).
 EXPECTED_NORMS = {"gemma3": ["input_layernorm", None, "pre_feedforward_layernorm", None]}

@@ -155,4 +155,22 @@ class Gemma3Adapter(ModelAdapter):
                 if any(n in have for n in g.linears)]
 
 
-FAMILY_ADAPTERS = [QwenVLAdapter, Idefics3Adapter, InternVLAdapter, Gemma3Adapter]
+class LlavaOnevisionAdapter(ImageOnlyProcessorMixin, ModelAdapter):
+    """LLaVA-OneVision: SigLIP tower, anyres tiling (a base view plus tiles, each row of tiles
+    ended by a newline embedding) and a Qwen2 decoder at ``model.language_model``. Its stock
+    processor builds a torchvision video processor, so an image-only processor is rebuilt;
+    every ``<image>`` position (newlines included) counts as vision."""
+
+    name = "llava-onevision"
+    model_types = ("llava_onevision",)
+    language_model_path = "model.language_model"
+    image_placeholder = "<image>"
+
+    @classmethod
+    def processor_init_kwargs(cls, config) -> dict[str, Any]:
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        return {"num_image_tokens": side * side,
+                "vision_feature_select_strategy": config.vision_feature_select_strategy}
+
+
+FAMILY_ADAPTERS = [QwenVLAdapter, Idefics3Adapter, InternVLAdapter, Gemma3Adapter, LlavaOnevisionAdapter]
