@@ -158,17 +158,23 @@ def compensator_module(layer: str, record: dict[str, Any], modules: dict[str, tu
 
 
 def load_tensors(model: nn.Module, directory: Path, shard_names: list[str], aliases: dict[str, str]) -> None:
-    state: dict[str, torch.Tensor] = {}
+    """Fill ``model`` shard by shard: one shard's tensors in memory at a time, assigned in place
+    of the model's (so a model built on the meta device is materialised by the loading itself)."""
+    expected = set(model.state_dict().keys())  # persistent tensors; rotary caches rebuild themselves
+    loaded: set[str] = set()
     for name in shard_names:
-        state.update(load_file(str(Path(directory) / name)))
-    for alias, target in aliases.items():
-        state[alias] = state[target]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Non-persistent buffers (rotary caches) are rebuilt by the model itself.
-    persistent = set(model.state_dict().keys())
-    missing = [m for m in missing if m in persistent]
-    if missing or unexpected:
-        raise ModelError(f"checkpoint {directory} does not fit its model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        shard = load_file(str(Path(directory) / name))
+        for alias, target in aliases.items():
+            if target in shard:
+                shard[alias] = shard[target]
+        _, unexpected = model.load_state_dict(shard, strict=False, assign=True)
+        if unexpected:
+            raise ModelError(f"checkpoint {directory} does not fit its model: {name} holds {unexpected[:3]} that it lacks")
+        loaded.update(shard)
+        del shard
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ModelError(f"checkpoint {directory} does not fit its model: missing {missing[:3]}")
     for alias, target in aliases.items():  # re-tie: point the alias at the target's parameter
         _tie(model, alias, target)
 

@@ -168,6 +168,7 @@ def load_quantized(directory: str | Path, *, device: str | None = None, manager=
 
     The model's outputs equal those of the in-memory quantized model that was saved.
     """
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     from qe import checkpoint
@@ -176,10 +177,13 @@ def load_quantized(directory: str | Path, *, device: str | None = None, manager=
     manifest = checkpoint.read_manifest(directory)
     checkpoint.verify_files(directory, manifest["files"])
     config = AutoConfig.from_pretrained(directory)
-    try:
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    except ValueError:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Parameters on the meta device: the shards' tensors replace them, so the model's random
+    # initial weights are never allocated (buffers, rotary caches among them, stay real).
+    with init_empty_weights(include_buffers=False):
+        try:
+            model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+        except ValueError:
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     checkpoint.install_quantized_modules(model, manifest["layouts"], manager)
     checkpoint.load_tensors(model, directory, manifest["shards"], manifest.get("tied", {}))
     model.eval()
