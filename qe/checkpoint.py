@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qe.errors import ModelError
+from qe.errors import ModelError, NumericalError
 from qe.quantizers.qlinear import QuantLinear
 
 FORMAT = "qe-quantized"
@@ -86,18 +89,78 @@ def save_tensors(model: nn.Module, directory: Path, max_shard_bytes: int = MAX_S
     names = []
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(Path(directory) / name), metadata={"format": "pt"})
+        save_safetensors(shard, Path(directory) / name, metadata={"format": "pt"})
         names.append(name)
     return names, aliases
+
+
+def check_finite_tensors(tensors: dict[str, torch.Tensor], where: str = "") -> None:
+    """Raise :class:`NumericalError` naming the first floating tensor that holds NaN or Inf."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise NumericalError(f"NaN or Inf in {where}{key}, which would be written to the checkpoint: "
+                                 "check the model's dtype, the recipe's parameters and the calibration data")
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """Write a safetensors file under a temporary name, then rename it into place, with the
+    permissions of any file created under the user's umask; NaN or Inf is refused."""
+    from qe.paths import apply_umask
+
+    check_finite_tensors(tensors)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        apply_umask(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def file_records(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     return {n: {"bytes": (Path(directory) / n).stat().st_size, "sha256": sha256_file(Path(directory) / n)} for n in names}
 
 
-def verify_files(directory: Path, files: dict[str, dict[str, Any]]) -> None:
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def confined_file(directory: Path, name: Any) -> Path:
+    """``directory / name`` for a plain file name that stays inside ``directory``; else refuse.
+
+    Absolute names, ``..``, sub-folders and links that lead outside are refused without
+    touching the file they name.
+    """
+    directory = Path(directory)
+    if not isinstance(name, str) or not _FILE_NAME.match(name) or name in (".", ".."):
+        raise ModelError(f"checkpoint {directory}: the manifest names the file {str(name)[:80]!r}, which is not a plain "
+                         "file name inside the checkpoint: the manifest is damaged or hostile; re-quantize")
+    path = directory / name
+    if path.is_symlink() or not path.resolve().is_relative_to(directory.resolve()):
+        raise ModelError(f"checkpoint {directory}: {name} leads outside the checkpoint (a link): "
+                         "copy the checkpoint's real files, or re-quantize")
+    return path
+
+
+def _check_file_records(directory: Path, files: Any) -> None:
+    if not isinstance(files, dict) or not files:
+        raise ModelError(f"checkpoint {directory}: the manifest's \"files\" must map file names to their size and "
+                         "SHA-256: the manifest is damaged; re-quantize")
     for name, rec in files.items():
-        path = Path(directory) / name
+        confined_file(directory, name)
+        if (not isinstance(rec, dict) or type(rec.get("bytes")) is not int or rec["bytes"] < 0
+                or not isinstance(rec.get("sha256"), str) or not _SHA256.match(rec["sha256"])):
+            raise ModelError(f"checkpoint {directory}: the manifest's record of {name} needs \"bytes\" (an integer) "
+                             "and \"sha256\" (64 hex digits): the manifest is damaged; re-quantize")
+
+
+def verify_files(directory: Path, files: dict[str, dict[str, Any]]) -> None:
+    directory = Path(directory)
+    _check_file_records(directory, files)
+    for name, rec in files.items():
+        path = confined_file(directory, name)
         if not path.is_file():
             raise ModelError(f"checkpoint {directory} is missing {name}: copy the whole directory again")
         size = path.stat().st_size
@@ -120,20 +183,47 @@ def install_quantized_modules(model: nn.Module, layouts: dict[str, dict[str, Any
         model.set_submodule(name, ql)
 
 
-def load_tensors(model: nn.Module, directory: Path, shard_names: list[str], aliases: dict[str, str]) -> None:
+def load_tensors(model: nn.Module, directory: Path, shard_names: list[str], aliases: dict[str, str],
+                 files: dict[str, dict[str, Any]] | None = None) -> None:
+    """Load the shards into ``model``. With ``files`` (the manifest's hashed file records),
+    every shard must be one of them: a shard left out of ``files`` is refused, not read."""
+    directory = Path(directory)
+    if not isinstance(shard_names, list) or not shard_names:
+        raise ModelError(f"checkpoint {directory}: the manifest's \"shards\" must be a list of file names: "
+                         "the manifest is damaged; re-quantize")
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and _MODULE_NAME.match(k) and isinstance(v, str)
+                                                and _MODULE_NAME.match(v) for k, v in aliases.items()):
+        raise ModelError(f"checkpoint {directory}: the manifest's \"tied\" must map tensor names to tensor names: "
+                         "the manifest is damaged; re-quantize")
     state: dict[str, torch.Tensor] = {}
     for name in shard_names:
-        state.update(load_file(str(Path(directory) / name)))
+        path = confined_file(directory, name)
+        if files is not None and name not in files:
+            raise ModelError(f"checkpoint {directory}: shard {name} is not among the manifest's hashed files, so "
+                             "it cannot be checked: the manifest is damaged or hostile; re-quantize")
+        state.update(load_file(str(path)))
     for alias, target in aliases.items():
+        if target not in state:
+            raise ModelError(f"checkpoint {directory}: tied tensor {alias} points to {target}, which no shard holds: "
+                             "the manifest is damaged; re-quantize")
         state[alias] = state[target]
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise ModelError(f"checkpoint {directory} does not fit its model ({first[:200]}): the checkpoint is damaged; "
+                         "re-quantize") from None
     # Non-persistent buffers (rotary caches) are rebuilt by the model itself.
     persistent = set(model.state_dict().keys())
     missing = [m for m in missing if m in persistent]
     if missing or unexpected:
         raise ModelError(f"checkpoint {directory} does not fit its model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for alias, target in aliases.items():  # re-tie: point the alias at the target's parameter
-        _tie(model, alias, target)
+        try:
+            _tie(model, alias, target)
+        except AttributeError:
+            raise ModelError(f"checkpoint {directory}: tied tensor {alias} or {target} is not in the model: "
+                             "the manifest is damaged; re-quantize") from None
 
 
 def _tie(model: nn.Module, alias: str, target: str) -> None:
@@ -145,14 +235,124 @@ def _tie(model: nn.Module, alias: str, target: str) -> None:
         setattr(owner, a_name, tgt)
 
 
+_LINEAR_INTS = {"in_features", "out_features", "bits", "group_size", "a_bits"}
+_LINEAR_BOOLS = {"symmetric", "bias", "input_scale", "act_keep", "static_act_scale"}
+_MAX_EXPERTS = 4096
+
+
+def _int_in(value: Any, lo: int, hi: int) -> bool:
+    return type(value) is int and lo <= value <= hi
+
+
+def validate_layouts(model: nn.Module, layouts: Any, directory: Path | str = "") -> None:
+    """Check a manifest's module layouts against ``model`` before any module is built from them.
+
+    Every name must be a linear of the model, every size must equal that linear's, bits and
+    ranks must be in range: a damaged or hostile manifest gets one line, not a traceback or a
+    huge allocation.
+    """
+    from qe.quantizers.grid import WEIGHT_BITS
+
+    where = f"checkpoint {directory}" if directory else "checkpoint"
+
+    def bad(name: str, what: str) -> ModelError:
+        return ModelError(f"{where}: layout of {str(name)[:120]!r}: {what}: the manifest is damaged; re-quantize")
+
+    if not isinstance(layouts, dict):
+        raise ModelError(f"{where}: the manifest's \"layouts\" must map linear names to layouts: the manifest is "
+                         "damaged; re-quantize")
+    for name, layout in layouts.items():
+        if not isinstance(name, str) or not _MODULE_NAME.match(name):
+            raise bad(name, "not a module name")
+        try:
+            target = model.get_submodule(name)
+        except AttributeError:
+            raise bad(name, "the model has no such module") from None
+        if not isinstance(target, (nn.Linear, QuantLinear)):
+            raise bad(name, f"the model's module there is a {type(target).__name__}, not a linear")
+        if not isinstance(layout, dict) or not isinstance(layout.get("linear"), dict):
+            raise bad(name, "needs a \"linear\" object")
+        lin = layout["linear"]
+        missing = (_LINEAR_INTS | {"symmetric"}) - set(lin)
+        if missing:
+            raise bad(name, f"missing {sorted(missing)}")
+        unknown = set(lin) - _LINEAR_INTS - _LINEAR_BOOLS
+        if unknown:
+            raise bad(name, f"unknown key(s) {sorted(unknown)}")
+        if lin["in_features"] != target.in_features or lin["out_features"] != target.out_features \
+                or type(lin["in_features"]) is not int or type(lin["out_features"]) is not int:
+            raise bad(name, f"size {lin['in_features']!r}x{lin['out_features']!r} is not the model's "
+                            f"{target.in_features}x{target.out_features}")
+        if lin["bits"] not in WEIGHT_BITS or type(lin["bits"]) is not int:
+            raise bad(name, f"bits {lin['bits']!r} not among {sorted(WEIGHT_BITS)}")
+        if not _int_in(lin["a_bits"], 2, 16):
+            raise bad(name, f"a_bits {lin['a_bits']!r} not in 2..16")
+        if not _int_in(lin["group_size"], 0, target.in_features):
+            raise bad(name, f"group_size {lin['group_size']!r} not in 0..{target.in_features}")
+        for key in _LINEAR_BOOLS & set(lin):
+            if not isinstance(lin[key], bool):
+                raise bad(name, f"{key} must be true or false")
+        comp = layout.get("compensator")
+        if comp is None:
+            continue
+        if not isinstance(comp, dict):
+            raise bad(name, "compensator must be an object or null")
+        kind = comp.get("type")
+        sizes_ok = comp.get("d_in") == target.in_features and comp.get("d_out") == target.out_features
+        if not sizes_ok:
+            raise bad(name, "the compensator's d_in/d_out are not the linear's")
+        max_rank = min(target.in_features, target.out_features)
+        if not _int_in(comp.get("input_bits", 16), 2, 16):
+            raise bad(name, f"compensator input_bits {comp.get('input_bits')!r} not in 2..16")
+        if kind == "lowrank":
+            if not _int_in(comp.get("rank"), 1, max_rank):
+                raise bad(name, f"rank {comp.get('rank')!r} not in 1..{max_rank}")
+            extra = set(comp) - {"type", "d_in", "d_out", "rank", "input_bits"}
+        elif kind == "quant_experts":
+            for key in ("shared_rank", "expert_rank"):
+                if not _int_in(comp.get(key), 0, max_rank):
+                    raise bad(name, f"{key} {comp.get(key)!r} not in 0..{max_rank}")
+            if not _int_in(comp.get("num_experts"), 0, _MAX_EXPERTS):
+                raise bad(name, f"num_experts {comp.get('num_experts')!r} not in 0..{_MAX_EXPERTS}")
+            if not isinstance(comp.get("routing"), str) or not _int_in(comp.get("seed", 0), 0, 2**63 - 1):
+                raise bad(name, "routing must be a name and seed an integer")
+            extra = set(comp) - {"type", "d_in", "d_out", "shared_rank", "num_experts", "expert_rank", "input_bits",
+                                 "routing", "seed"}
+        else:
+            raise bad(name, f"unknown compensator type {kind!r} (expected lowrank or quant_experts)")
+        if extra:
+            raise bad(name, f"unknown compensator key(s) {sorted(extra)}")
+
+
+def check_manifest(directory: Path, manifest: Any) -> None:
+    """The manifest's structure (types of the keys loading reads), as one line on failure."""
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise ModelError(f"checkpoint {directory}: the manifest's {what}: the manifest is damaged; re-quantize")
+
+    need(isinstance(manifest, dict), "top level must be an object")
+    for key, typ, desc in (("files", dict, "an object"), ("shards", list, "a list"), ("layouts", dict, "an object"),
+                           ("model", dict, "an object"), ("composition", dict, "an object")):
+        need(key in manifest, f"\"{key}\" is missing")
+        need(isinstance(manifest[key], typ), f"\"{key}\" must be {desc}")
+    need(isinstance(manifest.get("tied", {}), dict), "\"tied\" must be an object")
+    need(isinstance(manifest["model"].get("name"), str), "model.name must be a string")
+    need(isinstance(manifest["model"].get("notes", []), list), "model.notes must be a list")
+    for key in ("quantizer", "compensator", "setting"):
+        need(isinstance(manifest["composition"].get(key), str), f"composition.{key} must be a string")
+    need(all(isinstance(n, str) for n in manifest["shards"]), "\"shards\" must hold file names")
+
+
 def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise ModelError(f"{directory} is not a qe checkpoint ({MANIFEST} missing): give a directory written by `qe quantize`")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{path} is not valid JSON ({e.msg}): the checkpoint is damaged") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path} is not valid JSON ({getattr(e, 'msg', e.reason)}): the checkpoint is damaged") from None
+    if not isinstance(manifest, dict):
+        raise ModelError(f"{path} is not a JSON object: the checkpoint is damaged")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ModelError(f"{path}: format {manifest.get('format')} v{manifest.get('format_version')} is not "
                          f"{FORMAT} v{FORMAT_VERSION}: re-quantize with this version of qe")
@@ -174,26 +374,55 @@ def effective_bits(model: nn.Module) -> dict[str, float]:
     return {"bits_per_weight": 8 * base / weights, "bits_per_weight_with_adapters": 8 * full / weights}
 
 
-def load_quantized(directory: str | Path, *, device: str | None = None, manager=None):
+def unlisted_files(directory: Path, files: dict) -> list[str]:
+    """Files (and folders) of the checkpoint directory that the manifest does not hash."""
+    return sorted(p.name for p in Path(directory).iterdir() if p.name != MANIFEST and p.name not in files)
+
+
+def load_quantized(directory: str | Path, *, device: str | None = None, manager=None, dtype=None,
+                   trust_remote_code: bool = False):
     """Load a checkpoint written by ``qe quantize`` as a :class:`~qe.models.loading.LoadedModel`.
 
-    The model's outputs equal those of the in-memory quantized model that was saved.
+    The model's outputs equal those of the in-memory quantized model that was saved. Every
+    file read is inside ``directory`` and checked against the manifest's size and SHA-256
+    first; a checkpoint that asks for custom code (``auto_map``) is refused unless
+    ``trust_remote_code``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from qe.models.loading import LoadedModel, load_processor, select_adapter
+    from qe.models.loading import LoadedModel, check_remote_code, load_processor, parse_dtype, select_adapter
 
     directory = Path(directory)
     manifest = read_manifest(directory)
+    check_manifest(directory, manifest)
     verify_files(directory, manifest["files"])
-    config = AutoConfig.from_pretrained(directory)
+    extra = unlisted_files(directory, manifest["files"])
+    if extra:
+        raise ModelError(f"checkpoint {directory} holds files its manifest does not hash ({', '.join(extra[:3])}"
+                         f"{', ...' if len(extra) > 3 else ''}): qe reads only hashed files; remove them or re-quantize")
+    if "config.json" not in manifest["files"]:
+        raise ModelError(f"checkpoint {directory} has no config.json among its hashed files: copy the whole "
+                         "directory again, or re-quantize")
+    check_remote_code(directory, trust_remote_code)
     try:
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"checkpoint {directory}: cannot read config.json ({str(e).splitlines()[0][:200]}): "
+                         "the checkpoint is damaged; re-quantize") from None
+    try:
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except ValueError:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    install_quantized_modules(model, manifest["layouts"])
-    load_tensors(model, directory, manifest["shards"], manifest.get("tied", {}))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    validate_layouts(model, manifest["layouts"], directory)
+    try:
+        install_quantized_modules(model, manifest["layouts"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelError(f"checkpoint {directory}: a module layout cannot be built ({str(e).splitlines()[0][:200]}): "
+                         "the manifest is damaged; re-quantize") from None
+    load_tensors(model, directory, manifest["shards"], manifest.get("tied", {}), files=manifest["files"])
     model.eval()
+    if dtype is not None and parse_dtype(dtype) != torch.float32:
+        model.to(parse_dtype(dtype))
     if device is not None:
         model.to(device)
     adapter = select_adapter(model, manager)
