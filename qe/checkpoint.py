@@ -374,6 +374,36 @@ def effective_bits(model: nn.Module) -> dict[str, float]:
     return {"bits_per_weight": 8 * base / weights, "bits_per_weight_with_adapters": 8 * full / weights}
 
 
+def reference_record(path: str | None) -> dict | None:
+    """Size and SHA-256 of a local reference model's config and weights (what ``layer-error``
+    reloads later and must find unchanged); None when the model is not a local directory."""
+    if not path or not Path(path).is_dir():
+        return None
+    d = Path(path)
+    names = sorted(p.name for p in d.iterdir() if p.is_file() and (p.name == "config.json" or p.suffix == ".safetensors"))
+    return {"path": str(d.resolve()), "files": file_records(d, names)}
+
+
+def verified_reference(manifest: dict, directory: Path | str = "") -> str:
+    """The reference model a checkpoint records, after checking its files against the
+    manifest's hashes; one line asking for ``--reference`` when it cannot be verified."""
+    ref = (manifest.get("model") or {}).get("reference")
+    ask = "pass --reference with the full-precision model it was made from"
+    if not isinstance(ref, dict) or not isinstance(ref.get("path"), str) or not isinstance(ref.get("files"), dict):
+        raise ModelError(f"checkpoint {directory} records no verifiable reference model: {ask}")
+    d = Path(ref["path"])
+    if not d.is_dir():
+        raise ModelError(f"checkpoint {directory}: its reference model {d} is gone: {ask}")
+    try:
+        verify_files(d, ref["files"])
+    except ModelError:
+        raise ModelError(f"checkpoint {directory}: its reference model {d} changed since quantization: {ask}") from None
+    extra = [p.name for p in d.iterdir() if p.suffix == ".safetensors" and p.name not in ref["files"]]
+    if "config.json" not in ref["files"] or extra:
+        raise ModelError(f"checkpoint {directory}: its reference model {d} holds files not recorded: {ask}")
+    return str(d)
+
+
 def unlisted_files(directory: Path, files: dict) -> list[str]:
     """Files (and folders) of the checkpoint directory that the manifest does not hash."""
     return sorted(p.name for p in Path(directory).iterdir() if p.name != MANIFEST and p.name not in files)

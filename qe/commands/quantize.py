@@ -277,7 +277,7 @@ def _finish(loaded, work, out, recipe, composition, result, source, n_samples, t
         "versions": _versions(),
         "model": {"name": loaded.name, "path": loaded.path, "adapter": loaded.adapter.name,
                   "class": type(loaded.model).__name__, "synthetic_vision_tower": loaded.synthetic_vision,
-                  "notes": loaded.notes},
+                  "notes": loaded.notes, "reference": checkpoint.reference_record(loaded.path)},
         "recipe": recipe.to_dict(),
         "composition": composition.describe(),
         "seed": recipe.seed,
