@@ -84,6 +84,48 @@ def test_fault_at_each_phase_of_the_finish_then_resume(tmp_path, monkeypatch, re
     qe.load_quantized(out)  # every file hashed and present
 
 
+_KILL = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)  # as in this process (conftest), so the figures are bit-identical
+from qe.commands import quantize as q
+from qe.recipe import Recipe
+
+def kill(name):
+    if name == sys.argv[3]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+q._phase = kill
+q.run_quantize(Recipe(quantizer="gptq", compensator="lowrank[rank=4]", setting="W4A8", samples=2), sys.argv[1],
+               out=sys.argv[2], progress=False)
+"""
+
+
+@pytest.mark.parametrize("phase", ["records", "cleanup"])
+def test_sigkill_during_the_finish_then_resume(tmp_path, reference, tiny_dir, phase):
+    """A real SIGKILL (no exception handler runs, the lock dies with the process)."""
+    out = tmp_path / "ckpt"
+    r = subprocess.run([sys.executable, "-c", _KILL, tiny_dir, str(out), phase], capture_output=True, text=True,
+                       env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert not out.exists() and qmod.has_partial_run(out)
+    path, _ = run_quantize(RECIPE, tiny_dir, out=out, progress=False, resume=True)
+    _same(reference[0], path)
+
+
+def test_a_lost_block_file_is_quantized_again(tmp_path, reference, tiny_dir, monkeypatch, caplog):
+    monkeypatch.setattr(qmod, "_phase", lambda name: (_ for _ in ()).throw(_Fault(name)) if name == "shards" else None)
+    out = tmp_path / "ckpt"
+    with pytest.raises(_Fault):
+        run_quantize(RECIPE, tiny_dir, out=out, progress=False)
+    monkeypatch.setattr(qmod, "_phase", lambda name: None)
+    (partial_dir(out) / "block-00001.safetensors").write_bytes(b"damaged")
+    caplog.set_level("WARNING", logger="qe")
+    run_quantize(RECIPE, tiny_dir, out=out, progress=False, resume=True)
+    assert "saved block 1 is unreadable" in caplog.text and "from block 1 of 2" in caplog.text
+    _same(reference[0], out)
+
+
 def test_disk_full_during_the_finish_is_one_line_and_resumable(tmp_path, monkeypatch, reference, tiny_dir):
     import errno
 

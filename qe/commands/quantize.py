@@ -184,8 +184,8 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
             raise ConfigError(f"{work} holds an interrupted run of a different recipe, dtype, model or data: "
                               "rerun with the same options to --resume, or pass --force to start over")
         done = _restore_blocks(loaded, work, state)
-        result.layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in state["layers"]]
-        result.blocks = state["blocks"]
+        result.layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in state["layers"] if r["block"] < done]
+        result.blocks = state["blocks"][:done]
         result.seconds = state["seconds"]
         result.warnings = state["warnings"]
         log.warning("qe quantize: resuming %s from block %d of %d (%d finished block(s) restored)", out, done,
@@ -227,11 +227,18 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
 
 
 def _restore_blocks(loaded: LoadedModel, work: Path, state: dict) -> int:
+    """Put the saved blocks back into the model; return how many. A block file that is
+    missing or unreadable (a disk fault) ends the restore there: that block is quantized again."""
     blocks = loaded.adapter.decoder_blocks(loaded.model)
     done = int(state["finished"])
     for i in range(done):
+        try:
+            tensors = load_file(str(work / f"block-{i:05d}.safetensors"))
+        except Exception as e:  # missing (OSError) or damaged (safetensors' own error type)
+            log.warning("qe quantize: saved block %d is unreadable (%s): quantizing it again", i,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return i
         checkpoint.install_quantized_modules(blocks[i], state["layouts"][str(i)])
-        tensors = load_file(str(work / f"block-{i:05d}.safetensors"))
         blocks[i].load_state_dict(tensors, strict=True)
     return done
 
