@@ -113,7 +113,8 @@ def check_model_name(name_or_path: Any) -> None:
                              "(pickle files can run code); convert the weights to safetensors")
         return
     if isinstance(name_or_path, Path) or _looks_like_path(name):
-        raise ModelError(f"model path {name} does not exist: give an existing model directory or a hub id (org/name)")
+        raise ModelError(f"cannot load model {name}: the path does not exist; give an existing model directory "
+                         "or a hub id (org/name)")
 
 
 def select_adapter(model: nn.Module, manager=None) -> ModelAdapter:
