@@ -145,6 +145,28 @@ def test_disk_full_during_the_finish_is_one_line_and_resumable(tmp_path, monkeyp
     _same(reference[0], out)
 
 
+def test_disk_full_between_blocks_is_one_line_and_resumable(tmp_path, monkeypatch, reference, tiny_dir):
+    import errno
+
+    from qe import checkpoint
+
+    real, calls = checkpoint.save_safetensors, []
+
+    def full_on_second(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(tensors, path, metadata)
+
+    monkeypatch.setattr(checkpoint, "save_safetensors", full_on_second)
+    out = tmp_path / "ckpt"
+    with pytest.raises(QEError, match="No space left.*block-00001.*--resume"):
+        run_quantize(RECIPE, tiny_dir, out=out, progress=False)
+    monkeypatch.setattr(checkpoint, "save_safetensors", real)
+    run_quantize(RECIPE, tiny_dir, out=out, progress=False, resume=True)
+    _same(reference[0], out)
+
+
 # --------------------------------------------------------------------------- resume rules (#25)
 
 

@@ -213,15 +213,14 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
 
     manager.hook.qe_run_start(command="quantize", info={"model": loaded.name, "composition": composition.label,
                                                        "num_blocks": len(blocks), "resumed_at": done})
-    if done < len(blocks):
-        result = pipeline.run(encoded, start_block=done, on_block_done=save_block, result=result)
-
     try:
+        if done < len(blocks):
+            result = pipeline.run(encoded, start_block=done, on_block_done=save_block, result=result)
         manifest = _finish(loaded, work, out, recipe, composition, result, source, len(encoded),
                            token_counts(encoded), dhash, prefix, force, identity)
     except OSError as e:  # a full disk or a vanished folder: every finished block is still saved
         raise QEError(f"writing the checkpoint failed ({e.strerror or e}{': ' + str(e.filename) if e.filename else ''}): "
-                      "every block is saved; fix the cause, then rerun with --resume") from None
+                      "every finished block is saved; fix the cause, then rerun with --resume") from None
     manager.hook.qe_run_end(command="quantize", output=str(out), figures=manifest["summary"])
     return out, manifest
 
