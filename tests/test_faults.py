@@ -193,6 +193,10 @@ def test_resume_with_another_dtype_is_refused_naming_it(tmp_path, tiny_dir):
         run_quantize(RECIPE, "no/such-model-never-loaded", out=out, progress=False, resume=True, dtype="bfloat16")
     with pytest.raises(ConfigError, match="recipe setting 'W4A8' -> 'W4A6'"):
         run_quantize(RECIPE.replace(setting="W4A6"), tiny_dir, out=out, progress=False, resume=True)
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_dir, other)
+    with pytest.raises(ConfigError, match="model '.*' -> '.*other-model'"):
+        run_quantize(RECIPE, str(other), out=out, progress=False, resume=True)
 
 
 def test_resume_with_other_data_is_refused(tmp_path, tiny_dir):
