@@ -77,6 +77,7 @@ def test_fault_at_each_phase_of_the_finish_then_resume(tmp_path, monkeypatch, re
         run_quantize(RECIPE, tiny_dir, out=out, progress=False, force=True)
     monkeypatch.setattr(qmod, "_phase", lambda name: None)
     assert qmod.has_partial_run(out)
+    (partial_dir(out) / "qe_manifest.tmp").write_text("{")  # a write the fault cut short
     path, manifest = run_quantize(RECIPE, tiny_dir, out=out, progress=False, resume=True, force=True)
     _same(ref_path, path)
     assert not partial_dir(out).exists() and not (out / "old.txt").exists()

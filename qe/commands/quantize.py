@@ -311,8 +311,8 @@ def _complete(work: Path, out: Path, force: bool) -> None:
     for f in sorted(work.glob(BLOCK_FILES)):
         f.unlink()
     (work / PROGRESS).unlink(missing_ok=True)
-    for f in work.glob(".*.tmp"):
-        f.unlink()
+    for f in {*work.glob("*.tmp"), *work.glob(".*.tmp")}:  # left by writes that a fault cut short
+        f.unlink(missing_ok=True)
     _phase("rename")
     old = None
     if out.exists():
