@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -203,6 +204,10 @@ def build_config(config_type: type, params: Sequence[tuple[str, Any]], owner: st
             listing = ", ".join(known) or "none"
             raise ConfigError(f"{owner} has no parameter {key!r}: its parameters are {listing}")
         kwargs[key] = _convert(value, hints[key], f"{owner}.{key}") if isinstance(value, str) else value
+    for key, value in kwargs.items():  # inf and nan parse as floats but are never a usable parameter
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"{owner}.{key}={value!r} is not a finite number: give a finite value")
     try:
         return config_type(**kwargs)
     except ConfigError as e:

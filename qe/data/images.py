@@ -97,7 +97,7 @@ def load_image(ref: str, origin: str = ""):
         try:
             image = Image.open(path)
             image.load()
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"cannot read image {ref}{where}: {e.__class__.__name__}; replace or remove the record") from None
     return to_rgb(image)
 

@@ -8,6 +8,7 @@ JSONL file whose records are ``{"image": path, "text": caption}``,
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -28,6 +29,8 @@ from qe.hookspecs import hookimpl
 from qe.plugins import Plugin
 
 Split = Literal["calib", "eval"]
+
+log = logging.getLogger("qe")
 
 
 class CalibrationSource(Plugin):
@@ -188,11 +191,18 @@ def read_jsonl(path: Path) -> list[Sample]:
 
 def _check_image(image: str, where: str) -> None:
     """Fail now, naming the record, on an image PIL cannot identify (reads the header only)."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(image) as im:
-            im.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(image) as im:
+                im.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"{where}: image {image} has more than {Image.MAX_IMAGE_PIXELS} pixels (a decompression "
+                        "bomb?); shrink or remove it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{where}: cannot read image {image} ({e.__class__.__name__}); replace or remove the record") from None
 
@@ -209,6 +219,15 @@ def resolve_source(spec: str | None, manager=None) -> CalibrationSource:
     return manager.create("calibration_source", spec)
 
 
+def check_source(spec: str | None, manager=None) -> CalibrationSource:
+    """Resolve ``--calib`` and read a JSONL file now, before any model loads (a bad name, a
+    missing file or a bad record fails in one line at once)."""
+    source = resolve_source(spec, manager)
+    if isinstance(source, JsonlSource):
+        source.samples()
+    return source
+
+
 def take_samples(samples: list[Sample], n: int | None, what: str = "calibration set") -> list[Sample]:
     """The first ``n`` samples; all of them when ``n`` is None or larger than the set."""
     require_nonempty(samples, what)
@@ -216,6 +235,8 @@ def take_samples(samples: list[Sample], n: int | None, what: str = "calibration 
         return samples
     if n < 1:
         raise ConfigError(f"--samples must be at least 1, not {n}")
+    if n > len(samples):
+        log.warning("qe: --samples %d asked, but %s has %d: using all %d", n, what, len(samples), len(samples))
     return samples[:n]
 
 

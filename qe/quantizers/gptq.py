@@ -185,6 +185,7 @@ def gptq_quantize(
         Wt[i2:] -= U[i1:i2, i2:].T @ Err1  # lazy update of the columns after the block
 
     codes = codes_t.index_select(0, torch.argsort(perm)).T
+    check_finite(codes, "GPTQ codes", layer_name)  # a NaN would be cast silently to code 0
     if exempt is not None:
         codes[:, exempt] = zeros[:, g_of[exempt]]
     return QuantizedWeight(codes.to(torch.uint8).contiguous(), scales, zeros, bits, group_size, symmetric, exempt)
