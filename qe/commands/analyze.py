@@ -51,9 +51,11 @@ def analyze(
     loaded = loaded or load_model(model, dtype=dtype, device=device)
     from qe.analysis.analyze import check_widths, select_layers
 
-    check_widths(loaded, select_layers(loaded, layers), k, num_experts)
+    selected = select_layers(loaded, layers)
+    check_widths(loaded, selected, k, num_experts)
     source, encoded = calibration_set(loaded, calib, samples, progress)
-    manager.hook.qe_run_start(command="analyze", info={"model": loaded.name, "samples": len(encoded)})
+    manager.hook.qe_run_start(command="analyze", info={"model": loaded.name, "samples": len(encoded),
+                                                      "blocks": max(selected) + 1, "progress": progress})
     result = run_analysis(loaded, encoded, options, manager)
     out_dir = Path(out) if out else default_report_dir(loaded.name)
     result.run = {

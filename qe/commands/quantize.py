@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from qe import checkpoint
 from qe.data.calibration import calibration_set, data_hash, token_counts
 from qe.errors import ConfigError, QEError
-from qe.models.loading import LoadedModel, load_model
+from qe.models.loading import LoadedModel, load_model, parse_dtype
 from qe.pipeline import LayerRecord, PipelineOptions, PipelineResult, QuantizationPipeline
 from qe.plugins import default_manager
 from qe.recipe import Recipe
@@ -61,15 +61,25 @@ def run_quantize(
     dtype: str = "float32",
     loaded: LoadedModel | None = None,
     manager=None,
+    adapter_dtype: str | torch.dtype = "model",
 ) -> tuple[Path, dict]:
-    """Quantize with ``recipe`` and write the checkpoint to ``out``; return it and its manifest."""
+    """Quantize with ``recipe`` and write the checkpoint to ``out``; return it and its manifest.
+
+    ``adapter_dtype`` is the dtype the compensators' tensors are stored in: ``"model"`` (the
+    default) is the dtype the model was loaded in, so a float16 or bfloat16 model gets
+    half-size adapters; the model in memory keeps computing them in float32."""
     manager = manager or default_manager()
     composition = recipe.validate(manager)  # before any model loads
     out = Path(out)
     if out.exists() and not force:
         raise QEError(f"output directory {out} exists: choose another --out or pass --force")
     work = partial_dir(out)
+    if adapter_dtype != "model":
+        adapter_dtype = parse_dtype(adapter_dtype)  # a bad name fails before the model loads
     loaded = loaded or load_model(model, dtype=dtype, device=device)
+    model_dtype = model_float_dtype(loaded.model)
+    sizes = {"model_bytes": state_bytes(loaded.model), "model_dtype": str(model_dtype).removeprefix("torch.")}
+    adapter_dtype = model_dtype if adapter_dtype == "model" else adapter_dtype
     source, encoded = calibration_set(loaded, recipe.calib, recipe.samples, progress)
     dhash = data_hash(encoded)
     model_id = str(loaded.path or loaded.name)
@@ -92,9 +102,13 @@ def run_quantize(
             shutil.rmtree(work)
         work.mkdir(parents=True)
 
-    options = PipelineOptions(propagation=recipe.propagation, max_tokens=recipe.max_tokens, device=device,
-                              seed=recipe.seed, progress=progress, skip=recipe.skip, overrides=recipe.overrides)
-    pipeline = QuantizationPipeline(loaded, composition, options, manager)
+    try:
+        options = PipelineOptions(propagation=recipe.propagation, max_tokens=recipe.max_tokens, device=device,
+                                  seed=recipe.seed, progress=progress, skip=recipe.skip, overrides=recipe.overrides)
+        pipeline = QuantizationPipeline(loaded, composition, options, manager)
+    except BaseException:
+        _drop_if_empty(work)
+        raise
     blocks = loaded.adapter.decoder_blocks(loaded.model)
     prefix = loaded.adapter.blocks_prefix(loaded.model)
 
@@ -110,14 +124,25 @@ def run_quantize(
         _write_json(work / PROGRESS, state)
 
     manager.hook.qe_run_start(command="quantize", info={"model": loaded.name, "composition": composition.label,
-                                                       "num_blocks": len(blocks), "resumed_at": done})
+                                                       "num_blocks": len(blocks), "resumed_at": done,
+                                                       "progress": progress})
     if done < len(blocks):
-        result = pipeline.run(encoded, start_block=done, on_block_done=save_block, result=result)
+        try:
+            result = pipeline.run(encoded, start_block=done, on_block_done=save_block, result=result)
+        except BaseException:
+            _drop_if_empty(work)  # failed before its first block: nothing to resume from
+            raise
 
     manifest = _finish(loaded, work, out, recipe, composition, result, source, len(encoded), token_counts(encoded),
-                       dhash, prefix, force)
+                       dhash, prefix, force, adapter_dtype=adapter_dtype, sizes=sizes)
     manager.hook.qe_run_end(command="quantize", output=str(out), figures=manifest["summary"])
     return out, manifest
+
+
+def _drop_if_empty(work: Path) -> None:
+    """Remove a ``.NAME.partial`` directory that holds no finished block (nothing to resume)."""
+    if work.is_dir() and not (work / PROGRESS).is_file():
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _restore_blocks(loaded: LoadedModel, work: Path, state: dict) -> int:
@@ -140,10 +165,33 @@ def _summary(result: PipelineResult) -> dict[str, float]:
             "fit_seconds": sum(r.figures.get("fit_seconds", 0.0) for r in result.layers)}
 
 
-def _finish(loaded, work, out, recipe, composition, result, source, n_samples, tokens, dhash, prefix, force) -> dict:
+def model_float_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point parameters (the --dtype it was loaded in)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def state_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's tensors as stored (tensors sharing storage counted once)."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        if t is None:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _finish(loaded, work, out, recipe, composition, result, source, n_samples, tokens, dhash, prefix, force, *,
+            adapter_dtype: torch.dtype | None = None, sizes: dict | None = None) -> dict:
     for f in work.glob("block-*.safetensors"):
         f.unlink()
-    shard_names, aliases = checkpoint.save_tensors(loaded.model, work)
+    shard_names, aliases = checkpoint.save_tensors(loaded.model, work, adapter_dtype=adapter_dtype)
     loaded.model.config.save_pretrained(work)
     try:
         loaded.processor.save_pretrained(work)
@@ -155,7 +203,9 @@ def _finish(loaded, work, out, recipe, composition, result, source, n_samples, t
             shutil.copy(src, work / extra)
     files = checkpoint.file_records(work, shard_names)
     layouts = checkpoint.module_layouts(loaded.model)
-    bits = checkpoint.effective_bits(loaded.model)
+    bits = checkpoint.effective_bits(loaded.model, adapter_dtype)
+    sizes = {**(sizes or {}), "checkpoint_bytes": sum(f.stat().st_size for f in work.rglob("*") if f.is_file()
+                                                        and f.name != PROGRESS)}
     manifest = {
         "format": checkpoint.FORMAT,
         "format_version": checkpoint.FORMAT_VERSION,
@@ -169,6 +219,8 @@ def _finish(loaded, work, out, recipe, composition, result, source, n_samples, t
         "seed": recipe.seed,
         "calibration": {"source": source, "samples": n_samples, "tokens": tokens, "data_hash": dhash},
         "effective_bits": bits,
+        "adapter_dtype": str(adapter_dtype or torch.float32).removeprefix("torch."),
+        "size": sizes,
         "summary": _summary(result),
         "warnings": result.warnings,
         "layers": [{**asdict(r), "shape": list(r.shape)} for r in result.layers],

@@ -8,6 +8,7 @@ JSONL file whose records are ``{"image": path, "text": caption}``,
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -28,6 +29,8 @@ from qe.hookspecs import hookimpl
 from qe.plugins import Plugin
 
 Split = Literal["calib", "eval"]
+
+log = logging.getLogger(__name__)
 
 
 class CalibrationSource(Plugin):
@@ -173,6 +176,8 @@ def take_samples(samples: list[Sample], n: int | None, what: str = "calibration 
         return samples
     if n < 1:
         raise ConfigError(f"--samples must be at least 1, not {n}")
+    if n > len(samples):
+        log.warning("qe: --samples %d: %s holds only %d samples; using all %d", n, what, len(samples), len(samples))
     return samples[:n]
 
 
