@@ -104,7 +104,13 @@ def cmd_analyze(args) -> int:
           f"({run['seconds']['statistics']:.1f} s statistics, {run['seconds']['report']:.1f} s report)")
     for note in run.get("notes", []):
         print(f"note: {note}")
-    print(f"qe analyze: report written to {out}/index.html (summary.json, channels.csv, plots)")
+    unranked = [s["never_ranked"] for s in layers if s.get("never_ranked", {}).get("count")]
+    if unranked:
+        print(f"note: in {len(unranked)} of {len(layers)} layers, {sum(u['count'] for u in unranked)} of "
+              f"{sum(u['of'] for u in unranked)} token-dependent (C_r) channels were never in any token's top-k "
+              "(f_all = 0); the report lists them (never_ranked in summary.json)")
+    print(f"qe analyze: report written to {out}/index.html (overview; per-block plot pages, summary.json, "
+          "channels.csv)")
     return 0
 
 

@@ -271,3 +271,106 @@ def test_config_error_leaves_no_partial_directory(tmp_path):
 def test_default_output_folder_is_ignored_by_git():
     lines = (REPO / ".gitignore").read_text().splitlines()
     assert "/quantized/" in lines or "quantized/" in lines
+
+
+# --------------------------------------------------------------------------- analysis report
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """k=4 with N_r=14 asks for more token-dependent channels than some tiny layers' tokens rank."""
+    from qe.commands.analyze import analyze
+
+    out = tmp_path_factory.mktemp("an") / "report"
+    path, summary = analyze("tiny:llava", samples=6, out=out, k=4, num_experts=14, progress=False, plot_blocks=(0, 1))
+    return path, summary
+
+
+def test_report_overview_links_one_page_per_block(report):
+    import re
+
+    path, summary = report
+    index = (path / "index.html").read_text()
+    assert "<img" in index and index.count("<img") == 3  # the cross-layer plots only
+    assert "href='block-000.html'" in index and "href='block-001.html'" in index
+    for block in (0, 1):
+        page = (path / f"block-{block:03d}.html").read_text()
+        layers = [s for s in summary["layers"] if s["block"] == block]
+        assert page.count("<details") == len(layers) and "href='index.html'" in page
+        images = re.findall(r"<img src='([^']+)'", page)
+        assert len(images) == 3 * len(layers)
+        for img in images:
+            assert (path / img).is_file()
+            assert f"<a href='{img}'>{img}</a>" in page  # every file name is a link
+        for s in layers:  # table rows on the overview point at the layer's section
+            assert f"href='block-{block:03d}.html#{s['name']}'" in index and f"id='{s['name']}'" in page
+
+
+def test_never_ranked_channels_are_reported(report):
+    import csv
+
+    path, summary = report
+    rows = list(csv.DictReader((path / "channels.csv").open()))
+    data = json.loads((path / "summary.json").read_text())
+    import jsonschema
+
+    from qe.analysis.report import load_schema
+
+    jsonschema.validate(data, load_schema())
+    flagged = 0
+    for s in data["layers"]:
+        expected = [int(r["channel"]) for r in rows if r["layer"] == s["name"]
+                    and r["set"].startswith("token_dependent") and float(r["f_all"]) == 0]
+        nr = s["never_ranked"]
+        assert sorted(nr["channels"]) == sorted(expected) and nr["count"] == len(expected)
+        assert nr["of"] == len(s["token_dependent"]) and set(nr["channels"]) <= set(s["token_dependent"])
+        flagged += bool(expected)
+    assert flagged > 0, "the fixture should produce layers with never-ranked C_r channels"
+    index = (path / "index.html").read_text()
+    assert "C_r channels no token ranked" in index and "C_r unranked" in index
+    worst = max(data["layers"], key=lambda s: s["never_ranked"]["count"])
+    page = (path / f"block-{worst['block']:03d}.html").read_text()
+    assert f"{worst['never_ranked']['count']} of the {worst['never_ranked']['of']} C_r channels were never" in page
+
+
+def test_analyze_cli_points_at_never_ranked_channels(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert cli.main(["analyze", "--model", "tiny:llava", "--samples", "6", "--k", "4", "--num-experts", "14",
+                     "--layers", r"layers\.0\.self_attn\.o_proj", "--plot-layers", "0", "--out", str(out),
+                     "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "were never in any token's top-k (f_all = 0)" in text
+
+
+def test_token_map_labels_every_modality_inside_the_figure(tmp_path):
+    """The modality labels are y tick labels, inside the saved image, not behind the colorbar."""
+    from qe.analysis.analyze import LayerPlotData
+    from qe.analysis.report import plot_token_map
+
+    mod = torch.tensor([0] * 5 + [1] * 196 + [0] * 9 + [2] * 3)  # text, vision, text, answer (3 tokens)
+    data = LayerPlotData(frequencies={"all": torch.rand(32)}, sample_scores=torch.rand(mod.numel(), 32),
+                         sample_modality=mod, npmi=torch.zeros(0, 0), labels=torch.zeros(0, dtype=torch.long))
+    import matplotlib.pyplot as plt
+
+    captured = {}
+    real_savefig = plt.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        captured["labels"] = [(t.get_text(), t.get_window_extent()) for t in ax.get_yticklabels()]
+        captured["fig"] = fig.bbox
+        return real_savefig(fig, *args, **kwargs)
+
+    plt.Figure.savefig = spy
+    try:
+        plot_token_map(tmp_path / "t.png", "model.layers.0.q_proj", {"token_independent": [0, 1]}, data)
+    finally:
+        plt.Figure.savefig = real_savefig
+    labels = captured["labels"]
+    assert [text for text, _ in labels] == ["text (5)", "vision (196)", "text (9)", "answer (3)"]
+    boxes = [box for _, box in labels]
+    for box in boxes:
+        assert box.x0 >= 0 and box.y0 >= 0 and box.y1 <= captured["fig"].y1
+    for upper, lower in zip(boxes, boxes[1:]):
+        assert lower.y1 <= upper.y0 + 0.5  # no two labels overprint
