@@ -163,6 +163,11 @@ def cmd_quantize(args) -> int:
           f"{s['seconds']:.1f} s")
     for note in manifest["model"]["notes"]:
         print(f"note: {note}")
+    with_adapters = bits.get("bits_per_weight_with_adapters")
+    if (manifest.get("adapter_dtype") == "float32" and _is_number(with_adapters) and _is_number(bits["bits_per_weight"])
+            and with_adapters > 1.5 * bits["bits_per_weight"]):
+        print("note: the adapters are stored in float32, the model's dtype; --adapter-dtype float16 (or bfloat16) "
+              "stores them in half the space")
     size = manifest.get("size") or {}
     where = f"qe quantize: checkpoint written to {path}"
     if size.get("checkpoint_bytes") and size.get("model_bytes"):

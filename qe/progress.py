@@ -9,8 +9,8 @@ pipeline) see nothing from it.
   time per block and the time left; again every few minutes on long runs (useful in logs,
   where a progress bar is one long line).
 * ``qe compare``: a second bar under the grid's bar that counts the blocks of the cell being
-  quantized, so a cell that takes half an hour does not look frozen; after the first block
-  of the grid, one line estimating a cell's duration.
+  quantized, so a cell that takes half an hour does not look frozen; after each cell's first
+  block, one line with the time left in that cell (when it is more than a few seconds).
 
 Each :class:`qe.plugins.QEPluginManager` registers its own instance under the name
 ``qe.progress``.
@@ -63,8 +63,9 @@ class ProgressReporter:
         self.block_seconds = 0.0
         self._block_t0: float | None = None
         self._last_message: float | None = None
-        self._cells: list[str] = []
         self._cell_bar = None
+        self._cell_blocks = 0
+        self._cell_seconds = 0.0
 
     def write(self, line: str) -> None:
         if self._write is not None:
@@ -82,7 +83,6 @@ class ProgressReporter:
         self.command = command
         self.active = bool(info.get("progress", False))
         self.blocks_total = info.get("blocks")
-        self._cells = list(info.get("cells") or [])
 
     @hookimpl
     def qe_block_start(self, block_index: int, num_blocks: int) -> None:
@@ -96,21 +96,25 @@ class ProgressReporter:
     def qe_block_end(self, block_index: int, num_blocks: int, figures: dict[str, float]) -> None:
         if not self.active or self._block_t0 is None:
             return
-        now = self.clock()
+        now, start = self.clock(), self._block_t0
         self.blocks_run += 1
-        self.block_seconds += now - self._block_t0
+        self.block_seconds += now - start
         self._block_t0 = None
         per_block = self.block_seconds / self.blocks_run
         if self.command == "compare":
+            # Cells differ widely in cost (RTN alone takes seconds, QE hours): estimate each
+            # cell from its own first block.
+            self._cell_blocks += 1
+            self._cell_seconds += now - start
             if self._cell_bar is not None:
                 self._cell_bar.update(1)
                 if block_index + 1 >= num_blocks:
                     self._close_bar()
-            if self.blocks_run == 1:
-                cells = len(self._cells)
-                grid = f", {cells} cells about {format_duration(per_block * num_blocks * cells)}" if cells > 1 else ""
-                self.write(f"qe compare: first block took {format_duration(per_block)}; a cell of {num_blocks} "
-                           f"blocks takes about {format_duration(per_block * num_blocks)}{grid} (estimate)")
+            left = num_blocks - block_index - 1
+            cell_left = self._cell_seconds / self._cell_blocks * left
+            if self._cell_blocks == 1 and left and cell_left >= self.min_seconds_left:
+                self.write(f"qe compare: the cell's first block took {format_duration(now - start)}; about "
+                           f"{format_duration(cell_left)} left in this cell (estimate)")
             return
         total = min(self.blocks_total or num_blocks, num_blocks)
         left = max(total - block_index - 1, 0)
@@ -133,8 +137,8 @@ class ProgressReporter:
         from tqdm.auto import tqdm
 
         self._close_bar()
+        self._cell_blocks, self._cell_seconds = 0, 0.0
         self._cell_bar = tqdm(total=num_blocks, initial=block_index, desc="  this cell", unit="block", leave=False)
-
     def _close_bar(self) -> None:
         if self._cell_bar is not None:
             self._cell_bar.close()

@@ -79,7 +79,8 @@ def test_compare_shows_the_blocks_of_the_current_cell(capsys):
     reporter = ProgressReporter(clock=_Clock(30.0), write=lines.append)
     reporter.qe_run_start(command="compare", info={"progress": True, "cells": ["a", "b", "c"]})
     bars = []
-    for _cell in range(3):
+    for cell in range(3):
+        reporter.clock = _Clock(0.001 if cell == 0 else 30.0)  # a data-free cell, then two slow ones
         for i in range(4):
             reporter.qe_block_start(block_index=i, num_blocks=4)
             bars.append((reporter._cell_bar.n, reporter._cell_bar.total))
@@ -87,9 +88,20 @@ def test_compare_shows_the_blocks_of_the_current_cell(capsys):
         assert reporter._cell_bar is None  # closed after the cell's last block
     reporter.qe_run_end(command="compare", output=None, figures={})
     assert bars[:4] == [(0, 4), (1, 4), (2, 4), (3, 4)] and bars[4] == (0, 4)
-    assert lines == ["qe compare: first block took 30 s; a cell of 4 blocks takes about 2 min 00 s, "
-                     "3 cells about 6 min 00 s (estimate)"]
+    # each slow cell is estimated from its own first block; the fast one says nothing
+    assert lines == ["qe compare: the cell's first block took 30 s; about 1 min 30 s left in this cell (estimate)"] * 2
     assert "this cell" in capsys.readouterr().err
+
+
+def test_compare_runs_with_the_reporter(tmp_path, monkeypatch, capsys):
+    from qe.commands.compare import CompareOptions, run_compare
+
+    monkeypatch.setattr(ProgressReporter, "min_seconds_left", 0.0)
+    options = CompareOptions(samples=2, eval_tokens=512, caption_nll=False, progress=True)
+    _, rows = run_compare("tiny:llava", "rtn", "lowrank[rank=4]", "W4A8", out=tmp_path / "c", options=options)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    err = capsys.readouterr().err
+    assert "this cell" in err and "left in this cell (estimate)" in err
 
 
 def test_every_manager_registers_a_reporter():
@@ -245,6 +257,8 @@ def test_layer_table_only_when_it_has_figures(tmp_path, capsys):
     header = next(line for line in out.splitlines() if line.startswith("layer"))
     assert "err base" in header and "router" not in header  # empty columns are left out
     assert f"{tmp_path / 'lr' / 'qe_manifest.json'}" in out
+    assert "--adapter-dtype float16" in out  # rank-4 adapters on 64-wide layers are most of the checkpoint
+    assert "MB; the float32 model is" in out
 
 
 def test_render_layer_table_drops_empty_columns():
