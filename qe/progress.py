@@ -76,6 +76,8 @@ class ProgressReporter:
         tqdm.write(line, file=sys.stderr)  # above any progress bar, not through it
 
     # ------------------------------------------------------------------ hooks
+    # Each takes only the arguments it reads (pluggy allows a subset), so hooks that gain
+    # arguments later keep working with it.
     @hookimpl
     def qe_run_start(self, command: str, info: dict[str, Any]) -> None:
         self._close_bar()
@@ -93,7 +95,7 @@ class ProgressReporter:
             self._start_cell_bar(block_index, num_blocks)
 
     @hookimpl
-    def qe_block_end(self, block_index: int, num_blocks: int, figures: dict[str, float]) -> None:
+    def qe_block_end(self, block_index: int, num_blocks: int) -> None:
         if not self.active or self._block_t0 is None:
             return
         now, start = self.clock(), self._block_t0
@@ -128,7 +130,7 @@ class ProgressReporter:
                        f"block; about {format_duration(seconds_left)} left (estimate)")
 
     @hookimpl
-    def qe_run_end(self, command: str, output: str | None, figures: dict[str, float]) -> None:
+    def qe_run_end(self) -> None:
         self._close_bar()
         self.active = False
 

@@ -37,8 +37,8 @@ def _drive(reporter, command, num_blocks, blocks=None, start=0, **info):
     reporter.qe_run_start(command=command, info={"progress": True, "blocks": blocks, **info})
     for i in range(start, blocks or num_blocks):
         reporter.qe_block_start(block_index=i, num_blocks=num_blocks)
-        reporter.qe_block_end(block_index=i, num_blocks=num_blocks, figures={})
-    reporter.qe_run_end(command=command, output=None, figures={})
+        reporter.qe_block_end(block_index=i, num_blocks=num_blocks)
+    reporter.qe_run_end()
 
 
 def test_estimate_after_the_first_block_then_every_few_minutes():
@@ -65,12 +65,12 @@ def test_no_estimate_when_quiet_short_or_outside_a_command():
     reporter = ProgressReporter(clock=_Clock(20.0), write=lines.append)
     reporter.qe_run_start(command="quantize", info={"progress": False})
     reporter.qe_block_start(block_index=0, num_blocks=30)
-    reporter.qe_block_end(block_index=0, num_blocks=30, figures={})
+    reporter.qe_block_end(block_index=0, num_blocks=30)
     fast = ProgressReporter(clock=_Clock(0.01), write=lines.append)
     _drive(fast, "quantize", 30)
     idle = ProgressReporter(clock=_Clock(20.0), write=lines.append)  # a pipeline run without qe_run_start
     idle.qe_block_start(block_index=0, num_blocks=30)
-    idle.qe_block_end(block_index=0, num_blocks=30, figures={})
+    idle.qe_block_end(block_index=0, num_blocks=30)
     assert lines == []
 
 
@@ -84,9 +84,9 @@ def test_compare_shows_the_blocks_of_the_current_cell(capsys):
         for i in range(4):
             reporter.qe_block_start(block_index=i, num_blocks=4)
             bars.append((reporter._cell_bar.n, reporter._cell_bar.total))
-            reporter.qe_block_end(block_index=i, num_blocks=4, figures={})
+            reporter.qe_block_end(block_index=i, num_blocks=4)
         assert reporter._cell_bar is None  # closed after the cell's last block
-    reporter.qe_run_end(command="compare", output=None, figures={})
+    reporter.qe_run_end()
     assert bars[:4] == [(0, 4), (1, 4), (2, 4), (3, 4)] and bars[4] == (0, 4)
     # each slow cell is estimated from its own first block; the fast one says nothing
     assert lines == ["qe compare: the cell's first block took 30 s; about 1 min 30 s left in this cell (estimate)"] * 2
