@@ -67,7 +67,7 @@ def run_quantize(
 
     ``adapter_dtype`` is the dtype the compensators' tensors are stored in: ``"model"`` (the
     default) is the dtype the model was loaded in, so a float16 or bfloat16 model gets
-    half-size adapters; the model in memory keeps computing them in float32."""
+    half-size adapters. Only the stored copy changes: the model in memory is left as it is."""
     manager = manager or default_manager()
     composition = recipe.validate(manager)  # before any model loads
     out = Path(out)
