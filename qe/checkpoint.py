@@ -88,9 +88,23 @@ def _dedup_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, s
     return state, aliases
 
 
-def save_tensors(model: nn.Module, directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> tuple[list[str], dict[str, str]]:
-    """Write the model's tensors as safetensors shards; return file names and aliases."""
+def adapter_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the compensators' tensors (adapters, routers)."""
+    return {f"{name}.compensator.{key}" for name, ql in quantized_layers(model).items() if ql.compensator is not None
+            for key in ql.compensator.state_dict()}
+
+
+def save_tensors(model: nn.Module, directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
+                 adapter_dtype: torch.dtype | None = None) -> tuple[list[str], dict[str, str]]:
+    """Write the model's tensors as safetensors shards; return file names and aliases.
+
+    With ``adapter_dtype``, the compensators' floating-point tensors are stored in that dtype
+    (the model in memory is unchanged); loading casts them back into the modules' buffers."""
     state, aliases = _dedup_state(model)
+    if adapter_dtype is not None:
+        for key in adapter_keys(model) & state.keys():
+            if state[key].is_floating_point():
+                state[key] = state[key].to(adapter_dtype)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, t in state.items():
@@ -247,10 +261,14 @@ def load_tensors(model: nn.Module, directory: Path, shard_names: list[str], alia
             raise ModelError(f"checkpoint {directory}: shard {name} is not among the manifest's hashed files, so "
                              "it cannot be checked: the manifest is damaged or hostile; re-quantize")
         paths.append((name, path))
-    expected = set(model.state_dict().keys())  # persistent tensors; rotary caches rebuild themselves
+    current = model.state_dict()  # persistent tensors (rotary caches rebuild themselves); meta ones cost nothing
+    expected = set(current)
     loaded: set[str] = set()
     for name, path in paths:
         shard = load_file(str(path))
+        for key, tensor in shard.items():  # adapters stored in a smaller dtype come back in the model's
+            if key in current and tensor.is_floating_point() and tensor.dtype != current[key].dtype:
+                shard[key] = tensor.to(current[key].dtype)
         for alias, target in aliases.items():
             if target in shard:
                 shard[alias] = shard[target]
@@ -405,12 +423,20 @@ def is_checkpoint(path: str | Path | None) -> bool:
     return path is not None and (Path(path) / MANIFEST).is_file()
 
 
-def effective_bits(model: nn.Module) -> dict[str, float]:
-    """Stored bits per quantized weight, without and with the compensators' tensors."""
+def effective_bits(model: nn.Module, adapter_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Stored bits per quantized weight, without and with the compensators' tensors (counted
+    in ``adapter_dtype`` when they are stored in it, see :func:`save_tensors`)."""
     layers = quantized_layers(model)
     weights = sum(q.in_features * q.out_features for q in layers.values())
     base = sum(q.storage_bytes(include_compensator=False) for q in layers.values())
-    full = sum(q.storage_bytes(include_compensator=True) for q in layers.values())
+    full = base
+    for q in layers.values():
+        if q.compensator is not None:
+            for t in q.compensator.state_dict().values():
+                size = t.element_size()
+                if adapter_dtype is not None and t.is_floating_point():
+                    size = torch.empty((), dtype=adapter_dtype).element_size()
+                full += t.numel() * size
     if weights == 0:
         return {"bits_per_weight": float("nan"), "bits_per_weight_with_adapters": float("nan")}
     return {"bits_per_weight": 8 * base / weights, "bits_per_weight_with_adapters": 8 * full / weights}

@@ -15,12 +15,21 @@ from qe.errors import QEError
 log = logging.getLogger("qe")
 
 
-def _shared_options() -> argparse.ArgumentParser:
+SAMPLES_DEFAULTS = {  # what --samples means when it is not given, per command
+    "analyze": "32", "quantize": "the recipe's, else 32", "compare": "32",
+    "eval": "8 for layer-error, every held-out image-caption pair for caption-nll", "info": "1",
+}
+
+
+def _shared_options(command: str = "") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
+    samples_default = SAMPLES_DEFAULTS.get(command, "per command")
     g = p.add_argument_group("shared options")
     g.add_argument("--model", default=None, help="local path or hub id (default: the embedded default model)")
     g.add_argument("--calib", default=None, help="calibration source name (images, pydoc) or a JSONL file")
-    g.add_argument("--samples", type=int, default=None, help="number of calibration samples (default: per command)")
+    g.add_argument("--samples", type=int, default=None,
+                   help=f"number of calibration samples (default: {samples_default}); a number above what the "
+                        "source holds uses all of its samples and says how many")
     g.add_argument("--device", default=None, help="torch device (default: cpu, or cuda when available)")
     g.add_argument("--dtype", default="float32", help="model dtype: float32, float16, bfloat16")
     g.add_argument("--seed", type=int, default=None,
@@ -123,7 +132,13 @@ def cmd_analyze(args) -> int:
           f"({run['seconds']['statistics']:.1f} s statistics, {run['seconds']['report']:.1f} s report)")
     for note in run.get("notes", []):
         print(f"note: {note}")
-    print(f"qe analyze: report written to {out}/index.html (summary.json, channels.csv, plots)")
+    unranked = [s["never_ranked"] for s in layers if s.get("never_ranked", {}).get("count")]
+    if unranked:
+        print(f"note: in {len(unranked)} of {len(layers)} layers, {sum(u['count'] for u in unranked)} of "
+              f"{sum(u['of'] for u in unranked)} token-dependent (C_r) channels were never in any token's top-k "
+              "(f_all = 0); the report lists them (never_ranked in summary.json)")
+    print(f"qe analyze: report written to {out}/index.html (overview; per-block plot pages, summary.json, "
+          "channels.csv)")
     return 0
 
 
@@ -161,9 +176,11 @@ def cmd_quantize(args) -> int:
     args._out_resolved = out
     path, manifest = run_quantize(recipe, args.model, out=out, resume=args.resume, force=args.force,
                                   progress=not args.quiet, device=_device(args), dtype=_dtype(args),
-                                  trust_remote_code=args.trust_remote_code)
-    if not args.quiet:
-        print(render_layer_table(manifest))
+                                  trust_remote_code=args.trust_remote_code, adapter_dtype=args.adapter_dtype)
+    table = render_layer_table(manifest)
+    if table and not args.quiet:
+        print(table)
+        print(f"(every layer's figures: {path / 'qe_manifest.json'}, under \"layers\")")
     for w in manifest["warnings"]:
         print(f"warning: {w}")
     s, bits = manifest["summary"], manifest["effective_bits"]
@@ -175,7 +192,17 @@ def cmd_quantize(args) -> int:
           f"{s['seconds']:.1f} s")
     for note in manifest["model"]["notes"]:
         print(f"note: {note}")
-    print(f"qe quantize: checkpoint written to {path}")
+    with_adapters = bits.get("bits_per_weight_with_adapters")
+    if (manifest.get("adapter_dtype") == "float32" and _is_number(with_adapters) and _is_number(bits["bits_per_weight"])
+            and with_adapters > 1.5 * bits["bits_per_weight"]):
+        print("note: the adapters are stored in float32, the model's dtype; --adapter-dtype float16 (or bfloat16) "
+              "stores them in half the space")
+    size = manifest.get("size") or {}
+    where = f"qe quantize: checkpoint written to {path}"
+    if size.get("checkpoint_bytes") and size.get("model_bytes"):
+        where += (f" ({_megabytes(size['checkpoint_bytes'])}; the {size['model_dtype']} model is "
+                  f"{_megabytes(size['model_bytes'])})")
+    print(where)
     return 0
 
 
@@ -186,41 +213,64 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.@+-]+", "_", text).strip("_")
 
 
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+
+
 def _is_number(value) -> bool:
     import math
 
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+TABLE_COLUMNS = (  # (figure key, header, width, format)
+    ("rel_error_base", "err base", 10, ".4f"), ("rel_error", "err", 10, ".4f"), ("rel_error_text", "text", 9, ".4f"),
+    ("rel_error_vision", "vision", 9, ".4f"), ("rel_error_answer", "answer", 9, ".4f"),
+    ("router_agreement", "router", 8, ".2f"), ("fit_seconds", "fit s", 7, ".2f"),
+)
+
+
 def render_layer_table(manifest: dict) -> str:
-    names = [r["name"] for r in manifest["layers"]]
+    """The per-layer figures as a text table: only the columns that hold a figure for some
+    layer, and an empty string when none does (a data-free composition such as RTN alone)."""
+    layers = manifest["layers"]
+    columns = [c for c in TABLE_COLUMNS if any(_is_number(r["figures"].get(c[0])) for r in layers)]
+    if not columns:
+        return ""
+    names = [r["name"] for r in layers]
     cut = len(os.path.commonprefix(names).rpartition(".")[0]) + 1 if len(names) > 1 else 0
-    lines = [f"{'layer':<44}{'err base':>10}{'err':>10}{'text':>9}{'vision':>9}{'answer':>9}{'router':>8}{'fit s':>7}"]
-    for r in manifest["layers"]:
+    lines = [f"{'layer':<44}" + "".join(f"{header:>{width}}" for _, header, width, _ in columns)]
+    for r in layers:
         f = r["figures"]
-
-        def g(key, spec=".4f", f=f):
-            v = f.get(key)
-            return format(v, spec) if isinstance(v, (int, float)) else "–"
-
-        lines.append(f"{r['name'][cut:][-44:]:<44}{g('rel_error_base'):>10}{g('rel_error'):>10}{g('rel_error_text'):>9}"
-                     f"{g('rel_error_vision'):>9}{g('rel_error_answer'):>9}{g('router_agreement', '.2f'):>8}"
-                     f"{g('fit_seconds', '.2f'):>7}")
+        cells = "".join(f"{format(f[key], spec) if _is_number(f.get(key)) else '–':>{width}}"
+                        for key, _, width, spec in columns)
+        lines.append(f"{r['name'][cut:][-44:]:<44}{cells}")
     return "\n".join(lines)
 
 
+PROPAGATION_HELP = ("quantized (default): each block is calibrated on the outputs of the already-quantized blocks "
+                    "before it, as deployed; fp-inputs: every block gets its full-precision inputs")
+
+
 def _quantize_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", default=None, help="TOML recipe (flags override it)")
+    p.add_argument("--recipe", default=None,
+                   help="TOML recipe file with the same choices as these flags, plus per-layer overrides and skip "
+                        "patterns; flags given here override it (format and example: docs/recipes.md)")
     p.add_argument("--transform", default=None,
                    help="transform plugin applied before quantizing: none (default), 'smoothquant[alpha=0.5]', awq")
     p.add_argument("--quantizer", default=None, help="quantizer plugin: rtn (default), gptq, 'gptq[damp=0.01]'")
     p.add_argument("--compensator", default=None, help="compensator plugin, e.g. none, 'lowrank[rank=64]', qe")
     p.add_argument("--estimator", default=None, help="importance estimator plugin (default act-weight)")
     p.add_argument("--setting", default=None, help="W<bits>A<bits>[g<group>|ch][sym|asym] (default W4A8)")
-    p.add_argument("--w-bits", type=int, default=None)
-    p.add_argument("--a-bits", type=int, default=None)
-    p.add_argument("--group-size", type=int, default=None, help="0 = per output channel")
-    p.add_argument("--propagation", choices=["quantized", "fp-inputs"], default=None)
+    p.add_argument("--w-bits", type=int, default=None, help="weight bits; replaces the W<bits> of --setting")
+    p.add_argument("--a-bits", type=int, default=None,
+                   help="activation bits; replaces the A<bits> of --setting (16 = weights only)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="weight quantization group size along the input; 0 = one scale per output channel")
+    p.add_argument("--propagation", choices=["quantized", "fp-inputs"], default=None, help=PROPAGATION_HELP)
+    p.add_argument("--adapter-dtype", choices=["model", "float32", "float16", "bfloat16"], default="model",
+                   help="dtype in which compensator tensors are stored in the checkpoint "
+                        "(default: model, the dtype the model was loaded in, see --dtype)")
     p.add_argument("--max-tokens", type=int, default=None, help="token sample per linear for fitting (default 16384)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -252,11 +302,11 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantizers", default="rtn,gptq", help="comma list of quantizer plugins")
     p.add_argument("--compensators", default="none,lowrank,qe", help="comma list of compensator plugins")
     p.add_argument("--settings", default="W4A8,W4A6,W3A16", help="comma list of settings")
-    p.add_argument("--estimator", default=None)
+    p.add_argument("--estimator", default=None, help="importance estimator plugin (default act-weight)")
     p.add_argument("--eval-tokens", type=int, default=8192,
                    help="score this prefix of the held-out text (whole 512-token windows; 0 = all of it)")
     p.add_argument("--no-caption-nll", action="store_true", help="skip the caption NLL metric")
-    p.add_argument("--propagation", choices=["quantized", "fp-inputs"], default=None)
+    p.add_argument("--propagation", choices=["quantized", "fp-inputs"], default=None, help=PROPAGATION_HELP)
     p.add_argument("--force", action="store_true", help="reuse an output directory that holds a different grid")
 
 
@@ -276,7 +326,10 @@ def cmd_eval(args) -> int:
 
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metric", choices=["ppl", "caption-nll", "layer-error"], default="ppl")
+    p.add_argument("--metric", choices=["ppl", "caption-nll", "layer-error"], default="ppl",
+                   help="ppl (default): perplexity of held-out text; caption-nll: negative log-likelihood of the "
+                        "answer tokens of held-out image-caption pairs; layer-error: each linear's relative output "
+                        "error against the full-precision model (see --reference)")
     p.add_argument("--text-file", default=None, help="UTF-8 text to score (default: the built-in held-out text)")
     p.add_argument("--window", type=int, default=512, help="tokens per window for --text-file (default 512)")
     p.add_argument("--stride", type=int, default=512, help="tokens between window starts for --text-file (default 512)")
@@ -298,14 +351,13 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     from qe.version import __version__
 
-    shared = _shared_options()
     parser = argparse.ArgumentParser(
         prog="qe", description="Analysis-first post-training quantization of vision-language models (Quant Experts)."
     )
     parser.add_argument("--version", action="version", version=f"qe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (func, help_text) in COMMANDS.items():
-        sp = sub.add_parser(name, parents=[shared], help=help_text, description=help_text)
+        sp = sub.add_parser(name, parents=[_shared_options(name)], help=help_text, description=help_text)
         sp.set_defaults(func=func)
         extra = EXTRA_ARGUMENTS.get(name)
         if extra:

@@ -284,6 +284,9 @@ class QEPluginManager:
                 self._origins[id(plugin)] = f"{dist.project_name} {dist.version}"
         for plugin in extra_plugins:
             self.pm.register(plugin)
+        from qe.progress import PLUGIN_NAME, ProgressReporter
+
+        self.pm.register(ProgressReporter(), name=PLUGIN_NAME)  # event hooks only; idle unless a run asks
         self._registry: dict[str, dict[str, PluginEntry]] | None = None
 
     @property

@@ -19,7 +19,7 @@ A recipe file holds the same things as the flags, plus per-layer overrides and s
     quantizer = "rtn"
 
 Flags given on the command line override the file. Everything is validated (plugin names,
-parameters, settings) before any model loads.
+parameters, settings) before any model loads. docs/recipes.md documents every key.
 """
 
 from __future__ import annotations

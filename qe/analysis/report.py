@@ -1,4 +1,9 @@
-"""Writing an analysis report: summary.json, channels.csv, PNG plots and index.html.
+"""Writing an analysis report: summary.json, channels.csv, PNG plots, index.html and one page
+per plotted block (``block-NNN.html``).
+
+``index.html`` is the overview: the run's facts, the cross-layer plots and one row per layer;
+the per-layer plots (frequency, token map, NPMI) of each plotted block are on that block's
+page, one collapsible section per linear, every image linked to its file.
 
 Everything goes into a temporary directory that is renamed into place when complete
 (:func:`qe.paths.atomic_directory`), so an interrupted run leaves no half-written report.
@@ -58,16 +63,31 @@ def _short(name: str) -> str:
     return f"{m.group(1)}.{m.group(2)}" if m else name
 
 
+def never_ranked(layers: list[dict], channel_rows: list[dict]) -> dict[str, list[int]]:
+    """Per layer, the channels of C_r (token-dependent) that no token ever ranked in its top-k
+    (``f_all = 0``). They sit in C_r only to fill its N_r·k places, and their co-occurrence
+    with anything is zero, so the clustering places them without evidence."""
+    out: dict[str, list[int]] = {s["name"]: [] for s in layers}
+    for r in channel_rows:
+        if str(r.get("set", "")).startswith("token_dependent") and r.get("f_all") == 0 and r["layer"] in out:
+            out[r["layer"]].append(int(r["channel"]))
+    order = {s["name"]: {c: i for i, c in enumerate(s["token_dependent"])} for s in layers}
+    return {name: sorted(chans, key=lambda c, o=order[name]: o.get(c, c)) for name, chans in out.items()}
+
+
 def build_summary(result: AnalysisResult) -> dict:
     import transformers
 
     from qe.version import __version__
 
+    unranked = never_ranked(result.layers, result.channel_rows)
+    layers = [{**s, "never_ranked": {"channels": unranked[s["name"]], "count": len(unranked[s["name"]]),
+                                     "of": len(s["token_dependent"])}} for s in result.layers]
     return _clean({
         "schema_version": SCHEMA_VERSION,
         "tool": {"qe": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "run": {**result.run, "created": result.run.get("created") or _dt.datetime.now(_dt.timezone.utc).isoformat()},
-        "layers": result.layers,
+        "layers": layers,
     })
 
 
@@ -100,11 +120,15 @@ def plot_frequencies(path: Path, name: str, summary: dict, data: LayerPlotData, 
         ax.plot(x, f[shown].numpy(), label=m, color=MODALITY_COLORS.get(m), lw=1.2 if m == "all" else 0.9)
     ax.axvspan(-0.5, k - 0.5, color="grey", alpha=0.15, label=f"C_s (k={k})")
     ax.axvline(len(order) - 0.5, color="grey", ls=":", lw=1)
+    unranked = (summary.get("never_ranked") or {}).get("count", 0)
+    if unranked:  # C_r is in frequency order: its never-ranked channels are its tail
+        ax.axvspan(len(order) - unranked - 0.5, len(order) - 0.5, color="tab:red", alpha=0.12,
+                   label=f"C_r never in a top-k ({unranked})")
     ax.set_xlabel("input channels, by overall frequency rank (C_s shaded, C_r up to the dotted line)")
     ax.set_ylabel("share of tokens with c in top-k")
     ax.set_title(f"{_short(name)}: channel frequency by modality")
     ax.set_xlim(-0.5, len(shown) - 0.5)
-    ax.legend(fontsize=8, ncol=5, loc="upper right")
+    ax.legend(fontsize=7 if unranked else 8, ncol=6 if unranked else 5, loc="upper right")
     return _save(fig, path)
 
 
@@ -118,15 +142,30 @@ def plot_token_map(path: Path, name: str, summary: dict, data: LayerPlotData) ->
     im = ax.imshow(img, aspect="auto", cmap="magma", interpolation="nearest",
                    vmin=np.percentile(img, 5), vmax=img.max())
     mod = data.sample_modality
+    ylabel = "tokens of the first calibration sample"
     if mod is not None and mod.numel() == img.shape[0]:
+        # Each run of tokens of one modality is labelled on the y axis, at its middle (the
+        # labels stay inside the figure whatever the colorbar takes on the right).
         change = [0] + [t for t in range(1, mod.numel()) if mod[t] != mod[t - 1]] + [mod.numel()]
+        centers, labels = [], []
         for a, b in zip(change[:-1], change[1:]):
-            ax.axhline(a - 0.5, color="cyan", lw=0.8)
-            label = MODALITIES[int(mod[a])]
-            ax.text(img.shape[1] + 2, (a + b) / 2, label, va="center", fontsize=8, color=MODALITY_COLORS.get(label, "k"))
+            if a > 0:
+                ax.axhline(a - 0.5, color="cyan", lw=0.8)
+            centers.append((a + b - 1) / 2)
+            labels.append(f"{MODALITIES[int(mod[a])]} ({b - a})")
+        gap = 0.05 * mod.numel()  # about one label's height: short runs must not overprint each other
+        for j in range(1, len(centers)):
+            centers[j] = max(centers[j], centers[j - 1] + gap)
+        centers[-1] = min(centers[-1], mod.numel() - 1)
+        for j in range(len(centers) - 2, -1, -1):
+            centers[j] = min(centers[j], centers[j + 1] - gap)
+        ax.set_yticks(centers, labels, fontsize=8)
+        for tick, label in zip(ax.get_yticklabels(), labels):
+            tick.set_color(MODALITY_COLORS.get(label.split()[0], "k"))
+        ylabel += ", by modality (tokens)"
     ax.axvline(len(summary["token_independent"]) - 0.5, color="white", ls="--", lw=0.8)
     ax.set_xlabel("input channels, by overall frequency rank (left of the dashed line: C_s)")
-    ax.set_ylabel("tokens of the first calibration sample")
+    ax.set_ylabel(ylabel)
     ax.set_title(f"{_short(name)}: log10 importance per token and channel")
     fig.colorbar(im, ax=ax, fraction=0.025)
     return _save(fig, path)
@@ -204,7 +243,39 @@ def _fmt(x, spec=".2f") -> str:
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
+STYLE = ("<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+         "table{border-collapse:collapse;font-size:13px}td,th{border-bottom:1px solid #ddd;padding:3px 6px;text-align:left}"
+         ".warn{background:#fff3cd;border:1px solid #e0c060;padding:.6em 1em;margin:1em 0}img{max-width:100%}"
+         "code{font-size:12px}details{border:1px solid #ddd;border-radius:4px;margin:.6em 0;padding:.3em .8em}"
+         "summary{cursor:pointer;font-weight:600}summary span{font-weight:normal;color:#555}"
+         "figure{margin:.8em 0}figcaption{font-size:12px}nav{font-size:14px;margin:.5em 0}</style>")
+
+PLOT_TITLES = {"freq": "channel frequency by modality", "tokens": "importance per token and channel",
+               "npmi": "NPMI co-occurrence among C_r"}
+
+
+def block_page(block: int) -> str:
+    return f"block-{block:03d}.html"
+
+
+def _head(title: str) -> list[str]:
+    return ["<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>", STYLE,
+            "</head><body>"]
+
+
+def _never_ranked_text(s: dict) -> str | None:
+    nr = s.get("never_ranked") or {}
+    if not nr.get("count"):
+        return None
+    chans = ", ".join(str(c) for c in nr["channels"][:24]) + (", …" if nr["count"] > 24 else "")
+    return (f"{nr['count']} of the {nr['of']} C_r channels were never in any token's top-k (f_all = 0): they fill "
+            f"C_r's N_r·k places by rank alone and co-occur with nothing, so their cluster is arbitrary. "
+            f"Channels {chans}.")
+
+
 def write_index(path: Path, summary: dict, cross_plots: list[tuple[str, str]], layer_plots: dict[str, list[str]]) -> None:
+    """The overview page: run facts, cross-layer plots, one row per layer; per-layer plots are
+    on one page per block (:func:`write_block_page`), linked from here."""
     run = summary["run"]
     e = html.escape
     calib = run["calibration"]
@@ -216,14 +287,7 @@ def write_index(path: Path, summary: dict, cross_plots: list[tuple[str, str]], l
         ("statistics time", f"{run['seconds'].get('statistics', float('nan')):.1f} s"),
         ("tools", ", ".join(f"{k} {v}" for k, v in summary["tool"].items())),
     ]
-    out = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>qe analyze: " + e(run["model"]) + "</title>",
-        "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;font-size:13px}td,th{border-bottom:1px solid #ddd;padding:3px 6px;text-align:left}"
-        ".warn{background:#fff3cd;border:1px solid #e0c060;padding:.6em 1em;margin:1em 0}img{max-width:100%}"
-        "code{font-size:12px}</style></head><body>",
-        f"<h1>Channel importance: {e(run['model'])}</h1>",
-    ]
+    out = _head(f"qe analyze: {run['model']}") + [f"<h1>Channel importance: {e(run['model'])}</h1>"]
     if run.get("synthetic_vision_tower"):
         out.append("<div class='warn'><b>Synthetic vision tower.</b> " + e("; ".join(run.get("notes", []))) + "</div>")
     out.append("<table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in facts) + "</table>")
@@ -232,29 +296,73 @@ def write_index(path: Path, summary: dict, cross_plots: list[tuple[str, str]], l
                "(token-dependent) the next N_r·k, clustered by how often they co-occur (NPMI). Machine-readable: "
                "<a href='summary.json'>summary.json</a> (schema in <code>qe/analysis/summary.schema.json</code>), "
                "<a href='channels.csv'>channels.csv</a>.</p>")
+    blocks = sorted({s["block"] for s in summary["layers"] if s["name"] in layer_plots})
+    if blocks:
+        links = ", ".join(f"<a href='{block_page(b)}'>block {b}</a>" for b in blocks)
+        out.append(f"<nav><b>Per-layer plots</b> (frequency, token map, NPMI), one page per block: {links}</nav>")
+    unranked = [s for s in summary["layers"] if (s.get("never_ranked") or {}).get("count")]
+    if unranked:
+        total = sum(s["never_ranked"]["count"] for s in unranked)
+        of = sum(s["never_ranked"]["of"] for s in unranked)
+        worst = max(unranked, key=lambda s: s["never_ranked"]["count"])
+        out.append(f"<div class='warn'><b>C_r channels no token ranked.</b> In {len(unranked)} of "
+                   f"{len(summary['layers'])} layers, {total} of their {of} token-dependent (C_r) channels were never "
+                   f"in any token's top-k (f_all = 0); most in {e(worst['name'])} ({worst['never_ranked']['count']} of "
+                   f"{worst['never_ranked']['of']}). They fill C_r's N_r·k places by rank alone, and their clusters "
+                   "carry no co-occurrence evidence. The column <i>C_r unranked</i> below counts them per layer; "
+                   "<code>never_ranked</code> in summary.json lists them. A smaller N_r (or a larger calibration set) "
+                   "leaves fewer of them.</div>")
     out.append("<h2>Across layers</h2>")
     for title, img in cross_plots:
-        out.append(f"<h3>{e(title)}</h3><img src='{e(img)}' alt='{e(title)}'>")
+        out.append(f"<figure><a href='{e(img)}'><img src='{e(img)}' alt='{e(title)}'></a>"
+                   f"<figcaption>{e(title)}: <a href='{e(img)}'>{e(img)}</a></figcaption></figure>")
     out.append("<h2>Layers</h2><table><tr><th>layer</th><th>d_in</th><th>outside C_s</th><th>vision∩text</th>"
-               "<th>max/median</th><th>finding</th></tr>")
+               "<th>max/median</th><th>C_r unranked</th><th>finding</th></tr>")
     for s in summary["layers"]:
-        anchor = _safe(s["name"])
         label = e(s["name"])
         if s["name"] in layer_plots:
-            label = f"<a href='#{anchor}'>{label}</a>"
+            label = f"<a href='{block_page(s['block'])}#{_safe(s['name'])}'>{label}</a>"
         ov = s["overlap"].get("vision_text")
         ov_text = f"{ov['shared']}/{len(s['top_channels']['all'])}" if ov else "–"
         ratio = s["outliers"]["top_max_over_median"][0][1] if s["outliers"]["top_max_over_median"] else None
+        nr = s.get("never_ranked") or {}
+        nr_text = f"{nr['count']}/{nr['of']}" if nr.get("of") else "–"
         out.append(f"<tr><td>{label}</td><td>{s['d_in']}</td><td>{_fmt(s['token_dependent_share'], '.0%')}</td>"
-                   f"<td>{ov_text}</td><td>{_fmt(ratio, '.0f')}</td><td>{e(s['finding'])}</td></tr>")
-    out.append("</table>")
-    if layer_plots:
-        out.append("<h2>Per-layer plots</h2>")
-    for name, images in layer_plots.items():
-        s = next(x for x in summary["layers"] if x["name"] == name)
-        out.append(f"<h3 id='{_safe(name)}'>{e(name)}</h3><p>{e(s['finding'])}</p>")
-        for img in images:
-            out.append(f"<img src='{e(img)}' alt='{e(img)}'>")
+                   f"<td>{ov_text}</td><td>{_fmt(ratio, '.0f')}</td><td>{nr_text}</td><td>{e(s['finding'])}</td></tr>")
+    out.append("</table></body></html>")
+    path.write_text("\n".join(out))
+
+
+def write_block_page(path: Path, summary: dict, block: int, layer_plots: dict[str, list[str]]) -> None:
+    """One block's per-layer plots: a collapsible section per linear, images linked to their files."""
+    e = html.escape
+    run = summary["run"]
+    layers = [s for s in summary["layers"] if s["block"] == block and s["name"] in layer_plots]
+    blocks = sorted({s["block"] for s in summary["layers"] if s["name"] in layer_plots})
+    i = blocks.index(block)
+    nav = ["<a href='index.html'>overview</a>"]
+    if i > 0:
+        nav.append(f"<a href='{block_page(blocks[i - 1])}'>← block {blocks[i - 1]}</a>")
+    if i + 1 < len(blocks):
+        nav.append(f"<a href='{block_page(blocks[i + 1])}'>block {blocks[i + 1]} →</a>")
+    out = _head(f"qe analyze: {run['model']}, block {block}") + [
+        f"<nav>{' · '.join(nav)}</nav>", f"<h1>Block {block}: per-layer plots</h1>",
+        f"<p>{e(run['model'])}; k = {run['k']}, N_r = {run['num_experts']}. Click a layer to open its plots; click a "
+        "plot for the full-size file.</p>",
+        "<p>" + " · ".join(f"<a href='#{_safe(s['name'])}'>{e(s['linear'])}</a>" for s in layers) + "</p>",
+    ]
+    for j, s in enumerate(layers):
+        out.append(f"<details id='{_safe(s['name'])}'{' open' if j == 0 else ''}><summary>{e(s['linear'])} "
+                   f"<span>({e(s['name'])})</span></summary><p>{e(s['finding'])}</p>")
+        note = _never_ranked_text(s)
+        if note:
+            out.append(f"<p class='warn'>{e(note)}</p>")
+        for img in layer_plots[s["name"]]:
+            kind = img.split("_", 1)[0]
+            title = PLOT_TITLES.get(kind, kind)
+            out.append(f"<figure><a href='{e(img)}'><img src='{e(img)}' alt='{e(title)}' loading='lazy'></a>"
+                       f"<figcaption>{e(title)}: <a href='{e(img)}'>{e(img)}</a></figcaption></figure>")
+        out.append("</details>")
     out.append("</body></html>")
     path.write_text("\n".join(out))
 
@@ -292,4 +400,6 @@ def write_report(out_dir: Path, result: AnalysisResult, k: int) -> dict:
             images.append(nm)
         layer_plots[name] = images
     write_index(out_dir / "index.html", summary, cross, layer_plots)
+    for block in sorted({s["block"] for s in layers if s["name"] in layer_plots}):
+        write_block_page(out_dir / block_page(block), summary, block, layer_plots)
     return summary

@@ -66,9 +66,11 @@ def _analyze(model, loaded, calib, samples, out, estimator, k, num_experts, laye
     from qe.analysis.report import write_report
 
     loaded = loaded or load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    check_widths(loaded, select_layers(loaded, layers), k, num_experts)
+    selected = select_layers(loaded, layers)
+    check_widths(loaded, selected, k, num_experts)
     source, encoded = calibration_set(loaded, calib, samples, progress)
-    manager.hook.qe_run_start(command="analyze", info={"model": loaded.name, "samples": len(encoded)})
+    manager.hook.qe_run_start(command="analyze", info={"model": loaded.name, "samples": len(encoded),
+                                                      "blocks": max(selected) + 1, "progress": progress})
     out_dir = Path(out) if out else default_report_dir(loaded.name)
     check_output(out_dir, kind="dir", force=force)
     result = run_analysis(loaded, encoded, options, manager)

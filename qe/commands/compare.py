@@ -255,6 +255,9 @@ def _run_grid(model, cells, grid, out, options, force, loaded, manager) -> tuple
         _write_json(fp_file, row)
 
     pending = [c for c in cells if not _done(cells_dir, c)]
+    manager.hook.qe_run_start(command="compare", info={"model": loaded.name, "cells": [c.label for c in pending],
+                                                      "num_blocks": len(loaded.adapter.decoder_blocks(loaded.model)),
+                                                      "progress": options.progress})
     if pending:
         earlier_errors = {c.key: _errors_of(cells_dir, c) for c in pending}
         pipeline_opts = PipelineOptions(propagation=options.propagation, max_tokens=options.max_tokens,
@@ -275,6 +278,7 @@ def _run_grid(model, cells, grid, out, options, force, loaded, manager) -> tuple
                                      "synthetic_vision_tower": loaded.synthetic_vision,
                                      "seconds_this_run": time.perf_counter() - t_start,
                                      "created": _dt.datetime.now(_dt.timezone.utc).isoformat()})
+    manager.hook.qe_run_end(command="compare", output=str(out), figures={"cells": float(len(rows) - 1)})
     return out, rows
 
 
@@ -332,7 +336,9 @@ def _model_copy(loaded: LoadedModel) -> LoadedModel:
 
 
 def _run_quantized(loaded, cells, opts, inputs, evaluator, cells_dir, manager, options, shared) -> None:
-    for cell in tqdm(cells, desc="compare", disable=not options.progress):
+    bar = tqdm(cells, desc="compare", disable=not options.progress)
+    for cell in bar:
+        bar.set_postfix_str(cell.label)  # the progress plugin counts this cell's blocks below
         t0 = time.perf_counter()
         try:
             work = _model_copy(loaded)

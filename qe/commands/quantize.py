@@ -133,8 +133,13 @@ def run_quantize(
     loaded: LoadedModel | None = None,
     manager=None,
     trust_remote_code: bool = False,
+    adapter_dtype: str | torch.dtype = "model",
 ) -> tuple[Path, dict]:
-    """Quantize with ``recipe`` and write the checkpoint to ``out``; return it and its manifest."""
+    """Quantize with ``recipe`` and write the checkpoint to ``out``; return it and its manifest.
+
+    ``adapter_dtype`` is the dtype the compensators' tensors are stored in: ``"model"`` (the
+    default) is the dtype the model was loaded in, so a float16 or bfloat16 model gets
+    half-size adapters. Only the stored copy changes: the model in memory is left as it is."""
     from qe.data.sources import check_source
 
     manager = manager or default_manager()
@@ -144,6 +149,8 @@ def run_quantize(
     check_output(out, kind="dir", force=force, expected_bytes=2 * _expected_bytes(model if loaded is None else None))
     check_output(work, kind="dir", force=True, what="the partial run folder")
     check_source(recipe.calib)
+    if adapter_dtype != "model":
+        adapter_dtype = parse_dtype(adapter_dtype)  # a bad name fails before the model loads
     with output_lock(out):
         partial = has_partial_run(out)
         if partial and not resume and not force:
@@ -154,17 +161,21 @@ def run_quantize(
         elif resume:
             log.warning("qe quantize: nothing to resume for %s (no partial run in %s): starting from block 0", out, work)
         loaded = loaded or load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        model_dtype = model_float_dtype(loaded.model)
+        sizes = {"model_bytes": state_bytes(loaded.model), "model_dtype": str(model_dtype).removeprefix("torch.")}
+        adapter_dtype = model_dtype if adapter_dtype == "model" else adapter_dtype
         source, encoded = calibration_set(loaded, recipe.calib, recipe.samples, progress)
         dhash = data_hash(encoded)
         model_id = str(loaded.path or loaded.name)
         identity = {"recipe": recipe.to_dict(), "dtype": dtype_name, "model": model_id, "data": dhash}
         run_hash = recipe.hash(model_id, dhash, dtype_name)
         return _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash, out, work,
-                    resume=resume and partial, force=force, progress=progress, device=device, manager=manager)
+                    resume=resume and partial, force=force, progress=progress, device=device, manager=manager,
+                    adapter_dtype=adapter_dtype, sizes=sizes)
 
 
 def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash, out, work, *, resume, force,
-         progress, device, manager) -> tuple[Path, dict]:
+         progress, device, manager, adapter_dtype, sizes) -> tuple[Path, dict]:
     shutil.rmtree(_old_dir(out), ignore_errors=True)  # left by a run killed while replacing --out
     blocks = loaded.adapter.decoder_blocks(loaded.model)
     prefix = loaded.adapter.blocks_prefix(loaded.model)
@@ -195,9 +206,13 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
             shutil.rmtree(work)
         work.mkdir(parents=True)
 
-    options = PipelineOptions(propagation=recipe.propagation, max_tokens=recipe.max_tokens, device=device,
-                              seed=recipe.seed, progress=progress, skip=recipe.skip, overrides=recipe.overrides)
-    pipeline = QuantizationPipeline(loaded, composition, options, manager)
+    try:
+        options = PipelineOptions(propagation=recipe.propagation, max_tokens=recipe.max_tokens, device=device,
+                                  seed=recipe.seed, progress=progress, skip=recipe.skip, overrides=recipe.overrides)
+        pipeline = QuantizationPipeline(loaded, composition, options, manager)
+    except BaseException:
+        _drop_if_empty(work)
+        raise
 
     def save_block(i: int, res: PipelineResult) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in blocks[i].state_dict().items()}
@@ -212,17 +227,51 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
         _write_json(work / PROGRESS, state)
 
     manager.hook.qe_run_start(command="quantize", info={"model": loaded.name, "composition": composition.label,
-                                                       "num_blocks": len(blocks), "resumed_at": done})
+                                                       "num_blocks": len(blocks), "resumed_at": done,
+                                                       "progress": progress})
     try:
         if done < len(blocks):
-            result = pipeline.run(encoded, start_block=done, on_block_done=save_block, result=result)
+            try:
+                result = pipeline.run(encoded, start_block=done, on_block_done=save_block, result=result)
+            except BaseException:
+                _drop_if_empty(work)  # failed before its first block: nothing to resume from
+                raise
         manifest = _finish(loaded, work, out, recipe, composition, result, source, len(encoded),
-                           token_counts(encoded), dhash, prefix, force, identity, manager)
+                           token_counts(encoded), dhash, prefix, force, identity, manager,
+                           adapter_dtype=adapter_dtype, sizes=sizes)
     except OSError as e:  # a full disk or a vanished folder: every finished block is still saved
         raise QEError(f"writing the checkpoint failed ({e.strerror or e}{': ' + str(e.filename) if e.filename else ''}): "
                       "every finished block is saved; fix the cause, then rerun with --resume") from None
     manager.hook.qe_run_end(command="quantize", output=str(out), figures=manifest["summary"])
     return out, manifest
+
+
+def _drop_if_empty(work: Path) -> None:
+    """Remove a ``.NAME.partial`` directory that holds no finished block (nothing to resume)."""
+    if work.is_dir() and not (work / PROGRESS).is_file() and not (work / checkpoint.MANIFEST).is_file():
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def model_float_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point parameters (the --dtype it was loaded in)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def state_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's tensors as stored (tensors sharing storage counted once)."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        if t is None:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        total += t.numel() * t.element_size()
+    return total
 
 
 def _restore_blocks(loaded: LoadedModel, work: Path, state: dict, manager) -> int:
@@ -253,12 +302,12 @@ def _summary(result: PipelineResult) -> dict[str, float]:
 
 
 def _finish(loaded, work, out, recipe, composition, result, source, n_samples, tokens, dhash, prefix, force,
-            identity, manager) -> dict:
+            identity, manager, *, adapter_dtype: torch.dtype | None = None, sizes: dict | None = None) -> dict:
     """Write the checkpoint files into ``work`` while the block files and progress stay, then
     the manifest (the commit point), then remove the block files and rename ``work`` to ``out``.
     Every step can be interrupted: ``--resume`` redoes or completes it."""
     _phase("shards")
-    shard_names, aliases = checkpoint.save_tensors(loaded.model, work)
+    shard_names, aliases = checkpoint.save_tensors(loaded.model, work, adapter_dtype=adapter_dtype)
     _phase("config")
     loaded.model.config.save_pretrained(work)
     try:
@@ -275,7 +324,8 @@ def _finish(loaded, work, out, recipe, composition, result, source, n_samples, t
                      and not p.match(BLOCK_FILES) and not p.name.startswith(".") and p.suffix != ".tmp")
     files = checkpoint.file_records(work, written)
     layouts = checkpoint.module_layouts(loaded.model, manager)
-    bits = checkpoint.effective_bits(loaded.model)
+    bits = checkpoint.effective_bits(loaded.model, adapter_dtype)
+    sizes = {**(sizes or {}), "checkpoint_bytes": sum((work / n).stat().st_size for n in written)}
     manifest = {
         "format": checkpoint.FORMAT,
         "format_version": checkpoint.FORMAT_VERSION,
@@ -290,6 +340,8 @@ def _finish(loaded, work, out, recipe, composition, result, source, n_samples, t
         "calibration": {"source": source, "samples": n_samples, "tokens": tokens, "data_hash": dhash},
         "run": identity,
         "effective_bits": bits,
+        "adapter_dtype": str(adapter_dtype or torch.float32).removeprefix("torch."),
+        "size": sizes,
         "summary": _summary(result),
         "warnings": result.warnings,
         "layers": [{**asdict(r), "shape": list(r.shape)} for r in result.layers],
