@@ -176,7 +176,8 @@ def cmd_quantize(args) -> int:
     args._out_resolved = out
     path, manifest = run_quantize(recipe, args.model, out=out, resume=args.resume, force=args.force,
                                   progress=not args.quiet, device=_device(args), dtype=_dtype(args),
-                                  trust_remote_code=args.trust_remote_code, adapter_dtype=args.adapter_dtype)
+                                  trust_remote_code=args.trust_remote_code, adapter_dtype=args.adapter_dtype,
+                                  check_heldout=not args.no_eval)
     table = render_layer_table(manifest)
     if table and not args.quiet:
         print(table)
@@ -190,6 +191,11 @@ def cmd_quantize(args) -> int:
     print(f"qe quantize: {composition.label}: {s['layers']} layers, {errors}; "
           f"{bits['bits_per_weight']:.2f} bits/weight ({bits['bits_per_weight_with_adapters']:.2f} with adapters); "
           f"{s['seconds']:.1f} s")
+    print(f"qe quantize: calibration: {manifest['calibration']['source']}")
+    if manifest.get("heldout_check"):
+        from qe.evaluation.before_after import describe
+
+        print(f"qe quantize: {describe(manifest['heldout_check'])}")
     for note in manifest["model"]["notes"]:
         print(f"note: {note}")
     with_adapters = bits.get("bits_per_weight_with_adapters")
@@ -268,6 +274,9 @@ def _quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=None,
                    help="weight quantization group size along the input; 0 = one scale per output channel")
     p.add_argument("--propagation", choices=["quantized", "fp-inputs"], default=None, help=PROPAGATION_HELP)
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the before/after check (held-out perplexity of the full-precision and quantized "
+                        "model on 1,024 tokens of built-in text, and calibration vs held-out error)")
     p.add_argument("--adapter-dtype", choices=["model", "float32", "float16", "bfloat16"], default="model",
                    help="dtype in which compensator tensors are stored in the checkpoint "
                         "(default: model, the dtype the model was loaded in, see --dtype)")

@@ -227,7 +227,9 @@ class QuantizationPipeline:
             raise ConfigError("resume is supported in quantized propagation only")
         walker = BlockWalker(self.loaded, encoded, device=opts.device, batch_size=opts.batch_size,
                              progress=opts.progress, inputs=inputs)
-        sample_positions = choose_sample_positions(walker.inputs().total_tokens, opts.max_tokens, opts.seed)
+        total_tokens = walker.inputs().total_tokens
+        self._warn_few_tokens(total_tokens, result)
+        sample_positions = choose_sample_positions(total_tokens, opts.max_tokens, opts.seed)
         # Blocks finished by an earlier run are replayed, quantized, to give start_block's inputs.
         for step in walker.walk(start_block, desc=f"quantize {self.composition.label}"):
             hook.qe_block_start(block_index=step.index, num_blocks=num_blocks)
@@ -238,6 +240,16 @@ class QuantizationPipeline:
             hook.qe_block_end(block_index=step.index, num_blocks=num_blocks, figures=block_figures)
         result.seconds += time.perf_counter() - t_start
         return result
+
+    def _warn_few_tokens(self, total_tokens: int, result: PipelineResult) -> None:
+        for c in self._all_compensators():
+            wanted = c.tokens_wanted()
+            if wanted and min(total_tokens, self.options.max_tokens) < wanted:
+                message = (f"{c.name} fits from {total_tokens} calibration tokens and wants at least {wanted}: "
+                           "pass more --samples (its per-layer figures on calibration tokens will look better than "
+                           "held-out text)")
+                if message not in result.warnings:
+                    result.warnings.append(message)
 
     def _run_data_free(self, start_block, on_block_done, result, t_start) -> PipelineResult:
         """Quantize weights directly: nothing in the composition reads calibration data."""

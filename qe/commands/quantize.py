@@ -29,8 +29,9 @@ import torch
 from safetensors.torch import load_file
 
 from qe import checkpoint
-from qe.data.calibration import calibration_set, data_hash, token_counts
+from qe.data.calibration import calibration_set, data_hash, token_counts, tokens_by_source
 from qe.errors import ConfigError, QEError
+from qe.evaluation import before_after
 from qe.models.loading import LoadedModel, load_model, parse_dtype
 from qe.paths import check_output, output_lock
 from qe.pipeline import LayerRecord, PipelineOptions, PipelineResult, QuantizationPipeline
@@ -134,12 +135,15 @@ def run_quantize(
     manager=None,
     trust_remote_code: bool = False,
     adapter_dtype: str | torch.dtype = "model",
+    check_heldout: bool = True,
 ) -> tuple[Path, dict]:
     """Quantize with ``recipe`` and write the checkpoint to ``out``; return it and its manifest.
 
     ``adapter_dtype`` is the dtype the compensators' tensors are stored in: ``"model"`` (the
     default) is the dtype the model was loaded in, so a float16 or bfloat16 model gets
-    half-size adapters. Only the stored copy changes: the model in memory is left as it is."""
+    half-size adapters. Only the stored copy changes: the model in memory is left as it is.
+    ``check_heldout`` measures the model before and after (:mod:`qe.evaluation.before_after`):
+    held-out perplexity and the calibration vs held-out error, recorded as ``heldout_check``."""
     from qe.data.sources import check_source
 
     manager = manager or default_manager()
@@ -165,17 +169,18 @@ def run_quantize(
         sizes = {"model_bytes": state_bytes(loaded.model), "model_dtype": str(model_dtype).removeprefix("torch.")}
         adapter_dtype = model_dtype if adapter_dtype == "model" else adapter_dtype
         source, encoded = calibration_set(loaded, recipe.calib, recipe.samples, progress)
+        reference = before_after.measure_reference(loaded, encoded) if check_heldout else None
         dhash = data_hash(encoded)
         model_id = str(loaded.path or loaded.name)
         identity = {"recipe": recipe.to_dict(), "dtype": dtype_name, "model": model_id, "data": dhash}
         run_hash = recipe.hash(model_id, dhash, dtype_name)
         return _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash, out, work,
                     resume=resume and partial, force=force, progress=progress, device=device, manager=manager,
-                    adapter_dtype=adapter_dtype, sizes=sizes)
+                    adapter_dtype=adapter_dtype, sizes=sizes, reference=reference)
 
 
 def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash, out, work, *, resume, force,
-         progress, device, manager, adapter_dtype, sizes) -> tuple[Path, dict]:
+         progress, device, manager, adapter_dtype, sizes, reference) -> tuple[Path, dict]:
     shutil.rmtree(_old_dir(out), ignore_errors=True)  # left by a run killed while replacing --out
     blocks = loaded.adapter.decoder_blocks(loaded.model)
     prefix = loaded.adapter.blocks_prefix(loaded.model)
@@ -236,9 +241,11 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
             except BaseException:
                 _drop_if_empty(work)  # failed before its first block: nothing to resume from
                 raise
+        heldout = before_after.compare_with(reference, loaded.model) if reference is not None else None
         manifest = _finish(loaded, work, out, recipe, composition, result, source, len(encoded),
                            token_counts(encoded), dhash, prefix, force, identity, manager,
-                           adapter_dtype=adapter_dtype, sizes=sizes)
+                           adapter_dtype=adapter_dtype, sizes=sizes, heldout=heldout,
+                           by_source=tokens_by_source(encoded))
     except OSError as e:  # a full disk or a vanished folder: every finished block is still saved
         raise QEError(f"writing the checkpoint failed ({e.strerror or e}{': ' + str(e.filename) if e.filename else ''}): "
                       "every finished block is saved; fix the cause, then rerun with --resume") from None
@@ -302,7 +309,8 @@ def _summary(result: PipelineResult) -> dict[str, float]:
 
 
 def _finish(loaded, work, out, recipe, composition, result, source, n_samples, tokens, dhash, prefix, force,
-            identity, manager, *, adapter_dtype: torch.dtype | None = None, sizes: dict | None = None) -> dict:
+            identity, manager, *, adapter_dtype: torch.dtype | None = None, sizes: dict | None = None,
+            heldout: dict | None = None, by_source: dict | None = None) -> dict:
     """Write the checkpoint files into ``work`` while the block files and progress stay, then
     the manifest (the commit point), then remove the block files and rename ``work`` to ``out``.
     Every step can be interrupted: ``--resume`` redoes or completes it."""
@@ -337,11 +345,13 @@ def _finish(loaded, work, out, recipe, composition, result, source, n_samples, t
         "recipe": recipe.to_dict(),
         "composition": composition.describe(),
         "seed": recipe.seed,
-        "calibration": {"source": source, "samples": n_samples, "tokens": tokens, "data_hash": dhash},
+        "calibration": {"source": source, "samples": n_samples, "tokens": tokens, "data_hash": dhash,
+                        "tokens_by_source": by_source},
         "run": identity,
         "effective_bits": bits,
         "adapter_dtype": str(adapter_dtype or torch.float32).removeprefix("torch."),
         "size": sizes,
+        "heldout_check": heldout,
         "summary": _summary(result),
         "warnings": result.warnings,
         "layers": [{**asdict(r), "shape": list(r.shape)} for r in result.layers],

@@ -144,6 +144,11 @@ class Compensator(Plugin):
         lets a data-free quantizer skip calibration entirely."""
         return True
 
+    def tokens_wanted(self) -> int | None:
+        """Calibration tokens below which this compensator's fit is underdetermined (the pipeline
+        warns, naming how many it had), or None when any number will do."""
+        return None
+
     def smoothing_candidates(self) -> tuple[float | None, ...] | None:
         """Smoothing α candidates this compensator wants chosen per smoothing group by
         calibration output error (``None`` in the tuple means "no smoothing"), or None."""

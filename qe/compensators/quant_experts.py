@@ -194,6 +194,12 @@ class QuantExperts(Compensator):
     def importance_k(self) -> int | None:
         return self.config.k
 
+    def tokens_wanted(self) -> int | None:
+        # Each routed expert fits a rank-r term from the tokens routed to it; at an even split,
+        # fewer than 16·r tokens per expert fit the calibration tokens but not held-out text.
+        n = self.config.routed_experts
+        return 16 * n * self.config.expert_rank if n else None
+
     def smoothing_candidates(self) -> tuple[float | None, ...] | None:
         # routed-only keeps the grid too: the ablation removes exemption and the shared
         # expert only, so that it differs from the full method in one respect.
