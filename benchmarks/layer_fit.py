@@ -7,7 +7,7 @@ each chosen linear:
 
 * statistics as the pipeline streams them (``InputStats``, ``ImportanceStats`` with the
   paper's act-weight estimator, k = 32);
-* the QE base: C_s exempted, α chosen from QE's grid by ``qe.smoothing.choose_alpha`` at the
+* the QE base: C_s exempted, α chosen from QE's grid by ``qe.transforms.smoothing.choose_alpha`` at the
   first ``--a-bits`` value (one linear per group here; the pipeline sums a group's linears);
 * fits, timed (wall and CPU seconds, given the statistics and tokens): lowrank-64 on the
   plain base, lowrank-64 on QE's base, and qe (default config), plus ``--extra`` ones;
@@ -97,11 +97,11 @@ def synthetic(shapes: list[tuple[int, int]], calib_tokens: int, heldout_tokens: 
 
 
 def layer_context(name, W, X, k, alpha=None):
-    from qe import smoothing
     from qe.analysis.estimators import ActWeight
     from qe.analysis.statistics import ImportanceStats, InputStats, LinearStats
     from qe.compensators.base import LayerContext
     from qe.settings import parse_setting
+    from qe.transforms import smoothing
 
     d_in = W.shape[1]
     est = ActWeight()
@@ -172,11 +172,11 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
 
-    from qe import smoothing
     from qe.compensators.base import LayerPlan
     from qe.plugins import QEPluginManager, split_plugin_list
     from qe.quantizers.grid import quantize_rtn
     from qe.quantizers.qlinear import QuantLinear
+    from qe.transforms import smoothing
 
     a_bits_list = [int(a) for a in args.a_bits.split(",")]
     t0 = time.perf_counter()

@@ -252,3 +252,101 @@ def _make_hook(st: LinearStats, lin: nn.Linear, context: StreamContext, update_i
             st.importance.update(x2, context.modality, context.offset)
 
     return hook
+
+
+# --------------------------------------------------------------------------- the block walker
+
+
+@dataclass(frozen=True)
+class Block:
+    """One decoder block: its index, module and full name prefix (``model.….layers.3``)."""
+
+    index: int
+    module: nn.Module
+    prefix: str
+
+
+class BlockStep:
+    """The walker's current block and its inputs.
+
+    The caller may run the block any number of times (:meth:`run`, with statistics hooks
+    attached by :func:`attach_stats` around it) and sets :attr:`next_hidden` to the hidden
+    states the next block receives; left unset, the walker runs the block as it then is.
+    """
+
+    def __init__(self, block: Block, inputs: BlockInputs, device: str | torch.device):
+        self.block, self.inputs, self.device = block, inputs, device
+        self.next_hidden: list[torch.Tensor] | None = None
+
+    @property
+    def index(self) -> int:
+        return self.block.index
+
+    def run(self, context: StreamContext | None = None) -> list[torch.Tensor]:
+        """The block's outputs on every captured batch (offloaded weights onloaded once)."""
+        return run_block(self.block.module, self.inputs, device=self.device, context=context,
+                         block_index=self.block.index)
+
+
+class BlockWalker:
+    """Walks a model's decoder blocks in order over calibration inputs captured at block 0.
+
+    The only place outside the model adapters that knows what a decoder block is: ``qe
+    quantize``, ``qe analyze`` and ``qe compare`` all walk through it. Both propagation modes
+    are the caller's choice of :attr:`BlockStep.next_hidden` (the quantized block's outputs, or
+    the full-precision ones); offloaded blocks are onloaded one at a time by :func:`run_block`.
+    """
+
+    def __init__(self, loaded: LoadedModel, encoded: list[EncodedSample] | None = None, *,
+                 device: str | torch.device = "cpu", batch_size: int = 8, progress: bool = True,
+                 inputs: BlockInputs | None = None):
+        self.loaded, self.encoded = loaded, encoded
+        self.device, self.batch_size, self.progress = device, batch_size, progress
+        adapter, model = loaded.adapter, loaded.model
+        self.modules = adapter.decoder_blocks(model)
+        self.prefix = adapter.blocks_prefix(model)
+        self._inputs = inputs
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.modules)
+
+    def block(self, index: int) -> Block:
+        return Block(index, self.modules[index], f"{self.prefix}.{index}")
+
+    def blocks(self) -> list[Block]:
+        return [self.block(i) for i in range(self.num_blocks)]
+
+    def linears(self, block: Block) -> dict[str, nn.Module]:
+        """The block's linears by name relative to the block."""
+        return self.loaded.adapter.block_linears(block.module)
+
+    def offloaded(self) -> bool:
+        from qe.models.offload import is_offloaded
+
+        return any(is_offloaded(b) for b in self.modules)
+
+    def inputs(self) -> BlockInputs:
+        """Block 0's inputs, captured on first use."""
+        if self._inputs is None:
+            if self.encoded is None:
+                raise ModelError("the block walker has no calibration samples to capture")
+            self._inputs = capture_block_inputs(self.loaded, self.encoded, device=self.device,
+                                                batch_size=self.batch_size, progress=self.progress)
+        return self._inputs
+
+    def walk(self, start: int = 0, stop: int | None = None, *, desc: str | None = None,
+             replay_from: int = 0) -> Iterator[BlockStep]:
+        """Yield a step per block from ``start`` to ``stop`` (exclusive). Blocks from
+        ``replay_from`` to ``start`` run first, as they are, to produce ``start``'s inputs
+        (a resumed run replays its finished, already quantized blocks)."""
+        stop = self.num_blocks if stop is None else stop
+        inputs = self.inputs()
+        for i in range(replay_from, start):
+            inputs = inputs.with_hidden(BlockStep(self.block(i), inputs, self.device).run())
+        indices = range(start, stop)
+        for i in tqdm(indices, desc=desc, disable=not (self.progress and desc)):
+            step = BlockStep(self.block(i), inputs, self.device)
+            yield step
+            hidden = step.next_hidden if step.next_hidden is not None else step.run()
+            inputs = inputs.with_hidden(hidden)

@@ -24,11 +24,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qe.errors import ModelError
+from qe.errors import ConfigError, ModelError
+from qe.plugins import QEPluginManager, default_manager
 from qe.quantizers.qlinear import QuantLinear
 
 FORMAT = "qe-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: compensator modules recorded with the plugin that rebuilds them
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "qe_manifest.json"
 MAX_SHARD_BYTES = 2 * 1024**3
 
@@ -45,12 +47,24 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def module_layouts(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per quantized linear: its QuantLinear layout and its compensator's layout."""
+def module_layouts(model: nn.Module, manager: QEPluginManager | None = None) -> dict[str, dict[str, Any]]:
+    """Per quantized linear: its QuantLinear layout and its compensator module's record
+    (``module`` type, the ``plugin`` that declares it and that plugin's ``distribution``, and
+    the module's own ``layout``)."""
+    manager = manager or default_manager()
+    declared = {cls: entry for entry, cls in manager.compensator_modules().values()}
     out = {}
     for name, ql in quantized_layers(model).items():
         comp = ql.compensator
-        out[name] = {"linear": ql.layout(), "compensator": comp.layout() if comp is not None else None}
+        record = None
+        if comp is not None:
+            entry = declared.get(type(comp))
+            if entry is None:
+                raise ConfigError(f"{name}: no installed compensator plugin lists {type(comp).__name__} in its `modules`, "
+                                  "so a checkpoint could not rebuild it: add the class to its compensator's modules")
+            record = {"module": comp.module_type, "plugin": entry.name, "distribution": entry.origin,
+                      "layout": comp.layout()}
+        out[name] = {"linear": ql.layout(), "compensator": record}
     return out
 
 
@@ -109,15 +123,38 @@ def verify_files(directory: Path, files: dict[str, dict[str, Any]]) -> None:
                              "it was altered or corrupted; copy it again")
 
 
-def install_quantized_modules(model: nn.Module, layouts: dict[str, dict[str, Any]]) -> None:
-    """Replace the named linears by empty QuantLinear modules (with compensators) to be filled."""
-    from qe.compensators.modules import adapter_from_layout
+def install_quantized_modules(model: nn.Module, layouts: dict[str, dict[str, Any]],
+                              manager: QEPluginManager | None = None) -> None:
+    """Replace the named linears by empty QuantLinear modules (with compensators) to be filled.
 
+    Compensator modules are rebuilt only by classes that installed compensator plugins
+    declare (``Compensator.modules``): nothing named in the checkpoint is imported."""
+    manager = manager or default_manager()
+    modules = manager.compensator_modules()
     for name, layout in layouts.items():
         ql = QuantLinear.from_layout(layout["linear"])
         if layout.get("compensator") is not None:
-            ql.compensator = adapter_from_layout(layout["compensator"])
+            ql.compensator = compensator_module(name, layout["compensator"], modules)
         model.set_submodule(name, ql)
+
+
+def compensator_module(layer: str, record: dict[str, Any], modules: dict[str, tuple[Any, type]]) -> nn.Module:
+    """The empty compensator module of one layer's record (see :func:`module_layouts`)."""
+    if "module" in record:
+        module_type, layout = record["module"], record["layout"]
+    else:  # format 1: the built-in adapters wrote their type into their layout
+        module_type, layout = record.get("type"), record
+    if module_type not in modules:
+        plugin = record.get("plugin", module_type)
+        dist = record.get("distribution") or "an unknown distribution"
+        hint = f"pip install {dist.split()[0]}" if dist not in ("built-in", "an unknown distribution") else "install it"
+        raise ModelError(f"{layer} needs compensator plugin {plugin!r} (module {module_type!r}, from {dist}), which is "
+                         f"not installed: {hint} so that it registers under the `qe` entry point group")
+    try:
+        return modules[module_type][1].from_layout(layout)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"{layer}: the {module_type!r} layout in the manifest is malformed ({type(e).__name__}: {e}): "
+                         "the checkpoint is damaged; quantize again") from None
 
 
 def load_tensors(model: nn.Module, directory: Path, shard_names: list[str], aliases: dict[str, str]) -> None:
@@ -153,7 +190,7 @@ def read_manifest(directory: Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ModelError(f"{path} is not valid JSON ({e.msg}): the checkpoint is damaged") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in READABLE_VERSIONS:
         raise ModelError(f"{path}: format {manifest.get('format')} v{manifest.get('format_version')} is not "
                          f"{FORMAT} v{FORMAT_VERSION}: re-quantize with this version of qe")
     return manifest
@@ -191,7 +228,7 @@ def load_quantized(directory: str | Path, *, device: str | None = None, manager=
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     except ValueError:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    install_quantized_modules(model, manifest["layouts"])
+    install_quantized_modules(model, manifest["layouts"], manager)
     load_tensors(model, directory, manifest["shards"], manifest.get("tied", {}))
     model.eval()
     if device is not None:

@@ -23,10 +23,15 @@ def _shared_options() -> argparse.ArgumentParser:
     g.add_argument("--samples", type=int, default=None, help="number of calibration samples (default: per command)")
     g.add_argument("--device", default=None, help="torch device (default: cpu, or cuda when available)")
     g.add_argument("--dtype", default="float32", help="model dtype: float32, float16, bfloat16")
-    g.add_argument("--seed", type=int, default=0, help="random seed (token sample, clustering, routing ablations)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="random seed: token sample, clustering, routing ablations (default 0, or the recipe's)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
     g.add_argument("--out", default=None, help="output directory or file (default: per command)")
     return p
+
+
+def _seed(args) -> int:
+    return 0 if args.seed is None else args.seed
 
 
 def _device(args) -> str:
@@ -86,7 +91,7 @@ def cmd_analyze(args) -> int:
 
     out, summary = analyze(
         args.model, calib=args.calib, samples=args.samples or 32, out=args.out, estimator=args.estimator, k=args.k,
-        num_experts=args.num_experts, layers=args.layers, plot_blocks=_plot_blocks(args.plot_layers), seed=args.seed,
+        num_experts=args.num_experts, layers=args.layers, plot_blocks=_plot_blocks(args.plot_layers), seed=_seed(args),
         device=_device(args), dtype=args.dtype, progress=not args.quiet, force=args.force,
     )
     run = summary["run"]
@@ -118,8 +123,8 @@ def recipe_from_args(args):
     if args.w_bits is not None or args.a_bits is not None or args.group_size is not None:
         setting = parse_setting(setting).with_overrides(args.w_bits, args.a_bits, args.group_size).name
     return recipe.replace(
-        quantizer=args.quantizer, compensator=args.compensator, estimator=args.estimator, setting=setting,
-        calib=args.calib, samples=args.samples, propagation=args.propagation, seed=args.seed if args.seed else None,
+        transform=args.transform, quantizer=args.quantizer, compensator=args.compensator, estimator=args.estimator,
+        setting=setting, calib=args.calib, samples=args.samples, propagation=args.propagation, seed=args.seed,
         max_tokens=args.max_tokens,
     )
 
@@ -181,7 +186,9 @@ def render_layer_table(manifest: dict) -> str:
 
 def _quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=None, help="TOML recipe (flags override it)")
-    p.add_argument("--quantizer", default=None, help="quantizer plugin, e.g. rtn, gptq, 'smoothquant[alpha=0.5;inner=gptq]'")
+    p.add_argument("--transform", default=None,
+                   help="transform plugin applied before quantizing: none (default), 'smoothquant[alpha=0.5]', awq")
+    p.add_argument("--quantizer", default=None, help="quantizer plugin: rtn (default), gptq, 'gptq[damp=0.01]'")
     p.add_argument("--compensator", default=None, help="compensator plugin, e.g. none, 'lowrank[rank=64]', qe")
     p.add_argument("--estimator", default=None, help="importance estimator plugin (default act-weight)")
     p.add_argument("--setting", default=None, help="W<bits>A<bits>[g<group>|ch][sym|asym] (default W4A8)")
@@ -200,12 +207,12 @@ def cmd_compare(args) -> int:
     options = CompareOptions(
         propagation=args.propagation or "quantized",
         eval_tokens=None if args.eval_tokens == 0 else args.eval_tokens, caption_nll=not args.no_caption_nll,
-        calib=args.calib, samples=args.samples or 32, estimator=args.estimator or "act-weight", seed=args.seed,
+        calib=args.calib, samples=args.samples or 32, estimator=args.estimator or "act-weight", seed=_seed(args),
         device=_device(args), progress=not args.quiet,
     )
     out = args.out or f"reports/compare-{(args.model or 'embedded-default').replace('/', '_')}"
     path, rows = run_compare(args.model, args.quantizers, args.compensators, args.settings, out=out,
-                             options=options, force=args.force)
+                             options=options, force=args.force, transforms=args.transforms)
     from qe.commands.compare_report import markdown_table
 
     print(markdown_table(rows))
@@ -216,7 +223,8 @@ def cmd_compare(args) -> int:
 
 
 def _compare_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quantizers", default="rtn,gptq,smoothquant", help="comma list of quantizer plugins")
+    p.add_argument("--transforms", default="none", help="comma list of transform plugins, e.g. 'none,smoothquant,awq'")
+    p.add_argument("--quantizers", default="rtn,gptq", help="comma list of quantizer plugins")
     p.add_argument("--compensators", default="none,lowrank,qe", help="comma list of compensator plugins")
     p.add_argument("--settings", default="W4A8,W4A6,W3A16", help="comma list of settings")
     p.add_argument("--estimator", default=None)

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # only for annotations; hookspecs import nothing heavy at run
     from qe.data.sources import CalibrationSource
     from qe.models.base import ModelAdapter
     from qe.quantizers.base import Quantizer
+    from qe.transforms.base import Transform
 
 PROJECT = "qe"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -60,12 +61,26 @@ def qe_quantizers() -> Sequence[type[Quantizer]]:
 
 
 @hookspec
+def qe_transforms() -> Sequence[type[Transform]]:
+    """Return transform classes (smoothing, and other changes of basis before quantization).
+
+    Per smoothing group (the linears reading one input), a transform returns a scale vector
+    ``s`` that the pipeline applies exactly (``W̃ = W·diag(s)``, ``x̃ = x / s``, folded into the
+    preceding norm where there is one); the quantizer then sees the transformed weight. A
+    transform composes with any quantizer and compensator. Subclass
+    :class:`qe.transforms.base.Transform`.
+    """
+
+
+@hookspec
 def qe_compensators() -> Sequence[type[Compensator]]:
     """Return quantization-error compensator classes.
 
     A compensator has a planning step before weight quantization (it may ask for smoothing
     and exempt input columns) and a fitting step after it that returns the module added to
-    the quantized linear's output. Subclass :class:`qe.compensators.base.Compensator`.
+    the quantized linear's output. Subclass :class:`qe.compensators.base.Compensator`; the
+    module ``fit`` returns subclasses :class:`qe.compensators.base.CompensatorModule` and is
+    listed in the compensator's ``modules``, which is how a checkpoint rebuilds it.
     """
 
 

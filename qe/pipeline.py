@@ -5,14 +5,14 @@ Per decoder block:
 1. stream the statistics of its linears over the block's calibration inputs (full-precision
    block): Hessian ``XᵀX`` where a plugin needs it, per-token top-k importance where the
    compensator needs it, and a bounded token sample;
-2. per smoothing group: the compensator's plan (exempt columns), the smoothing scale (the
-   quantizer's α, or the compensator's candidates chosen by calibration output error), then
-   per linear: quantize, fit the compensator, replace the ``nn.Linear`` by a
+2. per smoothing group: the compensator's plan (exempt columns), the transform's scales (the
+   composition's transform, or the α search among the compensator's candidates), then per
+   linear: quantize, fit the compensator, replace the ``nn.Linear`` by a
    :class:`~qe.quantizers.qlinear.QuantLinear`, record the layer's figures;
 3. produce the next block's inputs: by running the quantized block (``quantized``
    propagation, as deployed) or from the full-precision pass (``fp-inputs``).
 
-Event hooks (``qe_block_start`` …) are called on the plugin manager so progress and report
+Blocks are visited by the one :class:`~qe.capture.BlockWalker`. Event hooks (``qe_block_start`` …) are called on the plugin manager so progress and report
 plugins can watch without touching this code.
 """
 
@@ -29,8 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from qe.analysis.statistics import LinearStats, choose_sample_positions
-from qe.capture import BlockInputs, StreamContext, attach_stats, capture_block_inputs, run_block
-from qe.compensators.base import Compensator, LayerContext, LayerPlan
+from qe.capture import Block, BlockInputs, BlockStep, BlockWalker, StreamContext, attach_stats
+from qe.compensators.base import Compensator, CompensatorModule, LayerContext, LayerPlan
 from qe.composition import Composition
 from qe.errors import ConfigError, ModelError, NumericalError
 from qe.modality import MODALITIES, Modality
@@ -38,7 +38,11 @@ from qe.models.base import EncodedSample
 from qe.models.loading import LoadedModel
 from qe.plugins import QEPluginManager, default_manager
 from qe.quantized import fake_quantize_activations
+from qe.quantizers.base import Quantizer
 from qe.quantizers.qlinear import QuantLinear
+from qe.transforms import smoothing
+from qe.transforms.base import GroupContext, Transform
+from qe.transforms.builtin import AlphaSearch, AlphaSearchConfig
 
 Propagation = Literal["quantized", "fp-inputs"]
 
@@ -108,6 +112,7 @@ class QuantizationPipeline:
         self.manager = manager or default_manager()
         self.estimator = composition.estimator.create()
         self.quantizer = composition.quantizer.create()
+        self.transform: Transform = composition.transform.create()
         self.compensator = composition.compensator.create()
         self.setting = composition.setting
         # Per-layer overrides: (pattern, quantizer or None, compensator or None), first match wins.
@@ -117,54 +122,66 @@ class QuantizationPipeline:
              self.manager.create("compensator", o.compensator) if o.compensator else None)
             for o in self.options.overrides
         ]
+        self._alpha_searches: dict[tuple, Transform] = {}
+        self.walker = BlockWalker(loaded, device=self.options.device, batch_size=self.options.batch_size,
+                                  progress=self.options.progress)
         self.warnings: list[str] = []
         # Optional cache of base quantizations shared between pipelines on the same statistics
         # (qe compare, fp-inputs): key (quantizer, setting, layer, smoothing, exemption).
         self.base_cache: dict | None = None
         self._validate_layers()
 
-    def plugins_for(self, full_name: str):
+    def plugins_for(self, full_name: str) -> tuple[Quantizer, Compensator]:
         """The (quantizer, compensator) serving one linear."""
         for pattern, quantizer, compensator in self._overrides:
             if _matches(full_name, (pattern,)):
                 return quantizer or self.quantizer, compensator or self.compensator
         return self.quantizer, self.compensator
 
-    def _all_compensators(self):
+    def transform_for(self, compensator: Compensator) -> Transform:
+        """The transform of a smoothing group: the composition's; where that is ``none`` and
+        the group's compensator asks for smoothing α candidates, the α search among them (a
+        composition never smooths twice: on a smoothing transform, its scales are used)."""
+        candidates = compensator.smoothing_candidates()
+        if self.composition.transform.entry.name != "none" or not candidates:
+            return self.transform
+        key = tuple(candidates)
+        if key not in self._alpha_searches:
+            self._alpha_searches[key] = AlphaSearch(AlphaSearchConfig(candidates=key))
+        return self._alpha_searches[key]
+
+    def _all_compensators(self) -> list[Compensator]:
         return [self.compensator] + [c for _, _, c in self._overrides if c is not None]
 
-    def _all_quantizers(self):
+    def _all_quantizers(self) -> list[Quantizer]:
         return [self.quantizer] + [q for _, q, _ in self._overrides if q is not None]
 
     # ------------------------------------------------------------------ checks
     def _validate_layers(self) -> None:
-        from qe.models.offload import is_offloaded
-
-        adapter, model = self.loaded.adapter, self.loaded.model
-        prefix = adapter.blocks_prefix(model)
-        if any(is_offloaded(b) for b in adapter.decoder_blocks(model)):
+        if self.walker.offloaded():
             raise ModelError("quantizing a model whose decoder blocks are offloaded (device_map with disk or CPU "
                              "offload) is not supported yet: load it on one device; `qe analyze` reads offloaded models")
-        for i, block in enumerate(adapter.decoder_blocks(model)):
-            if any(isinstance(m, QuantLinear) for m in block.modules()):
+        for block in self.walker.blocks():
+            if any(isinstance(m, QuantLinear) for m in block.module.modules()):
                 continue  # quantized by an earlier run (resume)
-            for name, lin in adapter.block_linears(block).items():
-                full = f"{prefix}.{i}.{name}"
+            for name, lin in self.walker.linears(block).items():
+                full = f"{block.prefix}.{name}"
                 if _matches(full, self.options.skip):
                     continue
                 _, compensator = self.plugins_for(full)
-                overridden = compensator is not self.compensator
-                check = getattr(compensator, "validate_override", None) if overridden else None
-                (check or compensator.validate_layer)(full, lin.in_features, lin.out_features)
+                if compensator is self.compensator:
+                    compensator.validate_layer(full, lin.in_features, lin.out_features)
+                else:
+                    compensator.validate_override(full, lin.in_features, lin.out_features)
                 gs = self.setting.group_size
                 if gs > lin.in_features:
                     raise ConfigError(
                         f"group size {gs} exceeds the input width {lin.in_features} of {full}: use at most "
                         f"{lin.in_features} (e.g. --group-size {lin.in_features}, or 0 for per channel)"
                     )
-        capped = {}
+        capped: dict[str, tuple[int, int]] = {}
         for c in self._all_compensators():
-            capped.update(getattr(c, "capped_layers", {}) or {})
+            capped.update(c.capped_layers)
         if capped:
             shown = ", ".join(f"{n.split('.', 3)[-1]} ({r}→{u})" for n, (r, u) in list(capped.items())[:6])
             more = f" and {len(capped) - 6} more" if len(capped) > 6 else ""
@@ -172,20 +189,16 @@ class QuantizationPipeline:
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether any plugin reads calibration statistics. Without it (RTN, no compensator,
-        no smoothing) the weights are quantized directly, without data and without figures."""
-        for q in self._all_quantizers():
-            if getattr(q, "needs_hessian", False) or q.smoothing_alpha() is not None or hasattr(q, "search_smoothing_scales"):
-                return True
-        for c in self._all_compensators():
-            if (c.needs_tokens or c.needs_hessian or c.importance_k() is not None or c.smoothing_candidates()
-                    or type(c).fit is not Compensator.fit):
-                return True
-        return False
+        """Whether any plugin reads calibration statistics. Without it (RTN, no transform, no
+        compensator) the weights are quantized directly, without data and without figures."""
+        return (self.transform.needs_calibration()
+                or any(q.needs_calibration() for q in self._all_quantizers())
+                or any(c.needs_calibration() for c in self._all_compensators()))
 
     @property
     def needs_hessian(self) -> bool:
-        return any(getattr(p, "needs_hessian", False) for p in self._all_quantizers() + self._all_compensators())
+        plugins: list[Quantizer | Compensator | Transform] = [*self._all_quantizers(), *self._all_compensators()]
+        return self.transform.needs_hessian or any(p.needs_hessian for p in plugins)
 
     # ------------------------------------------------------------------ run
     def run(
@@ -207,196 +220,170 @@ class QuantizationPipeline:
         result = result if result is not None else PipelineResult()
         result.warnings.extend(w for w in self.warnings if w not in result.warnings)
         t_start = time.perf_counter()
-        adapter, model = self.loaded.adapter, self.loaded.model
-        blocks = adapter.decoder_blocks(model)
-        prefix = adapter.blocks_prefix(model)
+        num_blocks = self.walker.num_blocks
         if not self.needs_calibration:
-            return self._run_data_free(blocks, prefix, start_block, on_block_done, result, t_start)
-        if inputs is None:
-            inputs = capture_block_inputs(self.loaded, encoded, device=opts.device, batch_size=opts.batch_size,
-                                          progress=opts.progress)
-        sample_positions = choose_sample_positions(inputs.total_tokens, opts.max_tokens, opts.seed)
-        # Blocks finished by an earlier run: replay them (quantized, or full precision in
-        # fp-inputs mode, whose inputs never saw quantized blocks).
-        for i in range(start_block):
-            if opts.propagation == "quantized":
-                inputs = inputs.with_hidden(run_block(blocks[i], inputs, device=opts.device, block_index=i))
-            else:
-                raise ConfigError("resume is supported in quantized propagation only")
-        bar = tqdm(range(start_block, len(blocks)), desc=f"quantize {self.composition.label}", disable=not opts.progress)
-        for i in bar:
-            hook.qe_block_start(block_index=i, num_blocks=len(blocks))
-            inputs, block_figures = self._quantize_block(i, blocks[i], f"{prefix}.{i}", inputs, sample_positions, result)
+            return self._run_data_free(start_block, on_block_done, result, t_start)
+        if start_block and opts.propagation != "quantized":
+            raise ConfigError("resume is supported in quantized propagation only")
+        walker = BlockWalker(self.loaded, encoded, device=opts.device, batch_size=opts.batch_size,
+                             progress=opts.progress, inputs=inputs)
+        sample_positions = choose_sample_positions(walker.inputs().total_tokens, opts.max_tokens, opts.seed)
+        # Blocks finished by an earlier run are replayed, quantized, to give start_block's inputs.
+        for step in walker.walk(start_block, desc=f"quantize {self.composition.label}"):
+            hook.qe_block_start(block_index=step.index, num_blocks=num_blocks)
+            block_figures = self._quantize_block(step, sample_positions, result)
             result.blocks.append(block_figures)
             if on_block_done is not None:
-                on_block_done(i, result)
-            hook.qe_block_end(block_index=i, num_blocks=len(blocks), figures=block_figures)
+                on_block_done(step.index, result)
+            hook.qe_block_end(block_index=step.index, num_blocks=num_blocks, figures=block_figures)
         result.seconds += time.perf_counter() - t_start
         return result
 
-    def _run_data_free(self, blocks, prefix, start_block, on_block_done, result, t_start) -> PipelineResult:
+    def _run_data_free(self, start_block, on_block_done, result, t_start) -> PipelineResult:
         """Quantize weights directly: nothing in the composition reads calibration data."""
         hook = self.manager.hook
-        for i in tqdm(range(start_block, len(blocks)), desc=f"quantize {self.composition.label}",
-                      disable=not self.options.progress):
-            hook.qe_block_start(block_index=i, num_blocks=len(blocks))
-            block = blocks[i]
-            for n in sorted(self.linear_names(block, f"{prefix}.{i}")):
-                full = f"{prefix}.{i}.{n}"
+        num_blocks = self.walker.num_blocks
+        for block in tqdm(self.walker.blocks()[start_block:], desc=f"quantize {self.composition.label}",
+                          disable=not self.options.progress):
+            i = block.index
+            hook.qe_block_start(block_index=i, num_blocks=num_blocks)
+            for n in sorted(self.linear_names(block)):
+                full = f"{block.prefix}.{n}"
                 hook.qe_layer_start(block_index=i, layer_name=full)
-                lin = block.get_submodule(n)
+                lin = block.module.get_submodule(n)
                 w = _float_weight(lin, full)
                 quantizer, _ = self.plugins_for(full)
                 t0 = time.perf_counter()
                 q = quantizer.quantize(w, self.setting, layer_name=full)
                 ql = QuantLinear.from_quantized(q, a_bits=self.setting.a_bits,
                                                 bias=lin.bias.detach().float() if lin.bias is not None else None)
-                block.set_submodule(n, ql.to(lin.weight.device))
+                block.module.set_submodule(n, ql.to(lin.weight.device))
                 figures = {"quantize_seconds": time.perf_counter() - t0}
                 result.layers.append(LayerRecord(full, i, (lin.out_features, lin.in_features), figures))
                 hook.qe_layer_end(block_index=i, layer_name=full, figures=figures)
             result.blocks.append({})
             if on_block_done is not None:
                 on_block_done(i, result)
-            hook.qe_block_end(block_index=i, num_blocks=len(blocks), figures={})
+            hook.qe_block_end(block_index=i, num_blocks=num_blocks, figures={})
         result.seconds += time.perf_counter() - t_start
         return result
 
-    def linear_names(self, block, prefix: str) -> set[str]:
+    def linear_names(self, block: Block) -> set[str]:
         """The block's linears this pipeline quantizes (all but the skipped ones)."""
-        return {n for n in self.loaded.adapter.block_linears(block) if not _matches(f"{prefix}.{n}", self.options.skip)}
+        return {n for n in self.walker.linears(block) if not _matches(f"{block.prefix}.{n}", self.options.skip)}
 
-    def importance_k(self, names, prefix: str) -> int | None:
-        ks = [self.plugins_for(f"{prefix}.{n}")[1].importance_k() for n in names]
+    def importance_k(self, block: Block) -> int | None:
+        ks = [self.plugins_for(f"{block.prefix}.{n}")[1].importance_k() for n in self.linear_names(block)]
         return max((x for x in ks if x), default=None)
 
-    def _quantize_block(self, index, block, prefix, inputs: BlockInputs, sample_positions, result: PipelineResult):
-        opts = self.options
+    def _quantize_block(self, step: BlockStep, sample_positions, result: PipelineResult) -> dict[str, float]:
         context = StreamContext()
-        names = self.linear_names(block, prefix)
-        k = self.importance_k(names, prefix)
-        with attach_stats(block, self.loaded.adapter, prefix=prefix, context=context, sample_positions=sample_positions,
-                          hessian=self.needs_hessian, moments=False,
+        block = step.block
+        names = self.linear_names(block)
+        k = self.importance_k(block)
+        with attach_stats(block.module, self.loaded.adapter, prefix=block.prefix, context=context,
+                          sample_positions=sample_positions, hessian=self.needs_hessian, moments=False,
                           estimator=self.estimator if k else None, k=k or 32, linears=names) as stats:
-            fp_out = run_block(block, inputs, device=opts.device, context=context, block_index=index)
-        self.quantize_block_with_stats(index, block, prefix, stats, result, names)
-        q_out = run_block(block, inputs, device=opts.device, block_index=index)
+            fp_out = step.run(context)
+        self.quantize_block_with_stats(block, stats, result, names)
+        q_out = step.run()
         # The block's own error: quantized vs full-precision block on the same inputs.
-        figures = {"block_rel_error": _mean_rel_error(fp_out, q_out)}
-        next_hidden = q_out if opts.propagation == "quantized" else fp_out
-        return inputs.with_hidden(next_hidden), figures
+        step.next_hidden = q_out if self.options.propagation == "quantized" else fp_out
+        return {"block_rel_error": _mean_rel_error(fp_out, q_out)}
 
-    def quantize_block_with_stats(self, index, block, prefix, stats: dict[str, LinearStats], result: PipelineResult,
+    def quantize_block_with_stats(self, block: Block, stats: dict[str, LinearStats], result: PipelineResult,
                                   names: set[str] | None = None) -> None:
         """Quantize (and compensate) a block's linears from already-streamed statistics.
 
         The statistics are only read, so several pipelines can share them (``qe compare`` in
         fp-inputs mode streams each block once for the whole grid)."""
-        names = self.linear_names(block, prefix) if names is None else names
-        for group in self.loaded.adapter.smoothing_groups(block):
+        names = self.linear_names(block) if names is None else names
+        for group in self.loaded.adapter.smoothing_groups(block.module):
             members = [n for n in group.linears if n in names]
             if members:
-                self._quantize_group(index, block, prefix, group, members, stats, result)
+                self._quantize_group(block, group, members, stats, result)
 
-    def _quantize_group(self, index, block, prefix, group, names, stats: dict[str, LinearStats], result: PipelineResult):
-        from qe import smoothing
-
+    def _quantize_group(self, block: Block, group, names, stats: dict[str, LinearStats], result: PipelineResult):
+        """plan → transform → quantize → fit, for the linears of one smoothing group."""
         hook = self.manager.hook
-        group_quantizer, group_compensator = self.plugins_for(f"{prefix}.{names[0]}")
-        linears = {n: block.get_submodule(n) for n in names}
+        index, module = block.index, block.module
+        full = {n: f"{block.prefix}.{n}" for n in names}
+        _, group_compensator = self.plugins_for(full[names[0]])
+        linears = {n: module.get_submodule(n) for n in names}
         shared = stats[names[0]].input
         tokens = shared.sample
         token_modality = shared.sample_modality
-        weights = {n: _float_weight(linears[n], f"{prefix}.{n}") for n in names}
+        weights = {n: _float_weight(linears[n], full[n]) for n in names}
         plans: dict[str, LayerPlan] = {}
         for n in names:
-            ctx = self._context(index, prefix, n, linears[n], weights[n], stats[n], None, tokens, token_modality)
-            plans[n] = self.plugins_for(f"{prefix}.{n}")[1].plan(ctx)
+            ctx = self._context(index, full[n], linears[n], weights[n], stats[n], None, tokens, token_modality)
+            plans[n] = self.plugins_for(full[n])[1].plan(ctx)
 
-        # One smoothing decision per group, by the plugins of its first linear.
-        alpha = group_quantizer.smoothing_alpha()
-        candidates = group_compensator.smoothing_candidates()
-        alpha_errors: dict = {}
-        chosen: dict[str, object] = {}  # the chosen candidate's quantized weights, reused below
-        if alpha is None and candidates and not hasattr(group_quantizer, "search_smoothing_scales"):
-            def quantizer_for(name):  # a warning (e.g. GPTQ's damping) names the linear
-                return lambda w_s, h_s, exempt: group_quantizer.quantize(w_s, self.setting, hessian=h_s, exempt=exempt,
-                                                                         layer_name=f"{prefix}.{name}")
-
-            # Each linear is quantized with its own exemption, as it will be below.
-            choice = smoothing.choose_alpha(
-                candidates,
-                shared.absmax,
-                [weights[n] for n in names],
-                tokens,
-                [quantizer_for(n) for n in names],
-                self.setting.a_bits,
-                hessian=shared.xtx,
-                exempt=[plans[n].exempt for n in names],
-                act_exempt=[plans[n].act_exempt for n in names],
-                max_tokens=self.options.alpha_tokens,
-            )
-            alpha, alpha_errors = choice.alpha, choice.errors
-            # The chosen candidate's quantization is the base (same weight, Hessian and
-            # exemption), unless a per-layer override gives a linear another quantizer.
-            chosen = {n: q for n, q in zip(names, choice.quantized) if self.plugins_for(f"{prefix}.{n}")[0] is group_quantizer}
-        scale = None
+        # One transform per group, chosen by the compensator of its first linear.
+        scales = self.transform_for(group_compensator).group_scales(GroupContext(
+            names=[full[n] for n in names], weights=[weights[n] for n in names], tokens=tokens,
+            token_modality=token_modality, act_absmax=shared.absmax, hessian=shared.xtx, setting=self.setting,
+            exempt=[plans[n].exempt for n in names], act_exempt=[plans[n].act_exempt for n in names],
+            quantize=[self._quantize_fn(full[n]) for n in names], max_tokens=self.options.alpha_tokens,
+        ))
+        scale = scales.scale if scales is not None else None
+        already = dict(zip(names, scales.quantized)) if scales is not None and scales.quantized else {}
         mode = "none"
-        search = getattr(group_quantizer, "search_smoothing_scales", None)
-        if alpha is None and search is not None:
-            # A quantizer with its own scale search (AWQ): its scales replace α smoothing.
-            scale = search([weights[n] for n in names], tokens, token_modality, self.setting, hessian=shared.xtx,
-                           exempt=_union([plans[n].exempt for n in names]),
-                           act_exempt=_union([plans[n].act_exempt for n in names]), layer_name=f"{prefix}.{names[0]}")
-        elif alpha is not None:
-            scale = smoothing.smoothing_scales(shared.absmax, [weights[n] for n in names], alpha)
         if scale is not None:
-            if group.norm is not None and smoothing.fold_into_norm(block.get_submodule(group.norm), scale):
+            if group.norm is not None and smoothing.fold_into_norm(module.get_submodule(group.norm), scale):
                 mode = "folded"
             else:
                 if group.norm is not None:
-                    result.warnings.append(f"{prefix}.{group.norm}: cannot fold smoothing into this norm; using an explicit input scale")
+                    result.warnings.append(f"{block.prefix}.{group.norm}: cannot fold smoothing into this norm; using an explicit input scale")
                 mode = "explicit"
         hessian = shared.xtx
         if scale is not None:
             tokens = smoothing.smooth_tokens(tokens, scale)
             hessian = smoothing.smooth_hessian(hessian, scale) if hessian is not None else None
         for n in names:
-            full = f"{prefix}.{n}"
-            hook.qe_layer_start(block_index=index, layer_name=full)
+            name = full[n]
+            hook.qe_layer_start(block_index=index, layer_name=name)
             lin = linears[n]
             w = weights[n] if scale is None else smoothing.smooth_weight(weights[n], scale)
-            ctx = self._context(index, prefix, n, lin, w, stats[n], hessian, tokens, token_modality, scale)
-            quantizer, compensator = self.plugins_for(full)
+            ctx = self._context(index, name, lin, w, stats[n], hessian, tokens, token_modality, scale)
+            quantizer, compensator = self.plugins_for(name)
             t0 = time.perf_counter()
-            q = self._base_quantize(quantizer, w, hessian, plans[n].exempt, full, scale, chosen.get(n))
+            q = self._base_quantize(quantizer, w, hessian, plans[n].exempt, name, scale, already.get(n))
             t1 = time.perf_counter()
-            module = compensator.fit(ctx, q, plans[n])
+            fitted = compensator.fit(ctx, q, plans[n])
+            _check_module(compensator, fitted, name)
             t2 = time.perf_counter()
             ql = QuantLinear.from_quantized(
                 q, a_bits=self.setting.a_bits,
                 bias=lin.bias.detach().float() if lin.bias is not None else None,
                 input_scale=scale if mode == "explicit" else None,
-                act_exempt=plans[n].act_exempt, compensator=module,
+                act_exempt=plans[n].act_exempt, compensator=fitted,
             ).to(lin.weight.device)
             nf = self.options.figure_tokens
             figures = layer_figures(tokens[:nf], token_modality[:nf], w, ql)
             figures.update(quantize_seconds=t1 - t0, fit_seconds=t2 - t1)
-            fit_figures = getattr(module, "fit_figures", None) or {}
-            figures.update({k: float(v) for k, v in fit_figures.items() if isinstance(v, (int, float))})
-            if alpha_errors:
-                figures["alpha_error"] = float(alpha_errors.get(alpha, float("nan")))
-            block.set_submodule(n, ql)
-            result.layers.append(LayerRecord(full, index, (lin.out_features, lin.in_features), figures, alpha, mode))
-            hook.qe_layer_end(block_index=index, layer_name=full, figures=figures)
+            if fitted is not None:
+                figures.update({k: float(v) for k, v in fitted.fit_figures.items() if isinstance(v, (int, float))})
+            if scales is not None:
+                figures.update(scales.figures)
+            module.set_submodule(n, ql)
+            alpha = scales.alpha if scales is not None else None
+            result.layers.append(LayerRecord(name, index, (lin.out_features, lin.in_features), figures, alpha, mode))
+            hook.qe_layer_end(block_index=index, layer_name=name, figures=figures)
 
-    def _base_quantize(self, quantizer, w, hessian, exempt, full, scale, already=None):
+    def _quantize_fn(self, full: str):
+        """The quantization a transform's search runs for one linear (its own quantizer; a
+        warning, e.g. GPTQ's damping, names the linear)."""
+        quantizer, _ = self.plugins_for(full)
+        return lambda w_s, h_s, exempt: quantizer.quantize(w_s, self.setting, hessian=h_s, exempt=exempt,
+                                                           layer_name=full)
+
+    def _base_quantize(self, quantizer: Quantizer, w, hessian, exempt, full, scale, already=None):
         """The base quantization of one linear; ``already``: the same quantization, done while
-        choosing α."""
+        choosing the group's scales."""
         key = None
         if self.base_cache is not None:
-            label = f"{getattr(quantizer, 'name', type(quantizer).__name__)}:{quantizer.config!r}"
-            key = (label, self.setting, full, _digest(scale), _digest(exempt))
+            key = (f"{quantizer.name}:{quantizer.config!r}", self.setting, full, _digest(scale), _digest(exempt))
             if key in self.base_cache:
                 return self.base_cache[key]
         q = already if already is not None else quantizer.quantize(w, self.setting, hessian=hessian, exempt=exempt,
@@ -405,12 +392,27 @@ class QuantizationPipeline:
             self.base_cache[key] = q
         return q
 
-    def _context(self, index, prefix, name, lin, weight, stats, hessian, tokens, modality, scale=None) -> LayerContext:
+    def _context(self, index, full, lin, weight, stats, hessian, tokens, modality, scale=None) -> LayerContext:
         return LayerContext(
-            name=f"{prefix}.{name}", block_index=index, weight=weight,
+            name=full, block_index=index, weight=weight,
             bias=lin.bias.detach().float() if lin.bias is not None else None,
             setting=self.setting, stats=stats, hessian=hessian, tokens=tokens, token_modality=modality,
             input_scale=scale, seed=self.options.seed,
+        )
+
+
+def _check_module(compensator: Compensator, module, layer: str) -> None:
+    """A fitted module must be one the checkpoint can rebuild: a CompensatorModule class that
+    its compensator lists in ``modules``."""
+    if module is None:
+        return
+    declared = type(compensator).modules
+    if not isinstance(module, CompensatorModule) or type(module) not in declared:
+        listed = ", ".join(c.__name__ for c in declared) or "nothing"
+        raise ConfigError(
+            f"compensator {compensator.name!r} returned a {type(module).__name__} for {layer}, which its `modules` does not "
+            f"list (it lists {listed}): subclass qe.compensators.base.CompensatorModule and add the class to "
+            f"{type(compensator).__name__}.modules so checkpoints can rebuild it"
         )
 
 
@@ -428,16 +430,6 @@ def _float_weight(lin: torch.nn.Module, full_name: str) -> torch.Tensor:
     if not torch.isfinite(w).all():
         raise NumericalError(f"NaN or Inf in the weight of {full_name}: the checkpoint is damaged")
     return w
-
-
-def _union(masks: list[torch.Tensor | None]) -> torch.Tensor | None:
-    present = [m for m in masks if m is not None]
-    if not present:
-        return None
-    out = present[0].clone()
-    for m in present[1:]:
-        out |= m
-    return out
 
 
 def _mean_rel_error(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:

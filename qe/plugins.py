@@ -29,9 +29,21 @@ KINDS: dict[str, str] = {
     # kind -> registration hook name
     "estimator": "qe_estimators",
     "quantizer": "qe_quantizers",
+    "transform": "qe_transforms",
     "compensator": "qe_compensators",
     "model_adapter": "qe_model_adapters",
     "calibration_source": "qe_calibration_sources",
+}
+
+# The base class every plugin of a kind subclasses ("module:Class", imported when the registry
+# is built: the base modules import this one).
+KIND_BASES: dict[str, str] = {
+    "estimator": "qe.analysis.estimators:Estimator",
+    "quantizer": "qe.quantizers.base:Quantizer",
+    "transform": "qe.transforms.base:Transform",
+    "compensator": "qe.compensators.base:Compensator",
+    "model_adapter": "qe.models.base:ModelAdapter",
+    "calibration_source": "qe.data.sources:CalibrationSource",
 }
 
 # Modules holding the built-in hook implementations, registered explicitly (not by import
@@ -39,6 +51,7 @@ KINDS: dict[str, str] = {
 BUILTIN_MODULES = (
     "qe.analysis.estimators",
     "qe.quantizers.builtin",
+    "qe.transforms.builtin",
     "qe.compensators.builtin",
     "qe.models.builtin",
     "qe.data.sources",
@@ -53,10 +66,13 @@ class NoConfig:
 
 
 class Plugin:
-    """What every plugin class provides (a structural contract; subclassing is optional)."""
+    """What every plugin class provides: ``name`` (unique within its kind), ``kind``, a frozen
+    dataclass ``Config`` with the parameters and their defaults, and ``__init__(config)``.
+    Plugins subclass their kind's base class (:data:`KIND_BASES`), which declares the rest of
+    the contract with defaults."""
 
-    kind: ClassVar[str]
-    name: ClassVar[str]
+    kind: ClassVar[str] = ""
+    name: ClassVar[str] = ""
     Config: ClassVar[type] = NoConfig
 
     def __init__(self, config: Any = None):
@@ -223,7 +239,7 @@ class PluginEntry:
 
     @property
     def parameters(self) -> str:
-        return describe_config(getattr(self.cls, "Config", NoConfig))
+        return describe_config(self.cls.Config)
 
 
 @dataclass
@@ -268,13 +284,18 @@ class QEPluginManager:
         registry: dict[str, dict[str, PluginEntry]] = {kind: {} for kind in KINDS}
         for kind, hookname in KINDS.items():
             caller = getattr(self.pm.hook, hookname)
+            module_name, _, class_name = KIND_BASES[kind].partition(":")
+            base = getattr(importlib.import_module(module_name), class_name)
             # Call implementations one by one to know where each class came from.
             for impl in reversed(caller.get_hookimpls()):  # registration order
                 origin = self._origins.get(id(impl.plugin), BUILTIN_ORIGIN)
                 if origin == BUILTIN_ORIGIN and not str(impl.plugin_name).startswith("qe."):
                     origin = f"registered object {impl.plugin_name}"
                 for cls in impl.function() or ():
-                    name = getattr(cls, "name", None)
+                    if not (isinstance(cls, type) and issubclass(cls, base)):
+                        raise ConfigError(f"{kind} plugin {cls!r} from {origin} does not subclass "
+                                          f"{base.__module__}.{base.__name__}: derive it from that class")
+                    name = cls.name
                     if not name:
                         raise ConfigError(f"plugin class {cls!r} from {origin} has no name")
                     if name in registry[kind]:
@@ -303,11 +324,24 @@ class QEPluginManager:
             label = kind.replace("_", " ")
             raise ConfigError(f"unknown {label} {ref.name!r}: available are {', '.join(entries) or 'none'}")
         entry = entries[ref.name]
-        config = build_config(getattr(entry.cls, "Config", NoConfig), ref.params, f"{kind} {ref.name}")
+        config = build_config(entry.cls.Config, ref.params, f"{kind} {ref.name}")
         return Resolved(entry, config, ref)
 
     def create(self, kind: str, text: str | PluginRef) -> Any:
         return self.resolve(kind, text).create()
+
+    def compensator_modules(self) -> dict[str, tuple[PluginEntry, type]]:
+        """``module_type`` → (the compensator plugin that declares it, the module class), over
+        every installed compensator's ``modules``: the only classes a checkpoint can rebuild."""
+        out: dict[str, tuple[PluginEntry, type]] = {}
+        for entry in self.entries("compensator").values():
+            for module_cls in entry.cls.modules:
+                module_type = module_cls.module_type
+                if module_type in out and out[module_type][1] is not module_cls:
+                    raise ConfigError(f"compensator module type {module_type!r} is declared by {out[module_type][0].name} "
+                                      f"({out[module_type][0].origin}) and {entry.name} ({entry.origin}): rename one")
+                out[module_type] = (entry, module_cls)
+        return out
 
 
 @lru_cache(maxsize=1)

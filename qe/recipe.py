@@ -2,6 +2,7 @@
 
 A recipe file holds the same things as the flags, plus per-layer overrides and skip lists::
 
+    transform = "none"               # or "smoothquant[alpha=0.5]", "awq[grid=20]"
     quantizer = "gptq"
     compensator = "qe[k=32;num_experts=8]"
     estimator = "act-weight"
@@ -37,7 +38,7 @@ from qe.errors import ConfigError
 from qe.plugins import QEPluginManager, default_manager
 from qe.settings import QuantSetting, parse_setting
 
-_KEYS = {"quantizer", "compensator", "estimator", "setting", "calib", "samples", "propagation", "seed",
+_KEYS = {"transform", "quantizer", "compensator", "estimator", "setting", "calib", "samples", "propagation", "seed",
          "skip", "override", "max_tokens"}
 
 
@@ -50,6 +51,7 @@ class LayerOverride:
 
 @dataclass(frozen=True)
 class Recipe:
+    transform: str = "none"
     quantizer: str = "rtn"
     compensator: str = "none"
     estimator: str = "act-weight"
@@ -79,7 +81,8 @@ class Recipe:
         return parse_setting(self.setting)
 
     def composition(self, manager: QEPluginManager | None = None) -> Composition:
-        return resolve_composition(self.quantizer, self.compensator, self.setting, self.estimator, manager)
+        return resolve_composition(self.quantizer, self.compensator, self.setting, self.estimator, manager,
+                                   transform=self.transform)
 
     def validate(self, manager: QEPluginManager | None = None) -> Composition:
         """Check everything that can be checked without a model."""

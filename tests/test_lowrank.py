@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from qe.checkpoint import compensator_module
 from qe.compensators.base import LayerContext, LayerPlan
 from qe.compensators.linalg import (
     damped,
@@ -23,9 +24,9 @@ from qe.compensators.lowrank import (
     LowRankConfig,
     check_rank_override,
 )
-from qe.compensators.modules import LowRankAdapter, adapter_from_layout
+from qe.compensators.modules import LowRankAdapter
 from qe.errors import ConfigError, NumericalError
-from qe.plugins import QEPluginManager
+from qe.plugins import QEPluginManager, default_manager
 from qe.quantizers.grid import quantize_rtn
 from qe.settings import parse_setting
 
@@ -185,7 +186,7 @@ def test_adapter_forward_and_round_trip(tmp_path_factory, T, bits, seed):
         assert torch.allclose(m(x), x @ B.T @ A.T, atol=1e-5)
     path = tmp_path_factory.mktemp("adapter") / "a.safetensors"
     save_file(m.state_dict(), str(path))
-    fresh = adapter_from_layout(m.layout())
+    fresh = compensator_module("layer", {"module": m.module_type, "layout": m.layout()}, default_manager().compensator_modules())
     fresh.load_state_dict(load_file(str(path)))
     assert torch.equal(fresh(x), m(x))
 

@@ -10,11 +10,12 @@ from safetensors.torch import load_file, save_file
 
 from qe.analysis.estimators import ActWeight
 from qe.analysis.statistics import ImportanceStats, InputStats, LinearStats
+from qe.checkpoint import compensator_module
 from qe.compensators.base import LayerContext
-from qe.compensators.modules import QuantExpertsAdapter, adapter_from_layout
+from qe.compensators.modules import QuantExpertsAdapter
 from qe.compensators.quant_experts import QuantExperts, QuantExpertsConfig
 from qe.errors import ConfigError, DataError
-from qe.plugins import QEPluginManager
+from qe.plugins import QEPluginManager, default_manager
 from qe.quantizers.grid import quantize_rtn
 from qe.settings import parse_setting
 
@@ -182,7 +183,7 @@ def test_layout_and_safetensors_round_trip(tmp_path, mode):
     _, _, _, m = fit(layer, mode=mode)
     path = tmp_path / "qe.safetensors"
     save_file(m.state_dict(), str(path))
-    fresh = adapter_from_layout(json.loads(json.dumps(m.layout())))
+    fresh = compensator_module("layer", {"module": m.module_type, "layout": json.loads(json.dumps(m.layout()))}, default_manager().compensator_modules())
     fresh.load_state_dict(load_file(str(path)))
     assert torch.equal(fresh(layer.tokens), m(layer.tokens))
 

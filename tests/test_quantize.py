@@ -36,7 +36,7 @@ def test_checkpoint_is_self_contained(quantized_tiny):
     assert any(n.startswith("tokenizer") for n in names)
     assert not partial_dir(path).exists()
     m = json.loads((path / "qe_manifest.json").read_text())
-    assert m["format_version"] == 1 and m["recipe"]["quantizer"] == "gptq"
+    assert m["format_version"] == 2 and m["recipe"]["quantizer"] == "gptq"
     assert m["calibration"]["data_hash"] and m["calibration"]["samples"] == 4
     assert len(m["layers"]) == 14 and all("rel_error" in r["figures"] for r in m["layers"])
     assert m["effective_bits"]["bits_per_weight"] < 6 < m["effective_bits"]["bits_per_weight_with_adapters"]
@@ -195,9 +195,9 @@ def test_global_rank_is_capped_with_one_warning(tmp_path):
     assert len(warnings) == 1 and "14 layers" in warnings[0]
 
 
-@pytest.mark.parametrize("quantizer", ["awq", "smoothquant[alpha=0.5;inner=gptq]"])
-def test_smoothing_quantizers_run_through_the_pipeline(tmp_path, quantizer):
-    recipe = Recipe(quantizer=quantizer, setting="W4A8", samples=2)
+@pytest.mark.parametrize("transform,quantizer", [("awq", "rtn"), ("smoothquant[alpha=0.5]", "gptq"), ("awq[grid=4]", "gptq")])
+def test_smoothing_transforms_run_through_the_pipeline(tmp_path, transform, quantizer):
+    recipe = Recipe(transform=transform, quantizer=quantizer, setting="W4A8", samples=2)
     _, manifest = run_quantize(recipe, "tiny:llava", out=tmp_path / "x", progress=False)
     modes = {r["name"].rsplit(".", 1)[-1]: r["smoothing"] for r in manifest["layers"]}
     assert modes["q_proj"] == "folded" and modes["o_proj"] == "explicit"
@@ -206,12 +206,12 @@ def test_smoothing_quantizers_run_through_the_pipeline(tmp_path, quantizer):
 
 def test_data_free_composition_skips_calibration(tmp_path, monkeypatch):
     """RTN without a compensator reads no calibration data: no capture, no figures."""
-    import qe.pipeline as pipeline
+    import qe.capture as capture
 
     def no_capture(*a, **k):
         raise AssertionError("a data-free composition must not run calibration forwards")
 
-    monkeypatch.setattr(pipeline, "capture_block_inputs", no_capture)
+    monkeypatch.setattr(capture, "capture_block_inputs", no_capture)
     _, manifest = run_quantize(Recipe(setting="W4A8", samples=2), "tiny:llava", out=tmp_path / "x", progress=False)
     assert len(manifest["layers"]) == 14
     assert all("rel_error" not in r["figures"] for r in manifest["layers"])
@@ -222,7 +222,7 @@ def test_alpha_choice_quantization_is_reused_and_changes_nothing(tmp_path, monke
     linear), and the checkpoint equals one where every base is quantized afresh."""
     from safetensors.torch import load_file
 
-    import qe.smoothing as smoothing
+    import qe.transforms.smoothing as smoothing
     from qe.quantizers.gptq import GPTQ
 
     calls = []

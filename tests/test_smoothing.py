@@ -1,4 +1,4 @@
-"""The smoothing transform (qe.smoothing) and the SmoothQuant quantizer plugin."""
+"""The smoothing transform (qe.transforms.smoothing) and the transform plugins built on it."""
 
 import warnings
 
@@ -15,13 +15,13 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from qe.errors import ConfigError
 from qe.plugins import default_manager
 from qe.quantized import fake_quantize_activations
-from qe.quantizers.awq import AWQ, AWQConfig
 from qe.quantizers.gptq import GPTQ
 from qe.quantizers.grid import quantize_rtn
 from qe.quantizers.rtn import RTN
-from qe.quantizers.smoothquant import SmoothQuant, SmoothQuantConfig
 from qe.settings import parse_setting
-from qe.smoothing import (
+from qe.transforms.base import GroupContext
+from qe.transforms.builtin import AWQ, AlphaSearch, AWQConfig, SmoothQuant
+from qe.transforms.smoothing import (
     SCALE_RANGE,
     activation_scales,
     choose_alpha,
@@ -314,35 +314,64 @@ def test_choose_alpha_refuses_empty_input():
         choose_alpha((None,), x.abs().amax(0), weights, x[:0], lambda w, h, e: w, 8)
 
 
-# --------------------------------------------------------------------------- SmoothQuant plugin
+# --------------------------------------------------------------------------- transform plugins
 
 
-def test_smoothquant_plugin_wraps_rtn_or_gptq():
+def group_context(x, weights, setting, quantizer=None, modality=None, hessian=None):
+    quantizer = quantizer or RTN()
+    fn = lambda w, h, e: quantizer.quantize(w, setting, hessian=h, exempt=e)  # noqa: E731
+    return GroupContext(names=[f"l{i}" for i in range(len(weights))], weights=weights, tokens=x,
+                        token_modality=modality, act_absmax=x.abs().amax(0), hessian=hessian, setting=setting,
+                        exempt=[None] * len(weights), act_exempt=[None] * len(weights), quantize=[fn] * len(weights))
+
+
+def test_transforms_are_plugins_of_their_own_kind_and_compose_with_any_quantizer():
     manager = default_manager()
-    bare = manager.create("quantizer", "smoothquant")
-    assert isinstance(bare, SmoothQuant) and isinstance(bare.inner, RTN)
-    assert bare.smoothing_alpha() == 0.5 and not bare.needs_hessian
-    with_gptq = manager.create("quantizer", "smoothquant[alpha=0.75;inner=gptq]")
-    assert isinstance(with_gptq.inner, GPTQ) and with_gptq.needs_hessian and with_gptq.smoothing_alpha() == 0.75
-    for bad in ("smoothquant[inner=awq]", "smoothquant[alpha=1.5]", "smoothquant[alpha=-0.1]", "smoothquant[beta=1]"):
+    assert {"none", "smoothquant", "awq", "alpha-search"} <= set(manager.names("transform"))
+    assert "smoothquant" not in manager.names("quantizer") and "awq" not in manager.names("quantizer")
+    sq = manager.create("transform", "smoothquant[alpha=0.75]")
+    assert isinstance(sq, SmoothQuant) and sq.config.alpha == 0.75 and not sq.needs_hessian
+    for bad in ("smoothquant[alpha=1.5]", "smoothquant[alpha=-0.1]", "smoothquant[beta=1]", "awq[grid=0]",
+                "awq[vision_weight=-1]", "alpha-search[candidates=2]"):
         with pytest.raises(ConfigError):
-            manager.resolve("quantizer", bad)
+            manager.resolve("transform", bad)
+    from qe.composition import resolve_composition
+
+    with pytest.raises(ConfigError, match="--transform smoothquant"):
+        resolve_composition("smoothquant", "none", "W4A8")
+    c = resolve_composition("gptq", "qe", "W4A6", transform="awq[grid=4]")
+    assert c.label == "awq[grid=4]+gptq+qe@W4A6" and c.fingerprint()["transform"][0] == "awq"
+    assert "transform" not in resolve_composition("gptq", "qe", "W4A6").fingerprint()  # keys without a transform kept
 
 
-def test_smoothquant_quantize_delegates_to_the_inner_quantizer():
+def test_smoothquant_transform_gives_the_smoothing_scales_of_its_alpha():
     x, weights = outlier_group(tokens=64, d_in=32)
-    H = (x.T @ x).double()
     setting = parse_setting("W4A8")
-    exempt = torch.zeros(32, dtype=torch.bool)
-    exempt[5] = True
-    w = weights[0]
-    a = SmoothQuant(SmoothQuantConfig(inner="gptq")).quantize(w, setting, hessian=H, exempt=exempt, layer_name="x")
-    b = GPTQ().quantize(w, setting, hessian=H, exempt=exempt)
-    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
-    with pytest.raises(ConfigError, match="calibration data"):
-        SmoothQuant(SmoothQuantConfig(inner="gptq")).quantize(w, setting)
-    c = SmoothQuant().quantize(w, setting)
-    assert torch.equal(c.codes, RTN().quantize(w, setting).codes)
+    out = SmoothQuant(SmoothQuant.Config(alpha=0.5)).group_scales(group_context(x, weights, setting))
+    assert out.alpha == 0.5
+    torch.testing.assert_close(out.scale, smoothing_scales(x.abs().amax(0), weights, 0.5))
+
+
+def test_awq_and_alpha_search_search_with_the_compositions_quantizer():
+    """The search quantizes with whatever quantizer the composition has (here GPTQ, with the
+    Hessian), not an inner quantizer of its own."""
+    x, weights = outlier_group(tokens=64, d_in=32)
+    setting = parse_setting("W4A8")
+    H = (x.T @ x).double()
+    calls = []
+
+    class Counting(GPTQ):
+        def quantize(self, w, setting, **k):
+            calls.append(k["hessian"] is not None)
+            return super().quantize(w, setting, **k)
+
+    ctx = group_context(x, weights, setting, Counting(), hessian=H)
+    AWQ(AWQConfig(grid=3)).group_scales(ctx)
+    assert calls == [True] * 3 * len(weights)
+    calls.clear()
+    out = AlphaSearch(AlphaSearch.Config(candidates=(None, 0.5))).group_scales(ctx)
+    assert calls == [True] * 2 * len(weights) and len(out.quantized) == len(weights)
+    assert out.alpha in (None, 0.5) and "alpha_error" in out.figures
 
 
 # --------------------------------------------------------------------------- AWQ-style search (MBQ weighting)
@@ -378,31 +407,11 @@ def test_mbq_token_weights_restrict_the_loss_to_the_weighted_tokens():
     awq = AWQ(AWQConfig(grid=5, vision_weight=0.0))
     weights_by_token = awq.token_weights(modality, 96)
     assert weights_by_token.tolist() == [1.0, 0.0, 1.0] * 32
-    awq.search_smoothing_scales(weights, x, modality, setting)
-    errors = awq.searches[-1].errors
+    s, ratio, errors = search_activation_scales(weights, x, rtn_fn(setting), 16, grid=5, token_weights=weights_by_token)
     keep = modality != 1
     for r, err in errors.items():
         s = activation_scales(x.abs().mean(0), r)
         deq = [rtn_fn(setting)(smooth_weight(w, s), None, None) for w in weights]
         assert err == pytest.approx(relative_group_error(x[keep], weights, deq, s, 16), rel=1e-6)
-
-
-def test_awq_plugin_config_and_protocol():
-    with pytest.raises(ConfigError):
-        AWQConfig(grid=0)
-    with pytest.raises(ConfigError):
-        AWQConfig(inner="smoothquant")
-    with pytest.raises(ConfigError):
-        AWQConfig(vision_weight=-1.0)
-    assert isinstance(AWQ().inner, RTN) and not AWQ().needs_hessian
-    assert isinstance(AWQ(AWQConfig(inner="gptq")).inner, GPTQ) and AWQ(AWQConfig(inner="gptq")).needs_hessian
-    x, weights = outlier_group(tokens=32, d_in=16)
-    setting = parse_setting("W4A16ch")
-    awq = AWQ()
-    with pytest.raises(ConfigError, match="search_smoothing_scales"):
-        awq.quantize(weights[0], setting)  # a pipeline that skips the search fails loudly
-    s = awq.search_smoothing_scales(weights, x, None, setting)
-    q = awq.quantize(smooth_weight(weights[0], s), setting)
-    assert torch.equal(q.codes, RTN().quantize(smooth_weight(weights[0], s), setting).codes)
-    with pytest.raises(ConfigError, match="calibration data"):
-        AWQ(AWQConfig(inner="gptq")).search_smoothing_scales(weights, x, None, setting)
+    out = awq.group_scales(group_context(x, weights, setting, modality=modality))
+    assert out.figures["awq_ratio"] == ratio

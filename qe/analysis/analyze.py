@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from qe.analysis import channels as ch
 from qe.analysis.statistics import LinearStats, choose_sample_positions
-from qe.capture import StreamContext, attach_stats, capture_block_inputs, run_block
+from qe.capture import BlockWalker, StreamContext, attach_stats
 from qe.errors import ConfigError
 from qe.modality import MODALITIES, Modality
 from qe.models.base import EncodedSample
@@ -69,20 +68,19 @@ class AnalysisResult:
 
 def select_layers(loaded: LoadedModel, pattern: str | None) -> dict[int, list[str]]:
     """Linears (by block, relative names) whose full name matches ``pattern``."""
-    adapter, model = loaded.adapter, loaded.model
-    prefix = adapter.blocks_prefix(model)
+    walker = BlockWalker(loaded)
     out: dict[int, list[str]] = {}
     all_names = []
     try:
         regex = re.compile(pattern) if pattern else None
     except re.error as e:
         raise ConfigError(f"--layers {pattern!r} is not a valid regular expression ({e})") from None
-    for i, block in enumerate(adapter.decoder_blocks(model)):
-        for name in adapter.block_linears(block):
-            full = f"{prefix}.{i}.{name}"
+    for block in walker.blocks():
+        for name in walker.linears(block):
+            full = f"{block.prefix}.{name}"
             all_names.append(full)
             if regex is None or regex.search(full):
-                out.setdefault(i, []).append(name)
+                out.setdefault(block.index, []).append(name)
     if not out:
         examples = ", ".join(all_names[:3] + all_names[-1:])
         raise ConfigError(f"--layers {pattern!r} matches no linear; names look like {examples}")
@@ -90,10 +88,9 @@ def select_layers(loaded: LoadedModel, pattern: str | None) -> dict[int, list[st
 
 
 def check_widths(loaded: LoadedModel, selected: dict[int, list[str]], k: int, num_experts: int) -> None:
-    adapter = loaded.adapter
-    blocks = adapter.decoder_blocks(loaded.model)
+    walker = BlockWalker(loaded)
     for i, names in selected.items():
-        linears = adapter.block_linears(blocks[i])
+        linears = walker.linears(walker.block(i))
         for n in names:
             d_in = linears[n].in_features
             if k > d_in:
@@ -117,32 +114,30 @@ def run_analysis(
     estimator = manager.create("estimator", opts.estimator)
     selected = select_layers(loaded, opts.layers)
     check_widths(loaded, selected, opts.k, opts.num_experts)
-    adapter, model = loaded.adapter, loaded.model
-    blocks = adapter.decoder_blocks(model)
-    prefix = adapter.blocks_prefix(model)
-    plot_blocks = set(opts.plot_blocks if opts.plot_blocks is not None else default_plot_blocks(len(blocks)))
-    bad = [b for b in plot_blocks if not 0 <= b < len(blocks)]
+    adapter = loaded.adapter
+    walker = BlockWalker(loaded, encoded, device=opts.device, batch_size=opts.batch_size, progress=opts.progress)
+    num_blocks = walker.num_blocks
+    plot_blocks = set(opts.plot_blocks if opts.plot_blocks is not None else default_plot_blocks(num_blocks))
+    bad = [b for b in plot_blocks if not 0 <= b < num_blocks]
     if bad:
-        raise ConfigError(f"--plot-layers {bad} outside the model's blocks 0..{len(blocks) - 1}")
+        raise ConfigError(f"--plot-layers {bad} outside the model's blocks 0..{num_blocks - 1}")
 
     result = AnalysisResult()
     t0 = time.perf_counter()
-    inputs = capture_block_inputs(loaded, encoded, device=opts.device, batch_size=opts.batch_size, progress=opts.progress)
-    positions = choose_sample_positions(inputs.total_tokens, opts.max_tokens, opts.seed)
+    positions = choose_sample_positions(walker.inputs().total_tokens, opts.max_tokens, opts.seed)
     first_sample = (0, encoded[0].num_tokens)
     context = StreamContext()
-    last_block = max(selected)
     hook = manager.hook
-    for i in tqdm(range(last_block + 1), desc="analyze", disable=not opts.progress):
-        block = blocks[i]
+    for step in walker.walk(0, max(selected) + 1, desc="analyze"):
+        i, block = step.index, step.block
         names = set(selected.get(i, ()))
-        hook.qe_block_start(block_index=i, num_blocks=len(blocks))
+        hook.qe_block_start(block_index=i, num_blocks=walker.num_blocks)
         if names:
-            with attach_stats(block, adapter, prefix=f"{prefix}.{i}", context=context, sample_positions=positions,
+            with attach_stats(block.module, adapter, prefix=block.prefix, context=context, sample_positions=positions,
                               hessian=False, moments=True, estimator=estimator, k=opts.k, keep_topk=True,
                               linears=names, record_range=first_sample if i in plot_blocks else None) as stats:
-                out = run_block(block, inputs, device=opts.device, context=context, block_index=i)
-            for name in adapter.block_linears(block):
+                step.next_hidden = step.run(context)
+            for name in walker.linears(block):
                 if name in stats:
                     summary, rows, plot = summarize_linear(stats[name], i, name, opts, want_plot=i in plot_blocks)
                     result.layers.append(summary)
@@ -153,10 +148,7 @@ def run_analysis(
                     if plot is not None:
                         result.plots[summary["name"]] = plot
             del stats
-        else:
-            out = run_block(block, inputs, device=opts.device, block_index=i)
-        inputs = inputs.with_hidden(out)
-        hook.qe_block_end(block_index=i, num_blocks=len(blocks), figures={})
+        hook.qe_block_end(block_index=i, num_blocks=walker.num_blocks, figures={})
     result.statistics_seconds = time.perf_counter() - t0
     return result
 

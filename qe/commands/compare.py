@@ -30,7 +30,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from qe.analysis.statistics import choose_sample_positions
-from qe.capture import StreamContext, attach_stats, capture_block_inputs, run_block
+from qe.capture import Block, BlockWalker, StreamContext, attach_stats
 from qe.composition import Composition, resolve_composition
 from qe.data.calibration import calibration_set, data_hash, encode_samples, token_counts
 from qe.errors import ConfigError, QEError
@@ -67,6 +67,7 @@ class Cell:
     compensator: str
     setting: QuantSetting
     composition: Composition
+    transform: str = "none"
     key: str = ""
     result: PipelineResult = field(default_factory=PipelineResult)
     blocks: list = field(default_factory=list)  # fp-inputs mode: the cell's quantized blocks
@@ -78,19 +79,22 @@ class Cell:
 
 
 def grid_cells(quantizers: str | list[str], compensators: str | list[str], settings: str | list[QuantSetting],
-               estimator: str = "act-weight", manager=None) -> list[Cell]:
+               estimator: str = "act-weight", manager=None, transforms: str | list[str] = "none") -> list[Cell]:
+    """Every setting × transform × quantizer × compensator, validated (no model needed)."""
     manager = manager or default_manager()
     qs = split_plugin_list(quantizers) if isinstance(quantizers, str) else list(quantizers)
     cs = split_plugin_list(compensators) if isinstance(compensators, str) else list(compensators)
+    ts = split_plugin_list(transforms) if isinstance(transforms, str) else list(transforms)
     ss = parse_settings(settings) if isinstance(settings, str) else [
         parse_setting(s) if isinstance(s, str) else s for s in settings]
-    if not qs or not cs or not ss:
-        raise ConfigError("the grid is empty: give at least one quantizer, compensator and setting")
+    if not qs or not cs or not ss or not ts:
+        raise ConfigError("the grid is empty: give at least one transform, quantizer, compensator and setting")
     cells = []
     for s in ss:
-        for q in qs:
-            for c in cs:
-                cells.append(Cell(q, c, s, resolve_composition(q, c, s, estimator, manager)))
+        for t in ts:
+            for q in qs:
+                for c in cs:
+                    cells.append(Cell(q, c, s, resolve_composition(q, c, s, estimator, manager, transform=t), t))
     return cells
 
 
@@ -162,8 +166,8 @@ def _cell_row(cell: Cell, model, evaluation: dict, seconds: float) -> dict:
 
     bits = effective_bits(model)
     return {
-        "quantizer": cell.quantizer, "compensator": cell.compensator, "setting": cell.setting.short_name,
-        "label": cell.label, "status": "ok", **evaluation,
+        "transform": cell.transform, "quantizer": cell.quantizer, "compensator": cell.compensator,
+        "setting": cell.setting.short_name, "label": cell.label, "status": "ok", **evaluation,
         "mean_rel_error_base": mean("rel_error_base"), "mean_rel_error": mean("rel_error"),
         "router_agreement": mean("router_agreement"),
         "added_params": added, "added_params_ratio": added / weights if weights else None,
@@ -185,13 +189,14 @@ def run_compare(
     force: bool = False,
     loaded: LoadedModel | None = None,
     manager=None,
+    transforms: str | list[str] = "none",
 ) -> tuple[Path, list[dict]]:
     """Run (or resume) a grid; return the output directory and one row per cell."""
     options = options or CompareOptions()
     manager = manager or default_manager()
     if options.propagation not in ("quantized", "fp-inputs"):
         raise ConfigError(f"propagation {options.propagation!r} unknown: use quantized or fp-inputs")
-    cells = grid_cells(quantizers, compensators, settings, options.estimator, manager)  # validated before loading
+    cells = grid_cells(quantizers, compensators, settings, options.estimator, manager, transforms)  # validated before loading
     out = Path(out)
     grid = {"model": model or "embedded-default", "cells": [c.label for c in cells], "options": options.describe()}
     grid_file = out / GRID_FILE
@@ -228,7 +233,7 @@ def run_compare(
         pipeline_opts = PipelineOptions(propagation=options.propagation, max_tokens=options.max_tokens,
                                         device=options.device, seed=options.seed, progress=False)
         t_capture = time.perf_counter()
-        inputs = capture_block_inputs(loaded, encoded, device=options.device, progress=options.progress)
+        inputs = BlockWalker(loaded, encoded, device=options.device, progress=options.progress).inputs()
         shared = {"shared_capture_seconds": time.perf_counter() - t_capture, "cells_in_run": len(pending)}
         if options.propagation == "fp-inputs":
             _run_fp_inputs(loaded, pending, pipeline_opts, inputs, evaluator, cells_dir, manager, options, shared)
@@ -282,8 +287,7 @@ def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, cells_dir, manager, o
     """Block-major: each block's statistics once for every cell. A cell's ``quantize_seconds``
     is its own quantization work; the shared streaming is ``shared_stream_seconds``."""
     adapter, model = loaded.adapter, loaded.model
-    blocks = adapter.decoder_blocks(model)
-    prefix = adapter.blocks_prefix(model)
+    walker = BlockWalker(loaded, device=opts.device, progress=options.progress, inputs=inputs)
     live: list[tuple[Cell, QuantizationPipeline]] = []
     shared_cache: dict = {}
     for cell in cells:
@@ -294,7 +298,7 @@ def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, cells_dir, manager, o
             live.append((cell, pipe))
         except (Exception, QEError) as exc:
             _record_failure(cells_dir, cell, exc)
-    ks = {pipe.importance_k(pipe.linear_names(blocks[0], f"{prefix}.0"), f"{prefix}.0") for _, pipe in live} - {None}
+    ks = {pipe.importance_k(walker.block(0)) for _, pipe in live} - {None}
     if len(ks) > 1:
         raise ConfigError(f"fp-inputs compare streams one importance top-k for the whole grid, and these cells ask "
                           f"for k in {sorted(ks)}: run them as separate grids")
@@ -305,20 +309,20 @@ def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, cells_dir, manager, o
     seconds = {c.key: 0.0 for c, _ in live}
     context = StreamContext()
     stream_seconds = 0.0
-    for i in tqdm(range(len(blocks)), desc="compare (fp-inputs)", disable=not options.progress):
-        block = blocks[i]
+    for step in walker.walk(desc="compare (fp-inputs)"):
+        block = step.block
         t_stream = time.perf_counter()
-        with attach_stats(block, adapter, prefix=f"{prefix}.{i}", context=context, sample_positions=positions,
+        with attach_stats(block.module, adapter, prefix=block.prefix, context=context, sample_positions=positions,
                           hessian=need_hessian, moments=False, estimator=estimator if k else None, k=k or 32) as stats:
-            fp_out = run_block(block, inputs, device=opts.device, context=context, block_index=i)
+            step.next_hidden = step.run(context)
         stream_seconds += time.perf_counter() - t_stream
         for cell, pipe in live:
             if cell.error:
                 continue
             t0 = time.perf_counter()
             try:
-                qblock = copy.deepcopy(block)
-                pipe.quantize_block_with_stats(i, qblock, f"{prefix}.{i}", stats, cell.result)
+                qblock = copy.deepcopy(block.module)
+                pipe.quantize_block_with_stats(Block(block.index, qblock, block.prefix), stats, cell.result)
                 cell.blocks.append(qblock)
             except (Exception, QEError) as exc:
                 cell.error = "failed"
@@ -327,13 +331,12 @@ def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, cells_dir, manager, o
             seconds[cell.key] += time.perf_counter() - t0
         shared_cache.clear()  # keys are per layer: nothing is reused across blocks
         del stats
-        inputs = inputs.with_hidden(fp_out)
     for cell, _ in tqdm(live, desc="evaluate", disable=not options.progress):
         if cell.error:
             continue
         try:
             work = copy.deepcopy(model)
-            target = work.get_submodule(prefix)
+            target = work.get_submodule(walker.prefix)
             for i, qblock in enumerate(cell.blocks):
                 target[i] = qblock
             cell.blocks = []

@@ -82,7 +82,7 @@ def run_quantize(
         if state["run_hash"] != run_hash:
             raise ConfigError(f"{work} holds an interrupted run of a different recipe, model or data: "
                               "rerun without --resume to start over")
-        done = _restore_blocks(loaded, work, state)
+        done = _restore_blocks(loaded, work, state, manager)
         result.layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in state["layers"]]
         result.blocks = state["blocks"]
         result.seconds = state["seconds"]
@@ -101,7 +101,7 @@ def run_quantize(
     def save_block(i: int, res: PipelineResult) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in blocks[i].state_dict().items()},
                   str(work / f"block-{i:05d}.safetensors"))
-        layouts = {k: v for k, v in checkpoint.module_layouts(blocks[i]).items()}
+        layouts = {k: v for k, v in checkpoint.module_layouts(blocks[i], manager).items()}
         state = json.loads((work / PROGRESS).read_text()) if (work / PROGRESS).is_file() else {"layouts": {}}
         state["layouts"][str(i)] = layouts
         state.update(run_hash=run_hash, finished=i + 1,
@@ -115,16 +115,16 @@ def run_quantize(
         result = pipeline.run(encoded, start_block=done, on_block_done=save_block, result=result)
 
     manifest = _finish(loaded, work, out, recipe, composition, result, source, len(encoded), token_counts(encoded),
-                       dhash, prefix, force)
+                       dhash, prefix, force, manager)
     manager.hook.qe_run_end(command="quantize", output=str(out), figures=manifest["summary"])
     return out, manifest
 
 
-def _restore_blocks(loaded: LoadedModel, work: Path, state: dict) -> int:
+def _restore_blocks(loaded: LoadedModel, work: Path, state: dict, manager) -> int:
     blocks = loaded.adapter.decoder_blocks(loaded.model)
     done = int(state["finished"])
     for i in range(done):
-        checkpoint.install_quantized_modules(blocks[i], state["layouts"][str(i)])
+        checkpoint.install_quantized_modules(blocks[i], state["layouts"][str(i)], manager)
         tensors = load_file(str(work / f"block-{i:05d}.safetensors"))
         blocks[i].load_state_dict(tensors, strict=True)
     return done
@@ -140,7 +140,7 @@ def _summary(result: PipelineResult) -> dict[str, float]:
             "fit_seconds": sum(r.figures.get("fit_seconds", 0.0) for r in result.layers)}
 
 
-def _finish(loaded, work, out, recipe, composition, result, source, n_samples, tokens, dhash, prefix, force) -> dict:
+def _finish(loaded, work, out, recipe, composition, result, source, n_samples, tokens, dhash, prefix, force, manager) -> dict:
     for f in work.glob("block-*.safetensors"):
         f.unlink()
     shard_names, aliases = checkpoint.save_tensors(loaded.model, work)
@@ -154,7 +154,7 @@ def _finish(loaded, work, out, recipe, composition, result, source, n_samples, t
         if loaded.path and src.is_file():
             shutil.copy(src, work / extra)
     files = checkpoint.file_records(work, shard_names)
-    layouts = checkpoint.module_layouts(loaded.model)
+    layouts = checkpoint.module_layouts(loaded.model, manager)
     bits = checkpoint.effective_bits(loaded.model)
     manifest = {
         "format": checkpoint.FORMAT,

@@ -12,7 +12,7 @@ Per linear layer, the pipeline calls
 
 A compensator that wants smoothing returns candidate α values from
 ``smoothing_candidates`` (``None`` in the tuple means "no smoothing"); the pipeline picks one
-per smoothing group by calibration output error (see :mod:`qe.smoothing`). A composition
+per smoothing group by calibration output error (see :mod:`qe.transforms.smoothing`). A composition
 never smooths twice: on a smoothing quantizer's base, the base's scales are used.
 """
 
@@ -68,16 +68,78 @@ class LayerPlan:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+class CompensatorModule(nn.Module):
+    """Base class of the modules a compensator adds to a quantized linear.
+
+    The module reads the smoothed, unquantized input ``x̃`` (``(..., d_in)``) and returns
+    ``(..., d_out)``, added to the quantized linear's output. To save and reload, a module
+    describes itself:
+
+    * ``module_type``: a name unique among installed compensator modules, written into the
+      checkpoint's layout next to the name of the compensator plugin that wrote it;
+    * :meth:`layout`: the JSON-serialisable shapes and options :meth:`from_layout` needs;
+    * :meth:`from_layout`: an empty module of that layout whose ``state_dict`` (every tensor
+      a registered buffer or parameter) is then filled from the checkpoint's safetensors.
+
+    A checkpoint is rebuilt only through classes that an installed compensator plugin lists
+    in :attr:`Compensator.modules`; nothing named in a checkpoint is imported.
+    ``fit_figures`` holds the fit's JSON-serialisable figures (numbers reach the per-layer
+    table and the manifest).
+    """
+
+    module_type: ClassVar[str]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fit_figures: dict[str, Any] = {}
+
+    def layout(self) -> dict[str, Any]:
+        """Shapes and options to rebuild an empty module (JSON-serialisable)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement layout()")
+
+    @classmethod
+    def from_layout(cls, layout: dict[str, Any]) -> CompensatorModule:
+        """An empty module of ``layout`` (its tensors are filled by ``load_state_dict``)."""
+        raise NotImplementedError(f"{cls.__name__} must implement from_layout()")
+
+    def storage_bytes(self) -> int:
+        """Bytes of the tensors this module saves."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+
 class Compensator(Plugin):
-    """Base class of compensators (plugins of kind ``compensator``)."""
+    """Base class of compensators (plugins of kind ``compensator``).
+
+    Class attributes a compensator may set:
+
+    * ``needs_tokens``: ``fit`` reads the bounded token sample ``layer.tokens``;
+    * ``needs_hessian``: ``fit`` reads ``layer.hessian`` (``Σ x̃ x̃ᵀ``);
+    * ``modules``: the :class:`CompensatorModule` classes its ``fit`` returns, so that the
+      plugin manager can rebuild them from a checkpoint.
+
+    ``capped_layers`` maps a layer name to ``(requested, used)`` rank where the compensator
+    lowered a rank to fit the layer's shape; the pipeline reports it as a warning.
+    """
 
     kind: ClassVar[str] = "compensator"
     name: ClassVar[str]
     needs_tokens: ClassVar[bool] = False
     needs_hessian: ClassVar[bool] = False
+    modules: ClassVar[tuple[type[CompensatorModule], ...]] = ()
 
+    def __init__(self, config: Any = None):
+        super().__init__(config)
+        self.capped_layers: dict[str, tuple[int, int]] = {}
+
+    def needs_calibration(self) -> bool:
+        """Whether this compensator reads calibration data at all. True by default (``fit``
+        sees the layer's statistics); only a compensator that never fits returns False, which
+        lets a data-free quantizer skip calibration entirely."""
+        return True
 
     def smoothing_candidates(self) -> tuple[float | None, ...] | None:
+        """Smoothing α candidates this compensator wants chosen per smoothing group by
+        calibration output error (``None`` in the tuple means "no smoothing"), or None."""
         return None
 
     def importance_k(self) -> int | None:
@@ -86,12 +148,20 @@ class Compensator(Plugin):
         return None
 
     def validate_layer(self, name: str, d_in: int, d_out: int) -> None:
-        """Raise ConfigError if this compensator cannot serve a layer of this shape."""
+        """Raise ConfigError if this compensator cannot serve a layer of this shape (before
+        any work); it may record a lowered rank in ``capped_layers``."""
+
+    def validate_override(self, name: str, d_in: int, d_out: int) -> None:
+        """The check for a compensator a recipe assigns to some layers by pattern: the user
+        named those layers, so a rank that does not fit is refused rather than capped."""
+        self.validate_layer(name, d_in, d_out)
 
     def plan(self, layer: LayerContext) -> LayerPlan:
+        """Requests before weight quantization (exempt columns); none by default."""
         return LayerPlan()
 
-    def fit(self, layer: LayerContext, quantized: QuantizedWeight, plan: LayerPlan) -> nn.Module | None:
+    def fit(self, layer: LayerContext, quantized: QuantizedWeight, plan: LayerPlan) -> CompensatorModule | None:
+        """The module added to the quantized linear's output, or None for no compensation."""
         return None
 
     def added_parameters(self, d_in: int, d_out: int) -> int:

@@ -102,10 +102,7 @@ class LowRankCompensator(Compensator):
     name = "lowrank"
     Config = LowRankConfig
     needs_hessian = True  # the whitened and LQER fits read H (plain SVD ignores it)
-
-    def __init__(self, config: LowRankConfig | None = None):
-        super().__init__(config)
-        self.capped_layers: dict[str, tuple[int, int]] = {}
+    modules = (LowRankAdapter,)
 
     # ------------------------------------------------------------------ checks
     def validate_layer(self, name: str, d_in: int, d_out: int) -> None:

@@ -8,9 +8,10 @@ and the router reads that same quantized input.
     LowRankAdapter:      y = A (B x̃)
     QuantExpertsAdapter: y = A_s (B_s x̃) + A_{i*} (B_{i*} x̃),   i* = argmin_i (R |x̃|)_i
 
-Every tensor is a registered buffer with its own storage, so ``state_dict`` round-trips
-through safetensors; ``layout()`` holds the shapes and options that ``from_layout`` needs to
-build an empty module for ``load_state_dict``. The kernels engineer may route these forwards
+Both follow the :class:`~qe.compensators.base.CompensatorModule` contract: every tensor is a
+registered buffer with its own storage, so ``state_dict`` round-trips through safetensors, and
+``layout()`` holds the shapes and options that ``from_layout`` needs to build an empty module
+for ``load_state_dict``. The kernels engineer may route these forwards
 to Triton kernels; these torch forwards are the reference semantics.
 """
 
@@ -19,8 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
+from qe.compensators.base import CompensatorModule
 from qe.errors import ConfigError
 from qe.quantized import fake_quantize_activations
 
@@ -31,8 +32,10 @@ def _branch_input(x: torch.Tensor, input_bits: int) -> torch.Tensor:
     return fake_quantize_activations(x, input_bits) if input_bits < 16 else x
 
 
-class LowRankAdapter(nn.Module):
+class LowRankAdapter(CompensatorModule):
     """``y = (x̃ Bᵀ) Aᵀ`` with ``A`` ``(d_out, r)`` and ``B`` ``(r, d_in)``."""
+
+    module_type = "lowrank"
 
     def __init__(self, d_in: int, d_out: int, rank: int, input_bits: int = 16):
         super().__init__()
@@ -41,7 +44,6 @@ class LowRankAdapter(nn.Module):
         self.d_in, self.d_out, self.rank, self.input_bits = d_in, d_out, rank, input_bits
         self.register_buffer("A", torch.zeros(d_out, rank))
         self.register_buffer("B", torch.zeros(rank, d_in))
-        self.fit_figures: dict[str, Any] = {}
 
     @classmethod
     def from_factors(cls, A: torch.Tensor, B: torch.Tensor, input_bits: int = 16) -> LowRankAdapter:
@@ -51,7 +53,7 @@ class LowRankAdapter(nn.Module):
         return m
 
     def layout(self) -> dict[str, Any]:
-        return {"type": "lowrank", "d_in": self.d_in, "d_out": self.d_out, "rank": self.rank, "input_bits": self.input_bits}
+        return {"d_in": self.d_in, "d_out": self.d_out, "rank": self.rank, "input_bits": self.input_bits}
 
     @classmethod
     def from_layout(cls, layout: dict[str, Any]) -> LowRankAdapter:
@@ -65,7 +67,7 @@ class LowRankAdapter(nn.Module):
         return f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, input_bits={self.input_bits}"
 
 
-class QuantExpertsAdapter(nn.Module):
+class QuantExpertsAdapter(CompensatorModule):
     """Shared expert plus top-1 routed low-rank experts (QE-METHOD.md §7).
 
     Buffers: ``A_s`` ``(d_out, r_s)``, ``B_s`` ``(r_s, d_in)``; ``A`` ``(N, d_out, r_r)``,
@@ -83,6 +85,8 @@ class QuantExpertsAdapter(nn.Module):
     The routed term is computed grouped by expert: tokens are sorted by expert and each
     expert with tokens does one pair of matmuls on its contiguous slice.
     """
+
+    module_type = "quant_experts"
 
     def __init__(
         self,
@@ -109,19 +113,17 @@ class QuantExpertsAdapter(nn.Module):
         self.register_buffer("B", torch.zeros(num_experts, expert_rank, d_in))
         self.register_buffer("R", torch.zeros(num_experts, d_in))
         self.register_buffer("E_S", torch.zeros(d_out, d_in) if routing == "oracle" else None)
-        self.fit_figures: dict[str, Any] = {}
 
     def layout(self) -> dict[str, Any]:
         return {
-            "type": "quant_experts", "d_in": self.d_in, "d_out": self.d_out, "shared_rank": self.shared_rank,
+            "d_in": self.d_in, "d_out": self.d_out, "shared_rank": self.shared_rank,
             "num_experts": self.num_experts, "expert_rank": self.expert_rank, "input_bits": self.input_bits,
             "routing": self.routing, "seed": self.seed,
         }
 
     @classmethod
     def from_layout(cls, layout: dict[str, Any]) -> QuantExpertsAdapter:
-        layout = {k: v for k, v in layout.items() if k != "type"}
-        return cls(**layout)
+        return cls(**{k: v for k, v in layout.items() if k != "type"})  # "type": checkpoints of format 1
 
     # ------------------------------------------------------------------ routing
     def route(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,13 +195,3 @@ class QuantExpertsAdapter(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_out={self.d_out}, shared_rank={self.shared_rank}, num_experts={self.num_experts}, "
                 f"expert_rank={self.expert_rank}, routing={self.routing}, input_bits={self.input_bits}")
-
-
-def adapter_from_layout(layout: dict[str, Any]) -> nn.Module:
-    """Build the empty adapter a saved ``layout()`` describes (for checkpoint loading)."""
-    kind = layout.get("type")
-    if kind == "lowrank":
-        return LowRankAdapter.from_layout(layout)
-    if kind == "quant_experts":
-        return QuantExpertsAdapter.from_layout(layout)
-    raise ConfigError(f"unknown compensator module type {kind!r} in the checkpoint: expected lowrank or quant_experts")

@@ -7,3 +7,6 @@ class NoCompensation(Compensator):
     """No compensation: the quantized layer alone."""
 
     name = "none"
+
+    def needs_calibration(self) -> bool:
+        return False

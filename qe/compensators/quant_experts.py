@@ -171,10 +171,10 @@ class QuantExperts(Compensator):
     Config = QuantExpertsConfig
     needs_tokens = True
     needs_hessian = True
+    modules = (QuantExpertsAdapter,)
 
     def __init__(self, config: QuantExpertsConfig | None = None):
         super().__init__(config)
-        self.capped_layers: dict[str, tuple[int, int]] = {}
         # Ridge normal matrices of the router, shared by linears reading the same token sample
         # (a smoothing group): key → (weak reference to the tokens, their version, factor).
         self._router_cache: dict[tuple, tuple[Any, int, torch.Tensor, float]] = {}

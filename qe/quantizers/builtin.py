@@ -1,12 +1,10 @@
 """Built-in quantizers (registered through the ``qe_quantizers`` hook)."""
 
 from qe.hookspecs import hookimpl
-from qe.quantizers.awq import AWQ
 from qe.quantizers.gptq import GPTQ
 from qe.quantizers.rtn import RTN
-from qe.quantizers.smoothquant import SmoothQuant
 
 
 @hookimpl
 def qe_quantizers():
-    return [RTN, GPTQ, SmoothQuant, AWQ]
+    return [RTN, GPTQ]
