@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = sorted([ROOT / "README.md", ROOT / "kernels" / "README.md", *(ROOT / "docs").glob("*.md")])
+DOCS = sorted([ROOT / "README.md", ROOT / "kernels" / "README.md", ROOT / "reports" / "README.md",
+               *(ROOT / "docs").glob("*.md")])
 QE_SOURCES = sorted(p for p in (ROOT / "qe").rglob("*") if p.suffix in (".py", ".json", ".html", ".toml"))
 
 # A path-like token: letters, digits and . _ - / (a Markdown link target or a name in prose).
