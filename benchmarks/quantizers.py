@@ -5,12 +5,12 @@ pydoc-topics text; held-out perplexity over the last 40% in non-overlapping 512-
 windows; every decoder linear quantized; embeddings and lm_head in fp32; quantized
 propagation (each block calibrated on the outputs of the quantized blocks before it).
 
-Rows: {RTN, GPTQ, SmoothQuant+RTN, SmoothQuant+GPTQ} × {W4A16 per-channel sym, W4A16 g64 sym,
+Rows: {RTN, GPTQ, SmoothQuant transform + RTN, SmoothQuant transform + GPTQ} × {W4A16 per-channel sym, W4A16 g64 sym,
 W4A16 g128 sym, W3A16 g128 asym, W8A8, W4A8, W4A6}, FP32 in the same table, with each cell's
 quantization wall time (the block loop: statistics, quantization and propagation; block 0's
 captured inputs are shared by the grid and not counted). The full table takes hours on two
 cores: the script is resumable (finished cells are kept under --out) and runs subsets with
---only (substrings of cell labels, e.g. --only gptq@W4A16ch).
+--only (substrings of cell labels, e.g. --only gptq+none@W4A16ch, smoothquant+rtn+none@W8A8).
 
     python benchmarks/quantizers.py --only "gptq+none@W4A16chsym,rtn+none@W4A16chsym"
 """
@@ -25,9 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_cell_list, print_table, rewrite_full_report  # noqa: E402
 
-QUANTIZERS = ["rtn", "gptq", "smoothquant", "smoothquant[inner=gptq]"]
+QUANTIZERS = ["rtn", "gptq"]
+TRANSFORMS = ["none", "smoothquant"]  # SmoothQuant (α = 0.5) composed with either quantizer
 SETTINGS = ["W4A16chsym", "W4A16g64sym", "W4A16g128sym", "W3A16g128asym", "W8A8", "W4A8", "W4A6"]
-COLUMNS = ["setting", "quantizer", "compensator", "ppl", "eval_tokens", "quantize_seconds", "bits_per_weight", "status"]
+COLUMNS = ["setting", "transform", "quantizer", "compensator", "ppl", "eval_tokens", "quantize_seconds", "bits_per_weight", "status"]
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cells = grid_cells(QUANTIZERS, ["none"], SETTINGS)
+    cells = grid_cells(QUANTIZERS, ["none"], SETTINGS, transforms=TRANSFORMS)
     wanted = [c for c in cells if not args.only or any(s.strip() in c.label for s in args.only.split(","))]
     if args.list:
         print_cell_list([c.label for c in cells], Path(args.out))
@@ -58,7 +59,8 @@ def main() -> None:
     options = CompareOptions(calib="pydoc", samples=64, eval_tokens=None, caption_nll=False, progress=True)
     out = Path(args.out)
     for cell in wanted:  # one cell per call: each is saved as soon as it is done
-        run_compare(None, [cell.quantizer], ["none"], [cell.setting], out=out, options=options)
+        run_compare(None, [cell.quantizer], ["none"], [cell.setting], out=out, options=options,
+                    transforms=[cell.transform])
     rows = rewrite_full_report(out, [c.label for c in cells])
     print_table(rows, COLUMNS)
     (out / "benchmark.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qe.quantized import dequantize
 from qe.quantizers.packing import unpack
 
 ACT_SCALE_FLOOR = 1e-12  # the same floor as qe.quantizers.grid
@@ -38,9 +39,7 @@ def dequantize_packed(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``(d_out, d_in)`` weight ``(code - zero) · scale`` from the packed layout."""
-    codes = unpack(qweight, bits, d_in).to(dtype)
-    g = torch.arange(d_in, device=qweight.device) // (group_size if group_size > 0 else d_in)
-    return (codes - zeros[:, g].to(dtype)) * scales[:, g].to(dtype)
+    return dequantize(unpack(qweight, bits, d_in), scales, zeros, group_size, dtype)
 
 
 # --------------------------------------------------------------------------- prologue

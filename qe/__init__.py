@@ -3,15 +3,13 @@
 from qe.errors import QEError
 from qe.hookspecs import hookimpl
 from qe.settings import QuantSetting, parse_setting
-
-__version__ = "0.1.0"
-
+from qe.version import __version__
 
 
 def load_quantized(directory, *, device=None):
     """Load a checkpoint written by ``qe quantize``; returns a ``LoadedModel`` (``.model``
     is the transformers model, ready for ``generate``)."""
-    from qe.checkpoint import load_quantized as _load
+    from qe.models.loading import load_quantized as _load
 
     return _load(directory, device=device)
 

@@ -39,6 +39,15 @@ class CapturedBatch:
     kwargs: dict[str, Any]
     modality: torch.Tensor  # (B*T,) int8
     offset: int  # global position of this batch's first token
+    # What the model adds between decoder blocks (Qwen3-VL's deepstack features), as the
+    # model adapter keeps it from the language model's call (ModelAdapter.between_blocks_inputs).
+    between: dict[str, Any] = field(default_factory=dict)
+    # Each block's own keyword arguments where they differ by block (Gemma 3's sliding-window
+    # and global layers); None when every block gets ``kwargs``.
+    block_kwargs: list[dict[str, Any]] | None = None
+
+    def kwargs_for(self, block_index: int) -> dict[str, Any]:
+        return self.kwargs if self.block_kwargs is None else self.block_kwargs[block_index]
 
     @property
     def num_tokens(self) -> int:
@@ -55,7 +64,8 @@ class BlockInputs:
 
     def with_hidden(self, hidden: list[torch.Tensor]) -> BlockInputs:
         """The same batches with new hidden states (the next block's inputs)."""
-        return BlockInputs([CapturedBatch(h, b.kwargs, b.modality, b.offset) for h, b in zip(hidden, self.batches)])
+        return BlockInputs([CapturedBatch(h, b.kwargs, b.modality, b.offset, b.between, b.block_kwargs)
+                            for h, b in zip(hidden, self.batches)])
 
 
 def _batches(encoded: list[EncodedSample], batch_size: int) -> list[list[EncodedSample]]:
@@ -83,15 +93,21 @@ def _collate(group: list[EncodedSample], device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
-def _to(value: Any, device) -> Any:
+def _to(value: Any, device, memo: dict[int, torch.Tensor] | None = None) -> Any:
+    """``value`` with every tensor moved to ``device``; with ``memo``, a tensor shared by several
+    values (one attention mask for many blocks) is moved once and stays shared."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        if memo is None:
+            return value.to(device)
+        if id(value) not in memo:
+            memo[id(value)] = value.to(device)
+        return memo[id(value)]
     if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
+        return tuple(_to(v, device, memo) for v in value)
     if isinstance(value, list):
-        return [_to(v, device) for v in value]
+        return [_to(v, device, memo) for v in value]
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: _to(v, device, memo) for k, v in value.items()}
     return value
 
 
@@ -107,6 +123,10 @@ def capture_block_inputs(
 ) -> BlockInputs:
     """Run the samples up to the first decoder block and record that block's inputs.
 
+    Where the model passes each block its own keyword arguments
+    (``ModelAdapter.kwargs_differ_by_block``), the forward runs up to the last block instead
+    and every block's arguments are kept (tensors shared between blocks stored once).
+
     ``storage_device`` keeps the captured activations elsewhere (e.g. CPU while blocks run on
     an accelerator); by default they stay on ``device``.
     """
@@ -114,16 +134,30 @@ def capture_block_inputs(
     issue = loaded.adapter.blockwise_issue(loaded.model)
     if issue:
         raise ModelError(issue)
-    blocks = loaded.adapter.decoder_blocks(loaded.model)
+    adapter = loaded.adapter
+    blocks = adapter.decoder_blocks(loaded.model)
     captured: dict[str, Any] = {}
 
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "cache", "use_cache")}
-        captured["hidden"], captured["kwargs"] = hidden, kw
-        raise _StopForward
+    def grab_between(module, args, kwargs):
+        captured["between"] = adapter.between_blocks_inputs(kwargs)
 
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    per_block = adapter.kwargs_differ_by_block
+    last = len(blocks) - 1 if per_block else 0  # the forward stops before this block runs
+
+    def grabber(index: int):
+        def grab(module, args, kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "cache", "use_cache")}
+            if index == 0:
+                captured["hidden"], captured["block_kwargs"] = hidden, []
+            captured["block_kwargs"].append(kw)
+            if index == last:
+                raise _StopForward
+
+        return grab
+
+    handles = [b.register_forward_pre_hook(grabber(i), with_kwargs=True) for i, b in enumerate(blocks[: last + 1])]
+    handles.append(adapter.language_model(loaded.model).register_forward_pre_hook(grab_between, with_kwargs=True))
     out = BlockInputs()
     offset = 0
     try:
@@ -139,10 +173,15 @@ def capture_block_inputs(
             hidden = captured["hidden"].detach()
             if not torch.isfinite(hidden).all():
                 raise NumericalError("NaN or Inf in the inputs of decoder block 0: check the model's dtype and the data")
-            out.batches.append(CapturedBatch(hidden.to(storage), _to(captured["kwargs"], storage), modality, offset))
+            memo: dict[int, torch.Tensor] = {}
+            kwargs = _to(captured["block_kwargs"], storage, memo)
+            out.batches.append(CapturedBatch(hidden.to(storage), kwargs[0], modality, offset,
+                                             _to(captured.get("between") or {}, storage),
+                                             kwargs if per_block else None))
             offset += modality.numel()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return out
 
 
@@ -184,7 +223,7 @@ def run_block(
 def _run_batch(block, b: CapturedBatch, device, context, keep_outputs: bool, block_index: int) -> list[torch.Tensor]:
     if context is not None:
         context.modality, context.offset = b.modality, b.offset
-    y = block_output(block(b.hidden.to(device), **_to(b.kwargs, device)))
+    y = block_output(block(b.hidden.to(device), **_to(b.kwargs_for(block_index), device, {})))
     # One reduction instead of an elementwise mask; a non-finite sum is then checked exactly.
     if not torch.isfinite(y.sum()) and not torch.isfinite(y).all():
         raise NumericalError(f"NaN or Inf in the outputs of decoder block {block_index}: check the model's dtype and the data")
@@ -343,10 +382,16 @@ class BlockWalker:
         stop = self.num_blocks if stop is None else stop
         inputs = self.inputs()
         for i in range(replay_from, start):
-            inputs = inputs.with_hidden(BlockStep(self.block(i), inputs, self.device).run())
+            inputs = self.next_inputs(i, inputs, BlockStep(self.block(i), inputs, self.device).run())
         indices = range(start, stop)
         for i in tqdm(indices, desc=desc, disable=not (self.progress and desc)):
             step = BlockStep(self.block(i), inputs, self.device)
             yield step
             hidden = step.next_hidden if step.next_hidden is not None else step.run()
-            inputs = inputs.with_hidden(hidden)
+            inputs = self.next_inputs(i, inputs, hidden)
+
+    def next_inputs(self, index: int, inputs: BlockInputs, hidden: list[torch.Tensor]) -> BlockInputs:
+        """Block ``index + 1``'s inputs from block ``index``'s outputs, with whatever the model
+        adds between the two (the adapter's :meth:`~qe.models.base.ModelAdapter.after_block`)."""
+        after = self.loaded.adapter.after_block
+        return inputs.with_hidden([after(index, h, b.between) for h, b in zip(hidden, inputs.batches)])

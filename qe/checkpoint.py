@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qe.errors import ConfigError, ModelError
+from qe.errors import ConfigError, ModelError, NumericalError
 from qe.plugins import QEPluginManager, default_manager
 from qe.quantizers.qlinear import QuantLinear
 
@@ -100,18 +103,78 @@ def save_tensors(model: nn.Module, directory: Path, max_shard_bytes: int = MAX_S
     names = []
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(Path(directory) / name), metadata={"format": "pt"})
+        save_safetensors(shard, Path(directory) / name, metadata={"format": "pt"})
         names.append(name)
     return names, aliases
+
+
+def check_finite_tensors(tensors: dict[str, torch.Tensor], where: str = "") -> None:
+    """Raise :class:`NumericalError` naming the first floating tensor that holds NaN or Inf."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise NumericalError(f"NaN or Inf in {where}{key}, which would be written to the checkpoint: "
+                                 "check the model's dtype, the recipe's parameters and the calibration data")
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """Write a safetensors file under a temporary name, then rename it into place, with the
+    permissions of any file created under the user's umask; NaN or Inf is refused."""
+    from qe.paths import apply_umask
+
+    check_finite_tensors(tensors)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        apply_umask(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def file_records(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     return {n: {"bytes": (Path(directory) / n).stat().st_size, "sha256": sha256_file(Path(directory) / n)} for n in names}
 
 
-def verify_files(directory: Path, files: dict[str, dict[str, Any]]) -> None:
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def confined_file(directory: Path, name: Any) -> Path:
+    """``directory / name`` for a plain file name that stays inside ``directory``; else refuse.
+
+    Absolute names, ``..``, sub-folders and links that lead outside are refused without
+    touching the file they name.
+    """
+    directory = Path(directory)
+    if not isinstance(name, str) or not _FILE_NAME.match(name) or name in (".", ".."):
+        raise ModelError(f"checkpoint {directory}: the manifest names the file {str(name)[:80]!r}, which is not a plain "
+                         "file name inside the checkpoint: the manifest is damaged or hostile; re-quantize")
+    path = directory / name
+    if path.is_symlink() or not path.resolve().is_relative_to(directory.resolve()):
+        raise ModelError(f"checkpoint {directory}: {name} leads outside the checkpoint (a link): "
+                         "copy the checkpoint's real files, or re-quantize")
+    return path
+
+
+def _check_file_records(directory: Path, files: Any) -> None:
+    if not isinstance(files, dict) or not files:
+        raise ModelError(f"checkpoint {directory}: the manifest's \"files\" must map file names to their size and "
+                         "SHA-256: the manifest is damaged; re-quantize")
     for name, rec in files.items():
-        path = Path(directory) / name
+        confined_file(directory, name)
+        if (not isinstance(rec, dict) or type(rec.get("bytes")) is not int or rec["bytes"] < 0
+                or not isinstance(rec.get("sha256"), str) or not _SHA256.match(rec["sha256"])):
+            raise ModelError(f"checkpoint {directory}: the manifest's record of {name} needs \"bytes\" (an integer) "
+                             "and \"sha256\" (64 hex digits): the manifest is damaged; re-quantize")
+
+
+def verify_files(directory: Path, files: dict[str, dict[str, Any]]) -> None:
+    directory = Path(directory)
+    _check_file_records(directory, files)
+    for name, rec in files.items():
+        path = confined_file(directory, name)
         if not path.is_file():
             raise ModelError(f"checkpoint {directory} is missing {name}: copy the whole directory again")
         size = path.stat().st_size
@@ -138,39 +201,82 @@ def install_quantized_modules(model: nn.Module, layouts: dict[str, dict[str, Any
         model.set_submodule(name, ql)
 
 
+def compensator_module_class(layer: str, record: dict[str, Any], modules: dict[str, tuple[Any, type]]) -> type:
+    """The installed module class that rebuilds one layer's compensator record; one line naming
+    the plugin and its distribution when none is installed."""
+    module_type = record.get("module") if "module" in record else record.get("type")  # format 1: "type"
+    if not isinstance(module_type, str) or module_type not in modules:
+        plugin = str(record.get("plugin", module_type))[:80]
+        dist = str(record.get("distribution") or "an unknown distribution")[:80]
+        hint = f"pip install {dist.split()[0]}" if dist not in ("built-in", "an unknown distribution") else "install it"
+        raise ModelError(f"{layer} needs compensator plugin {plugin!r} (module {str(module_type)[:80]!r}, from {dist}), which is "
+                         f"not installed: {hint} so that it registers under the `qe` entry point group")
+    return modules[module_type][1]
+
+
 def compensator_module(layer: str, record: dict[str, Any], modules: dict[str, tuple[Any, type]]) -> nn.Module:
     """The empty compensator module of one layer's record (see :func:`module_layouts`)."""
-    if "module" in record:
-        module_type, layout = record["module"], record["layout"]
-    else:  # format 1: the built-in adapters wrote their type into their layout
-        module_type, layout = record.get("type"), record
-    if module_type not in modules:
-        plugin = record.get("plugin", module_type)
-        dist = record.get("distribution") or "an unknown distribution"
-        hint = f"pip install {dist.split()[0]}" if dist not in ("built-in", "an unknown distribution") else "install it"
-        raise ModelError(f"{layer} needs compensator plugin {plugin!r} (module {module_type!r}, from {dist}), which is "
-                         f"not installed: {hint} so that it registers under the `qe` entry point group")
+    module_cls = compensator_module_class(layer, record, modules)
+    module_type = module_cls.module_type
+    layout = record["layout"] if "module" in record else record
     try:
-        return modules[module_type][1].from_layout(layout)
+        return module_cls.from_layout(layout)
     except (KeyError, TypeError, ValueError) as e:
         raise ModelError(f"{layer}: the {module_type!r} layout in the manifest is malformed ({type(e).__name__}: {e}): "
                          "the checkpoint is damaged; quantize again") from None
 
 
-def load_tensors(model: nn.Module, directory: Path, shard_names: list[str], aliases: dict[str, str]) -> None:
-    state: dict[str, torch.Tensor] = {}
-    for name in shard_names:
-        state.update(load_file(str(Path(directory) / name)))
+def load_tensors(model: nn.Module, directory: Path, shard_names: list[str], aliases: dict[str, str],
+                 files: dict[str, dict[str, Any]] | None = None) -> None:
+    """Fill ``model`` shard by shard: one shard's tensors in memory at a time, assigned in place
+    of the model's (so a model built on the meta device is materialised by the loading itself).
+    With ``files`` (the manifest's hashed file records), every shard must be one of them: a
+    shard left out of ``files`` is refused, not read."""
+    directory = Path(directory)
+    if not isinstance(shard_names, list) or not shard_names:
+        raise ModelError(f"checkpoint {directory}: the manifest's \"shards\" must be a list of file names: "
+                         "the manifest is damaged; re-quantize")
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and _MODULE_NAME.match(k) and isinstance(v, str)
+                                                and _MODULE_NAME.match(v) for k, v in aliases.items()):
+        raise ModelError(f"checkpoint {directory}: the manifest's \"tied\" must map tensor names to tensor names: "
+                         "the manifest is damaged; re-quantize")
+    paths = []
+    for name in shard_names:  # every shard checked before any is read
+        path = confined_file(directory, name)
+        if files is not None and name not in files:
+            raise ModelError(f"checkpoint {directory}: shard {name} is not among the manifest's hashed files, so "
+                             "it cannot be checked: the manifest is damaged or hostile; re-quantize")
+        paths.append((name, path))
+    expected = set(model.state_dict().keys())  # persistent tensors; rotary caches rebuild themselves
+    loaded: set[str] = set()
+    for name, path in paths:
+        shard = load_file(str(path))
+        for alias, target in aliases.items():
+            if target in shard:
+                shard[alias] = shard[target]
+        try:
+            _, unexpected = model.load_state_dict(shard, strict=False, assign=True)
+        except RuntimeError as e:  # a tensor of the wrong shape
+            first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+            raise ModelError(f"checkpoint {directory} does not fit its model ({first[:200]}): the checkpoint is damaged; "
+                             "re-quantize") from None
+        if unexpected:
+            raise ModelError(f"checkpoint {directory} does not fit its model: {name} holds {unexpected[:3]} that it lacks")
+        loaded.update(shard)
+        del shard
     for alias, target in aliases.items():
-        state[alias] = state[target]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Non-persistent buffers (rotary caches) are rebuilt by the model itself.
-    persistent = set(model.state_dict().keys())
-    missing = [m for m in missing if m in persistent]
-    if missing or unexpected:
-        raise ModelError(f"checkpoint {directory} does not fit its model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if target not in loaded:
+            raise ModelError(f"checkpoint {directory}: tied tensor {alias} points to {target}, which no shard holds: "
+                             "the manifest is damaged; re-quantize")
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ModelError(f"checkpoint {directory} does not fit its model: missing {missing[:3]}")
     for alias, target in aliases.items():  # re-tie: point the alias at the target's parameter
-        _tie(model, alias, target)
+        try:
+            _tie(model, alias, target)
+        except AttributeError:
+            raise ModelError(f"checkpoint {directory}: tied tensor {alias} or {target} is not in the model: "
+                             "the manifest is damaged; re-quantize") from None
 
 
 def _tie(model: nn.Module, alias: str, target: str) -> None:
@@ -182,14 +288,113 @@ def _tie(model: nn.Module, alias: str, target: str) -> None:
         setattr(owner, a_name, tgt)
 
 
+_LINEAR_INTS = {"in_features", "out_features", "bits", "group_size", "a_bits"}
+_LINEAR_BOOLS = {"symmetric", "bias", "input_scale", "act_keep", "static_act_scale"}
+
+
+def _int_in(value: Any, lo: int, hi: int) -> bool:
+    return type(value) is int and lo <= value <= hi
+
+
+def validate_layouts(model: nn.Module, layouts: Any, directory: Path | str = "",
+                     manager: QEPluginManager | None = None) -> None:
+    """Check a manifest's module layouts against ``model`` before any module is built from them.
+
+    Every name must be a linear of the model, every size must equal that linear's, bits must
+    be in range, and each compensator's layout must pass its module class's own check
+    (:meth:`~qe.compensators.base.CompensatorModule.layout_problem`, ranks in range for the
+    built-in ones): a damaged or hostile manifest gets one line, not a traceback or a huge
+    allocation.
+    """
+    from qe.quantizers.grid import WEIGHT_BITS
+
+    modules = (manager or default_manager()).compensator_modules()
+
+    where = f"checkpoint {directory}" if directory else "checkpoint"
+
+    def bad(name: str, what: str) -> ModelError:
+        return ModelError(f"{where}: layout of {str(name)[:120]!r}: {what}: the manifest is damaged; re-quantize")
+
+    if not isinstance(layouts, dict):
+        raise ModelError(f"{where}: the manifest's \"layouts\" must map linear names to layouts: the manifest is "
+                         "damaged; re-quantize")
+    for name, layout in layouts.items():
+        if not isinstance(name, str) or not _MODULE_NAME.match(name):
+            raise bad(name, "not a module name")
+        try:
+            target = model.get_submodule(name)
+        except AttributeError:
+            raise bad(name, "the model has no such module") from None
+        if not isinstance(target, (nn.Linear, QuantLinear)):
+            raise bad(name, f"the model's module there is a {type(target).__name__}, not a linear")
+        if not isinstance(layout, dict) or not isinstance(layout.get("linear"), dict):
+            raise bad(name, "needs a \"linear\" object")
+        lin = layout["linear"]
+        missing = (_LINEAR_INTS | {"symmetric"}) - set(lin)
+        if missing:
+            raise bad(name, f"missing {sorted(missing)}")
+        unknown = set(lin) - _LINEAR_INTS - _LINEAR_BOOLS
+        if unknown:
+            raise bad(name, f"unknown key(s) {sorted(unknown)}")
+        if lin["in_features"] != target.in_features or lin["out_features"] != target.out_features \
+                or type(lin["in_features"]) is not int or type(lin["out_features"]) is not int:
+            raise bad(name, f"size {lin['in_features']!r}x{lin['out_features']!r} is not the model's "
+                            f"{target.in_features}x{target.out_features}")
+        if lin["bits"] not in WEIGHT_BITS or type(lin["bits"]) is not int:
+            raise bad(name, f"bits {lin['bits']!r} not among {sorted(WEIGHT_BITS)}")
+        if not _int_in(lin["a_bits"], 2, 16):
+            raise bad(name, f"a_bits {lin['a_bits']!r} not in 2..16")
+        if not _int_in(lin["group_size"], 0, target.in_features):
+            raise bad(name, f"group_size {lin['group_size']!r} not in 0..{target.in_features}")
+        for key in _LINEAR_BOOLS & set(lin):
+            if not isinstance(lin[key], bool):
+                raise bad(name, f"{key} must be true or false")
+        comp = layout.get("compensator")
+        if comp is None:
+            continue
+        if not isinstance(comp, dict):
+            raise bad(name, "compensator must be an object or null")
+        module_cls = compensator_module_class(name, comp, modules)
+        module_layout = comp.get("layout") if "module" in comp else comp
+        if not isinstance(module_layout, dict):
+            raise bad(name, "the compensator's layout must be an object")
+        try:
+            problem = module_cls.layout_problem(module_layout, target.in_features, target.out_features)
+        except Exception as e:  # a plugin's own check that breaks on hostile input is still one line
+            problem = f"{type(e).__name__}: {str(e)[:120]}"
+        if problem:
+            raise bad(name, problem)
+
+
+def check_manifest(directory: Path, manifest: Any) -> None:
+    """The manifest's structure (types of the keys loading reads), as one line on failure."""
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise ModelError(f"checkpoint {directory}: the manifest's {what}: the manifest is damaged; re-quantize")
+
+    need(isinstance(manifest, dict), "top level must be an object")
+    for key, typ, desc in (("files", dict, "an object"), ("shards", list, "a list"), ("layouts", dict, "an object"),
+                           ("model", dict, "an object"), ("composition", dict, "an object")):
+        need(key in manifest, f"\"{key}\" is missing")
+        need(isinstance(manifest[key], typ), f"\"{key}\" must be {desc}")
+    need(isinstance(manifest.get("tied", {}), dict), "\"tied\" must be an object")
+    need(isinstance(manifest["model"].get("name"), str), "model.name must be a string")
+    need(isinstance(manifest["model"].get("notes", []), list), "model.notes must be a list")
+    for key in ("quantizer", "compensator", "setting"):
+        need(isinstance(manifest["composition"].get(key), str), f"composition.{key} must be a string")
+    need(all(isinstance(n, str) for n in manifest["shards"]), "\"shards\" must hold file names")
+
+
 def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise ModelError(f"{directory} is not a qe checkpoint ({MANIFEST} missing): give a directory written by `qe quantize`")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{path} is not valid JSON ({e.msg}): the checkpoint is damaged") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path} is not valid JSON ({getattr(e, 'msg', e.reason)}): the checkpoint is damaged") from None
+    if not isinstance(manifest, dict):
+        raise ModelError(f"{path} is not a JSON object: the checkpoint is damaged")
     if manifest.get("format") != FORMAT or manifest.get("format_version") not in READABLE_VERSIONS:
         raise ModelError(f"{path}: format {manifest.get('format')} v{manifest.get('format_version')} is not "
                          f"{FORMAT} v{FORMAT_VERSION}: re-quantize with this version of qe")
@@ -211,32 +416,36 @@ def effective_bits(model: nn.Module) -> dict[str, float]:
     return {"bits_per_weight": 8 * base / weights, "bits_per_weight_with_adapters": 8 * full / weights}
 
 
-def load_quantized(directory: str | Path, *, device: str | None = None, manager=None):
-    """Load a checkpoint written by ``qe quantize`` as a :class:`~qe.models.loading.LoadedModel`.
+def reference_record(path: str | None) -> dict | None:
+    """Size and SHA-256 of a local reference model's config and weights (what ``layer-error``
+    reloads later and must find unchanged); None when the model is not a local directory."""
+    if not path or not Path(path).is_dir():
+        return None
+    d = Path(path)
+    names = sorted(p.name for p in d.iterdir() if p.is_file() and (p.name == "config.json" or p.suffix == ".safetensors"))
+    return {"path": str(d.resolve()), "files": file_records(d, names)}
 
-    The model's outputs equal those of the in-memory quantized model that was saved.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from qe.models.loading import LoadedModel, load_processor, select_adapter
-
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    verify_files(directory, manifest["files"])
-    config = AutoConfig.from_pretrained(directory)
+def verified_reference(manifest: dict, directory: Path | str = "") -> str:
+    """The reference model a checkpoint records, after checking its files against the
+    manifest's hashes; one line asking for ``--reference`` when it cannot be verified."""
+    ref = (manifest.get("model") or {}).get("reference")
+    ask = "pass --reference with the full-precision model it was made from"
+    if not isinstance(ref, dict) or not isinstance(ref.get("path"), str) or not isinstance(ref.get("files"), dict):
+        raise ModelError(f"checkpoint {directory} records no verifiable reference model: {ask}")
+    d = Path(ref["path"])
+    if not d.is_dir():
+        raise ModelError(f"checkpoint {directory}: its reference model {d} is gone: {ask}")
     try:
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    except ValueError:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    install_quantized_modules(model, manifest["layouts"], manager)
-    load_tensors(model, directory, manifest["shards"], manifest.get("tied", {}))
-    model.eval()
-    if device is not None:
-        model.to(device)
-    adapter = select_adapter(model, manager)
-    processor = load_processor(str(directory), adapter, config)
-    info = manifest["model"]
-    notes = list(info.get("notes", [])) + [f"quantized with {manifest['composition']['quantizer']} + "
-                                           f"{manifest['composition']['compensator']} at {manifest['composition']['setting']}"]
-    card = {"synthetic_vision_tower": info.get("synthetic_vision_tower", False)}
-    return LoadedModel(model, processor, adapter, f"{info['name']}-quantized", str(directory), notes, card, manifest)
+        verify_files(d, ref["files"])
+    except ModelError:
+        raise ModelError(f"checkpoint {directory}: its reference model {d} changed since quantization: {ask}") from None
+    extra = [p.name for p in d.iterdir() if p.suffix == ".safetensors" and p.name not in ref["files"]]
+    if "config.json" not in ref["files"] or extra:
+        raise ModelError(f"checkpoint {directory}: its reference model {d} holds files not recorded: {ask}")
+    return str(d)
+
+
+def unlisted_files(directory: Path, files: dict) -> list[str]:
+    """Files (and folders) of the checkpoint directory that the manifest does not hash."""
+    return sorted(p.name for p in Path(directory).iterdir() if p.name != MANIFEST and p.name not in files)

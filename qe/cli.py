@@ -27,6 +27,8 @@ def _shared_options() -> argparse.ArgumentParser:
                    help="random seed: token sample, clustering, routing ablations (default 0, or the recipe's)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
     g.add_argument("--out", default=None, help="output directory or file (default: per command)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="let a model directory run its own Python code (auto_map); off by default")
     return p
 
 
@@ -35,11 +37,21 @@ def _seed(args) -> int:
 
 
 def _device(args) -> str:
+    """The device to run on, checked before any work (one line if this machine lacks it)."""
+    from qe.models.loading import check_device
+
     if args.device:
-        return args.device
+        return check_device(args.device)
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype(args) -> str:
+    from qe.models.loading import parse_dtype
+
+    parse_dtype(args.dtype)  # an unknown dtype fails before any work
+    return args.dtype
 
 
 # --------------------------------------------------------------------------- commands
@@ -57,14 +69,24 @@ def cmd_plugins(args) -> int:
             print(f"  {e.name:<18} [{e.origin}] {e.summary}")
             if params:
                 print(f"  {'':<18} parameters: {params}")
+    print("event hooks (implement with @qe.hookimpl to watch the pipeline):")
+    for name, summary, implementers in manager.event_hooks():
+        print(f"  {name:<18} {summary}")
+        if implementers:
+            print(f"  {'':<18} implemented by: {', '.join(implementers)}")
     return 0
 
 
 def cmd_info(args) -> int:
     from qe.commands.info import model_info, render_info
+    from qe.paths import check_output
 
+    device, dtype = _device(args), _dtype(args)
+    if args.out:
+        check_output(args.out, kind="file", allow_existing=True)
     t0 = time.perf_counter()
-    info = model_info(args.model, calib=args.calib, dtype=args.dtype, device=_device(args))
+    info = model_info(args.model, calib=args.calib, dtype=dtype, device=device,
+                      trust_remote_code=args.trust_remote_code)
     print(render_info(info))
     print(f"(took {time.perf_counter() - t0:.1f} s)")
     if args.out:
@@ -92,7 +114,8 @@ def cmd_analyze(args) -> int:
     out, summary = analyze(
         args.model, calib=args.calib, samples=args.samples or 32, out=args.out, estimator=args.estimator, k=args.k,
         num_experts=args.num_experts, layers=args.layers, plot_blocks=_plot_blocks(args.plot_layers), seed=_seed(args),
-        device=_device(args), dtype=args.dtype, progress=not args.quiet, force=args.force,
+        device=_device(args), dtype=_dtype(args), progress=not args.quiet, force=args.force,
+        trust_remote_code=args.trust_remote_code,
     )
     run = summary["run"]
     layers = summary["layers"]
@@ -135,8 +158,10 @@ def cmd_quantize(args) -> int:
     recipe = recipe_from_args(args)
     composition = recipe.validate()
     out = args.out or f"quantized/{_safe_name(args.model or 'embedded-default')}-{_safe_name(composition.label)}"
+    args._out_resolved = out
     path, manifest = run_quantize(recipe, args.model, out=out, resume=args.resume, force=args.force,
-                                  progress=not args.quiet, device=_device(args), dtype=args.dtype)
+                                  progress=not args.quiet, device=_device(args), dtype=_dtype(args),
+                                  trust_remote_code=args.trust_remote_code)
     if not args.quiet:
         print(render_layer_table(manifest))
     for w in manifest["warnings"]:
@@ -208,7 +233,7 @@ def cmd_compare(args) -> int:
         propagation=args.propagation or "quantized",
         eval_tokens=None if args.eval_tokens == 0 else args.eval_tokens, caption_nll=not args.no_caption_nll,
         calib=args.calib, samples=args.samples or 32, estimator=args.estimator or "act-weight", seed=_seed(args),
-        device=_device(args), progress=not args.quiet,
+        device=_device(args), dtype=_dtype(args), progress=not args.quiet, trust_remote_code=args.trust_remote_code,
     )
     out = args.out or f"reports/compare-{(args.model or 'embedded-default').replace('/', '_')}"
     path, rows = run_compare(args.model, args.quantizers, args.compensators, args.settings, out=out,
@@ -240,7 +265,8 @@ def cmd_eval(args) -> int:
 
     results = run_eval(args.model, metric=args.metric, text_file=args.text_file, window=args.window,
                        stride=args.stride, reference=args.reference, samples=args.samples, calib=args.calib,
-                       eval_tokens=args.eval_tokens or None, out=args.out, device=_device(args), progress=not args.quiet)
+                       eval_tokens=args.eval_tokens or None, out=args.out, device=_device(args), dtype=_dtype(args),
+                       progress=not args.quiet, trust_remote_code=args.trust_remote_code)
     print(results["table"])
     for note in results.get("notes", []):
         print(f"note: {note}")
@@ -270,7 +296,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qe import __version__
+    from qe.version import __version__
 
     shared = _shared_options()
     parser = argparse.ArgumentParser(
@@ -318,8 +344,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qe {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"qe {args.command}: interrupted", file=sys.stderr)
+        print(f"qe {args.command}: interrupted{_resume_hint(args, argv)}", file=sys.stderr)
         return 130
+    except OSError as e:  # the environment (disk full, permissions): one line, as for QEError
+        where = f": {e.filename}" if e.filename else ""
+        print(f"qe {args.command}: error: {e.strerror or e}{where}: free space or fix the permissions, then rerun",
+              file=sys.stderr)
+        return 2
+
+
+def _resume_hint(args, argv: list[str] | None) -> str:
+    """How to continue an interrupted run: the exact command, with ``--resume`` where needed."""
+    import shlex
+
+    words = list(sys.argv[1:] if argv is None else argv)
+    if args.command == "quantize":
+        from qe.commands.quantize import has_partial_run
+
+        out = getattr(args, "_out_resolved", None)
+        if out is None or not has_partial_run(Path(out)):
+            return " before any block was saved; rerun the same command to start again"
+        if "--resume" not in words:
+            words.append("--resume")
+        if args.out is None:
+            words += ["--out", str(out)]
+        return f"; the finished blocks are saved: resume with: qe {shlex.join(words)}"
+    if args.command == "compare":
+        return f"; finished cells are kept: continue with: qe {shlex.join(words)}"
+    return ""
 
 
 if __name__ == "__main__":

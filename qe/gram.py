@@ -1,4 +1,5 @@
-"""Gram matrices ``MᵀM`` of token matrices: the calibration Hessian ``XᵀX`` and the fits' Grams.
+"""Gram matrices ``MᵀM`` of token matrices (the calibration Hessian ``XᵀX`` and the fits' Grams)
+and their damped Cholesky factorization, shared by GPTQ and the compensators' fits.
 
 A Gram is symmetric, so only one triangle needs computing: BLAS ``syrk`` does half the
 multiply-adds of ``M.T @ M``. torch does not expose it; SciPy's BLAS does, and on this
@@ -10,10 +11,14 @@ the whole computation. Off the CPU, or for dtypes BLAS lacks, the plain product 
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from scipy.linalg import blas
+
+from qe.errors import NumericalError
 
 _SYRK = {torch.float32: blas.ssyrk, torch.float64: blas.dsyrk}
 
@@ -48,3 +53,45 @@ def _blas_threads():
     from threadpoolctl import ThreadpoolController
 
     return ThreadpoolController()
+
+
+# --------------------------------------------------------------------------- damping and Cholesky
+
+CHOLESKY_RETRIES = 4  # a failed factorization is retried with 10x, 100x, ... the damping
+
+
+def damping(H: torch.Tensor, damp: float) -> float:
+    """``λ · mean(diag H)``; λ alone when H has no positive diagonal (an all-zero Hessian)."""
+    mean_diag = float(H.diagonal(dim1=-2, dim2=-1).double().mean())
+    return damp * mean_diag if mean_diag > 0 and math.isfinite(mean_diag) else damp
+
+
+def damped(H: torch.Tensor, damp: float, scale: float | None = None) -> torch.Tensor:
+    """``H + λ·c·I`` in float64, ``c`` = ``scale`` or ``mean(diag H)``."""
+    Hd = H.double().clone()
+    Hd.diagonal().add_(damping(H, damp) if scale is None else damp * scale)
+    return Hd
+
+
+def damped_cholesky(H: torch.Tensor, damp: float, where: str = "", *, scale: float | None = None,
+                    on_retry: Callable[[float, float], None] | None = None) -> tuple[torch.Tensor, float]:
+    """Lower Cholesky factor of ``H + λ·c·I`` (float64, ``c`` = ``scale`` or ``mean(diag H)``)
+    and the λ that worked.
+
+    A factorization that fails (H numerically indefinite) is retried with λ ×10, up to
+    :data:`CHOLESKY_RETRIES` times; ``on_retry(λ, next λ)`` is told each time (GPTQ warns).
+    """
+    of = f" of {where}" if where else ""
+    if not torch.isfinite(H).all():
+        raise NumericalError(f"NaN or Inf in the Hessian{of}: check the calibration inputs")
+    lam = damp
+    for _ in range(CHOLESKY_RETRIES + 1):
+        L, info = torch.linalg.cholesky_ex(damped(H, lam, scale))
+        if int(info) == 0:
+            return L, lam
+        following = lam * 10 if lam > 0 else 1e-6
+        if on_retry is not None:
+            on_retry(lam, following)
+        lam = following
+    raise NumericalError(f"the Hessian{of} is not positive definite even with damping {lam / 10:g}: "
+                         "check the calibration inputs, or use rtn")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -34,6 +35,9 @@ KINDS: dict[str, str] = {
     "model_adapter": "qe_model_adapters",
     "calibration_source": "qe_calibration_sources",
 }
+
+# Hooks that let plugins watch the pipeline (see qe.hookspecs), in the order they fire.
+EVENT_HOOKS = ("qe_run_start", "qe_block_start", "qe_layer_start", "qe_layer_end", "qe_block_end", "qe_run_end")
 
 # The base class every plugin of a kind subclasses ("module:Class", imported when the registry
 # is built: the base modules import this one).
@@ -121,7 +125,9 @@ def parse_plugin_ref(text: str) -> PluginRef:
 
 def split_plugin_list(text: str) -> list[str]:
     """Split ``a,b[x=1;y=2,3],c`` at the commas that are outside brackets."""
-    items, depth, current = [], 0, []
+    items: list[str] = []
+    current: list[str] = []
+    depth = 0
     for ch in text:
         if ch == "[":
             depth += 1
@@ -198,6 +204,10 @@ def build_config(config_type: type, params: Sequence[tuple[str, Any]], owner: st
             listing = ", ".join(known) or "none"
             raise ConfigError(f"{owner} has no parameter {key!r}: its parameters are {listing}")
         kwargs[key] = _convert(value, hints[key], f"{owner}.{key}") if isinstance(value, str) else value
+    for key, value in kwargs.items():  # inf and nan parse as floats but are never a usable parameter
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"{owner}.{key}={value!r} is not a finite number: give a finite value")
     try:
         return config_type(**kwargs)
     except ConfigError as e:
@@ -229,7 +239,7 @@ def describe_config(config_type: type) -> str:
 class PluginEntry:
     kind: str
     name: str
-    cls: type
+    cls: type[Any]  # a subclass of the kind's base class (KIND_BASES)
     origin: str  # "built-in" or "<distribution> <version>"
 
     @property
@@ -285,7 +295,7 @@ class QEPluginManager:
         for kind, hookname in KINDS.items():
             caller = getattr(self.pm.hook, hookname)
             module_name, _, class_name = KIND_BASES[kind].partition(":")
-            base = getattr(importlib.import_module(module_name), class_name)
+            base: type[Plugin] = getattr(importlib.import_module(module_name), class_name)
             # Call implementations one by one to know where each class came from.
             for impl in reversed(caller.get_hookimpls()):  # registration order
                 origin = self._origins.get(id(impl.plugin), BUILTIN_ORIGIN)
@@ -330,10 +340,21 @@ class QEPluginManager:
     def create(self, kind: str, text: str | PluginRef) -> Any:
         return self.resolve(kind, text).create()
 
-    def compensator_modules(self) -> dict[str, tuple[PluginEntry, type]]:
+    def event_hooks(self) -> list[tuple[str, str, list[str]]]:
+        """``(hook name, summary, names of the plugins implementing it)`` for every event hook."""
+        out = []
+        for name in EVENT_HOOKS:
+            caller = getattr(self.pm.hook, name)
+            paragraph = " ".join((getattr(hookspecs, name).__doc__ or "").strip().split("\n\n")[0].split())
+            implementers = [f"{impl.plugin_name} ({self._origins.get(id(impl.plugin), BUILTIN_ORIGIN)})"
+                            for impl in caller.get_hookimpls()]
+            out.append((name, paragraph.split("; ")[0], implementers))
+        return out
+
+    def compensator_modules(self) -> dict[str, tuple[PluginEntry, type[Any]]]:
         """``module_type`` → (the compensator plugin that declares it, the module class), over
         every installed compensator's ``modules``: the only classes a checkpoint can rebuild."""
-        out: dict[str, tuple[PluginEntry, type]] = {}
+        out: dict[str, tuple[PluginEntry, type[Any]]] = {}
         for entry in self.entries("compensator").values():
             for module_cls in entry.cls.modules:
                 module_type = module_cls.module_type

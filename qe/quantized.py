@@ -14,6 +14,20 @@ import torch
 _EPS = 1e-12
 
 
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``(code − zero) · scale``, elementwise with broadcasting: the one dequantization formula."""
+    return (codes - zero) * scale
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(d_out, d_in)`` weight from codes and per-row (``group_size == 0``) or per-group
+    ``(d_out, n_groups)`` scales and zero points; column ``c`` reads group ``c // group_size``."""
+    d_in = codes.shape[1]
+    g = torch.arange(d_in, device=codes.device) // (group_size if group_size > 0 else d_in)
+    return dequantize_codes(codes.to(dtype), scales[:, g].to(dtype), zeros[:, g].to(dtype))
+
+
 @dataclass
 class QuantizedWeight:
     """A weight on a low-bit grid: ``W_q[o, c] = (codes[o, c] - zeros[o, g(c)]) * scales[o, g(c)]``.
@@ -50,8 +64,7 @@ class QuantizedWeight:
         return torch.arange(d_in, device=self.codes.device) // self.effective_group_size
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        g = self.group_index()
-        w = (self.codes.to(dtype) - self.zeros[:, g].to(dtype)) * self.scales[:, g].to(dtype)
+        w = dequantize(self.codes, self.scales, self.zeros, self.group_size, dtype)
         if self.exempt is not None:
             w[:, self.exempt] = 0
         return w

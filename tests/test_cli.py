@@ -51,3 +51,15 @@ def test_quantize_cli_prints_where_and_refuses_existing_output(tmp_path, capsys)
     assert "exists" in capsys.readouterr().err
     assert cli.main(args + ["--compensator", "lowrank[rank=4]", "--force"]) == 0
     assert "before compensation" in capsys.readouterr().out
+
+
+def test_seed_zero_on_the_command_line_overrides_a_recipe(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('quantizer = "rtn"\nseed = 5\ntransform = "smoothquant[alpha=0.25]"\n')
+    parser = cli.build_parser()
+    given = cli.recipe_from_args(parser.parse_args(["quantize", "--recipe", str(recipe), "--seed", "0"]))
+    assert given.seed == 0
+    kept = cli.recipe_from_args(parser.parse_args(["quantize", "--recipe", str(recipe)]))
+    assert kept.seed == 5 and kept.transform == "smoothquant[alpha=0.25]"
+    flagged = cli.recipe_from_args(parser.parse_args(["quantize", "--recipe", str(recipe), "--transform", "awq"]))
+    assert flagged.transform == "awq" and flagged.validate().label == "awq+rtn+none@W4A8"

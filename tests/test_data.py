@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qe.data.images import _catalog, _load_reference, builtin_image_captions, load_image, to_rgb
+from qe.data.images import _catalog, _load_reference, builtin_image_captions, load_image, sample_image, to_rgb
 from qe.data.sources import BuiltinImages, JsonlSource, PydocText, read_jsonl, resolve_source, take_samples
 from qe.data.text import (
     CALIB_WINDOWS,
@@ -169,7 +169,7 @@ def test_jsonl_reads_the_three_record_kinds(tmp_path, png):
     assert samples[0].image == str(png) and samples[0].prompt is None
     assert samples[1].prompt == "What colour?"
     assert samples[2].image is None and samples[2].text == "Plain text for calibration."
-    assert samples[0].load_image().getpixel((0, 0)) == (200, 10, 10)
+    assert sample_image(samples[0]).getpixel((0, 0)) == (200, 10, 10)
     assert isinstance(resolve_source(str(f)), JsonlSource)
     assert resolve_source(str(f)).samples() == samples
 
@@ -241,3 +241,45 @@ def test_named_sources_and_take_samples():
         take_samples(samples, 0)
     with pytest.raises(DataError, match="no samples"):
         take_samples([], 2)
+
+
+# --------------------------------------------------------------------------- mixed calibration
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from qe.data.calibration import calibration_set, default_calibration, tokens_by_source  # noqa: E402
+from qe.data.samples import Sample  # noqa: E402
+from qe.data.sources import MixedCalibration, MixedConfig, interleave  # noqa: E402
+
+
+@given(st.integers(0, 40), st.integers(0, 40), st.floats(0.0, 1.0))
+def test_interleave_keeps_the_share_in_every_prefix(n_first, n_second, share):
+    first = [Sample(text=f"a{i}") for i in range(n_first)]
+    second = [Sample(text=f"b{i}") for i in range(n_second)]
+    out = interleave(first, second, share)
+    assert sorted(s.text for s in out) == sorted(s.text for s in first + second)  # nothing lost or doubled
+    assert [s for s in out if s.text.startswith("a")] == first  # each list keeps its order
+    taken = 0
+    for n, s in enumerate(out, 1):
+        taken += s.text.startswith("a")
+        if taken < n_first and n - taken < n_second:  # both lists still have samples
+            assert abs(taken - round(n * share)) <= 1
+
+
+def test_mixed_source_and_the_synthetic_vision_default():
+    from qe.models.loading import load_model
+
+    loaded = load_model("tiny:llava")
+    assert default_calibration(loaded)[0] == "images"  # a (tiny) VLM with its own vision tower
+    loaded.card = {**(loaded.card or {}), "synthetic_vision_tower": True}
+    name, why = default_calibration(loaded)
+    assert name == "mixed" and "synthetic" in why
+    described, encoded = calibration_set(loaded, None, 6)
+    assert described.startswith("mixed") and "default" in described
+    counts = tokens_by_source(encoded)
+    assert set(counts) == {"pydoc", "builtin"} and counts["pydoc"] == 3 * 512
+    assert sum(counts.values()) == sum(e.num_tokens for e in encoded)
+    samples = MixedCalibration(MixedConfig(text_share=0.25, window=64)).samples(loaded.tokenizer)
+    origins = [s.origin.split(":")[0] for s in samples]
+    assert origins[:8].count("pydoc") == 2 and origins[:16].count("pydoc") == 4

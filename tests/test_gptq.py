@@ -1,6 +1,5 @@
 """GPTQ: reference equations, relation to RTN, exempt and dead columns, bad input."""
 
-import time
 import warnings
 
 import pytest
@@ -229,12 +228,3 @@ def test_an_indefinite_hessian_raises_the_damping_and_warns_with_the_layer_name(
         warnings.simplefilter("ignore")
         with pytest.raises(NumericalError, match="up_proj"):
             gptq_quantize(W, hopeless, 4, 0, True, layer_name="layers.5.mlp.up_proj")
-
-
-def test_a_1536_by_576_layer_takes_well_under_a_second():
-    W, H = correlated_problem(0, 1536, 576, tokens=1024)
-    gptq_quantize(W[:8], H, 4, 128, True)  # warm-up
-    start = time.perf_counter()
-    gptq_quantize(W, H, 4, 128, True)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 2.0, f"{elapsed:.2f} s (about 0.2 s on one idle core of this machine)"

@@ -34,9 +34,9 @@ def bridge():
 
 @pytest.fixture(scope="module")
 def image():
-    from qe.data.images import builtin_image_captions
+    from qe.data.images import builtin_image_captions, sample_image
 
-    return builtin_image_captions("eval")[0].load_image()
+    return sample_image(builtin_image_captions("eval")[0])
 
 
 @pytest.fixture(scope="module")

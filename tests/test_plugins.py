@@ -154,6 +154,11 @@ def test_cli_plugins_lists_third_party(tmp_path, monkeypatch, capsys):
         assert cli.main(["plugins"]) == 0
         out = capsys.readouterr().out
         assert "square" in out and "qe-square-plugin 1.2.3" in out and "[built-in]" in out
+        assert "transforms:" in out and "smoothquant" in out  # the transform kind is listed
+        hooks = out.split("event hooks", 1)[1]
+        for name in ("qe_run_start", "qe_block_start", "qe_layer_start", "qe_layer_end", "qe_block_end", "qe_run_end"):
+            assert name in hooks
+        assert "implemented by: square (qe-square-plugin 1.2.3)" in hooks  # the third party's qe_layer_end
     finally:
         plugins.default_manager.cache_clear()
         sys.modules.pop("qe_square_plugin", None)

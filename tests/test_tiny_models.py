@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qe.data.images import builtin_image_captions, default_prompt
+from qe.data.images import builtin_image_captions, default_prompt, sample_image
 from qe.errors import ModelError
 from qe.modality import Modality
 from qe.models import tiny
@@ -22,7 +22,11 @@ EXPECTED_ADAPTER = {
     "qwen3_vl": "qwen-vl",
     "idefics3": "idefics3",
     "internvl": "internvl",
+    "gemma3": "gemma3",
+    "llava_onevision": "llava-onevision",
 }
+# The norm each smoothing group folds into (Gemma 3's MLP reads its pre-feedforward norm).
+EXPECTED_NORMS = {"gemma3": ["input_layernorm", None, "pre_feedforward_layernorm", None]}
 EXPECTED_BLOCKS_PATH = {
     "idefics3": "model.text_model.layers",
 }
@@ -68,7 +72,7 @@ def test_structure(family, loaded):
             ["mlp.gate_proj", "mlp.up_proj"],
             ["mlp.down_proj"],
         ]
-        assert [g.norm for g in groups] == ["input_layernorm", None, "post_attention_layernorm", None]
+        assert [g.norm for g in groups] == EXPECTED_NORMS.get(family, ["input_layernorm", None, "post_attention_layernorm", None])
         # the folding target is the norm that really produces the group's input
         assert block.get_submodule("input_layernorm").weight.shape == (64,)
     assert lm.adapter.image_token_id(lm.model) == tiny.IMAGE_TOKEN_ID
@@ -83,7 +87,7 @@ def test_encode_matches_processor_and_forward_runs(family, loaded, image_sample)
 
     # Reference: the processor's own output for the same prompt and image.
     prompt_text = lm.adapter.format_prompt(lm.processor, default_prompt())
-    ref = lm.processor(text=[prompt_text], images=[image_sample.load_image()], return_tensors="pt")
+    ref = lm.processor(text=[prompt_text], images=[sample_image(image_sample)], return_tensors="pt")
     n_prompt = ref["input_ids"].shape[1]
     n_image = int((ref["input_ids"] == tiny.IMAGE_TOKEN_ID).sum())
     answer = lm.tokenizer(" " + image_sample.text.strip(), add_special_tokens=False)["input_ids"]
@@ -176,3 +180,31 @@ def test_tokenizer_round_trips_text(text):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert all(0 <= i < tiny.VOCAB_SIZE for i in ids)
     assert tok.decode(ids) == text
+
+
+def test_gemma3_smoothing_folds_into_the_norm_the_mlp_reads(loaded):
+    """Folding s into the pre-feedforward norm and multiplying gate/up by s keeps the block's
+    output; folding it into the post-attention norm (the generic layout) would not."""
+    from qe.transforms.smoothing import fold_into_norm, smooth_weight
+
+    lm = loaded("gemma3")
+    block = lm.blocks[0]
+    hidden = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(0))
+    position = torch.arange(6)[None]
+    rotary = lm.adapter.language_model(lm.model).rotary_emb
+    kwargs = {"position_embeddings": rotary(hidden, position, "sliding_attention"), "attention_mask": None,
+              "position_ids": position}
+    with torch.no_grad():
+        before = block(hidden, **kwargs)
+        s = torch.rand(64, generator=torch.Generator().manual_seed(1)) + 0.5
+        for norm in ("pre_feedforward_layernorm", "post_attention_layernorm"):
+            import copy
+
+            b = copy.deepcopy(block)
+            assert fold_into_norm(b.get_submodule(norm), s)
+            for name in ("mlp.gate_proj", "mlp.up_proj"):
+                lin = b.get_submodule(name)
+                lin.weight.copy_(smooth_weight(lin.weight, s))
+            after = b(hidden, **kwargs)
+            same = torch.allclose(after, before, rtol=1e-4, atol=1e-5)
+            assert same == (norm == "pre_feedforward_layernorm"), norm

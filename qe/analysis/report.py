@@ -61,11 +61,11 @@ def _short(name: str) -> str:
 def build_summary(result: AnalysisResult) -> dict:
     import transformers
 
-    import qe
+    from qe.version import __version__
 
     return _clean({
         "schema_version": SCHEMA_VERSION,
-        "tool": {"qe": qe.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "tool": {"qe": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "run": {**result.run, "created": result.run.get("created") or _dt.datetime.now(_dt.timezone.utc).isoformat()},
         "layers": result.layers,
     })

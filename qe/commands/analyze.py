@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import re
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from qe.data.calibration import calibration_set, data_hash, token_counts
 from qe.models.loading import LoadedModel, load_model
-from qe.paths import atomic_directory
+from qe.paths import atomic_directory, check_output, output_lock
 
 REPORTS_DIR = Path("reports")
 
@@ -38,24 +39,39 @@ def analyze(
     progress: bool = True,
     force: bool = False,
     loaded: LoadedModel | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[Path, dict]:
     """Run ``qe analyze``; return the report directory and the summary."""
-    from qe.analysis.analyze import AnalyzeOptions, run_analysis
-    from qe.analysis.report import write_report
+    from qe.analysis.analyze import AnalyzeOptions
+    from qe.data.sources import check_source
     from qe.plugins import default_manager
 
     manager = default_manager()
     manager.resolve("estimator", estimator)  # fail on a bad name before loading anything
     options = AnalyzeOptions(estimator=estimator, k=k, num_experts=num_experts, layers=layers, plot_blocks=plot_blocks,
                              seed=seed, device=device, progress=progress)
-    loaded = loaded or load_model(model, dtype=dtype, device=device)
-    from qe.analysis.analyze import check_widths, select_layers
+    check_source(calib)  # a bad --calib or JSONL record fails before the model loads
+    if out:  # checked now, not after the analysis
+        check_output(out, kind="dir", force=force)
+    with contextlib.ExitStack() as stack:
+        if out:
+            stack.enter_context(output_lock(out))
+        return _analyze(model, loaded, calib, samples, out, estimator, k, num_experts, layers, seed, device, dtype,
+                        progress, force, trust_remote_code, options, manager)
 
+
+def _analyze(model, loaded, calib, samples, out, estimator, k, num_experts, layers, seed, device, dtype, progress,
+             force, trust_remote_code, options, manager) -> tuple[Path, dict]:
+    from qe.analysis.analyze import check_widths, run_analysis, select_layers
+    from qe.analysis.report import write_report
+
+    loaded = loaded or load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     check_widths(loaded, select_layers(loaded, layers), k, num_experts)
     source, encoded = calibration_set(loaded, calib, samples, progress)
     manager.hook.qe_run_start(command="analyze", info={"model": loaded.name, "samples": len(encoded)})
-    result = run_analysis(loaded, encoded, options, manager)
     out_dir = Path(out) if out else default_report_dir(loaded.name)
+    check_output(out_dir, kind="dir", force=force)
+    result = run_analysis(loaded, encoded, options, manager)
     result.run = {
         "model": loaded.name, "model_path": loaded.path, "adapter": loaded.adapter.name,
         "synthetic_vision_tower": loaded.synthetic_vision, "notes": loaded.notes,

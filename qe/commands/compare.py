@@ -8,10 +8,13 @@ quantization that several compensators build on (same quantizer, setting, smooth
 exemption) is computed once. In the default ``quantized`` mode each cell propagates through
 its own quantized blocks, as deployed, so only block 0's inputs are shared.
 
-Each finished cell is a JSON file under ``cells/`` keyed by a hash of its recipe, the model
-and the data, so a rerun skips what is done; a failing cell is recorded with its error and
-the grid goes on. ``results.csv``, ``results.md``, plots and ``index.html`` are rewritten
-from the cell files at the end of every run.
+Each finished cell is a JSON file under ``cells/`` keyed by a hash of its recipe, the model,
+the dtype and the data, so a rerun skips what is done; a failing cell is recorded with its
+error and the grid goes on, and the next run retries it (its record keeps every error).
+``grid.json`` names the keys of the current grid's cells, and ``results.csv``, ``results.md``,
+plots and ``index.html`` are rewritten from those cells only at the end of every run: a cell
+file of other options or data is never reported as current. A lock beside the directory
+keeps two runs from writing it at once.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ from qe.analysis.statistics import choose_sample_positions
 from qe.capture import Block, BlockWalker, StreamContext, attach_stats
 from qe.composition import Composition, resolve_composition
 from qe.data.calibration import calibration_set, data_hash, encode_samples, token_counts
+from qe.data.sources import check_source
 from qe.errors import ConfigError, QEError
 from qe.models.loading import LoadedModel, load_model
+from qe.paths import check_output, output_lock
 from qe.pipeline import PipelineOptions, PipelineResult, QuantizationPipeline
 from qe.plugins import default_manager, split_plugin_list
 from qe.settings import QuantSetting, parse_setting, parse_settings
@@ -55,10 +60,18 @@ class CompareOptions:
     max_tokens: int = 16384
     device: str = "cpu"
     progress: bool = True
+    dtype: str = "float32"
+    trust_remote_code: bool = False
 
     def describe(self) -> dict:
-        return {k: getattr(self, k) for k in ("propagation", "eval_tokens", "caption_nll", "calib", "samples",
-                                               "estimator", "seed", "max_tokens")}
+        d = {k: getattr(self, k) for k in ("propagation", "eval_tokens", "caption_nll", "calib", "samples",
+                                            "estimator", "seed", "max_tokens")}
+        from qe.models.loading import parse_dtype
+
+        dtype = str(parse_dtype(self.dtype)).removeprefix("torch.")
+        if dtype != "float32":  # float32 grids keep the keys they had before dtype was recorded
+            d["dtype"] = dtype
+        return d
 
 
 @dataclass
@@ -199,9 +212,19 @@ def run_compare(
     cells = grid_cells(quantizers, compensators, settings, options.estimator, manager, transforms)  # validated before loading
     out = Path(out)
     grid = {"model": model or "embedded-default", "cells": [c.label for c in cells], "options": options.describe()}
+    check_output(out, kind="dir", allow_existing=True)
+    check_source(options.calib)
+    with output_lock(out):
+        return _run_grid(model, cells, grid, out, options, force, loaded, manager)
+
+
+def _run_grid(model, cells, grid, out, options, force, loaded, manager) -> tuple[Path, list[dict]]:
     grid_file = out / GRID_FILE
     if grid_file.is_file():
-        previous = json.loads(grid_file.read_text())
+        try:
+            previous = json.loads(grid_file.read_text())
+        except (OSError, ValueError):
+            previous = {}
         same = {k: previous.get(k) for k in ("model", "options")} == {k: grid[k] for k in ("model", "options")}
         if not same and not force:
             raise QEError(f"{out} holds a different grid (model or options differ): choose another --out or pass --force")
@@ -209,19 +232,22 @@ def run_compare(
         raise QEError(f"{out} exists and is not a qe compare directory: choose another --out or pass --force")
 
     t_start = time.perf_counter()
-    loaded = loaded or load_model(model, device=options.device)
+    loaded = loaded or load_model(model, device=options.device, dtype=options.dtype,
+                                  trust_remote_code=options.trust_remote_code)
     source, encoded = calibration_set(loaded, options.calib, options.samples, options.progress)
     dhash = data_hash(encoded)
     model_id = str(loaded.path or loaded.name)
     base_key = {"model": model_id, "data": dhash, "options": options.describe()}
     for c in cells:
         c.key = _hash({**base_key, "cell": c.composition.fingerprint()})
+    fp_key = f"fp-{_hash(base_key)}"
     calib_facts = {"data_hash": dhash, "calibration": source, "calibration_tokens": token_counts(encoded)}
-    _write_json(grid_file, {**grid, **calib_facts})
+    keys = {"keys": {c.label: c.key for c in cells}, "fp_key": fp_key}
+    _write_json(out / GRID_FILE, {**grid, **calib_facts, **keys})
     cells_dir = out / "cells"
     evaluator = Evaluator(loaded, options)
 
-    fp_file = cells_dir / f"fp-{_hash(base_key)}.json"
+    fp_file = cells_dir / f"{fp_key}.json"
     if not fp_file.is_file():
         row = {"quantizer": "–", "compensator": "–", "setting": "FP32", "label": "FP32", "status": "ok",
                **evaluator(loaded.model), "bits_per_weight": 32.0, "bits_per_weight_with_adapters": 32.0,
@@ -230,6 +256,7 @@ def run_compare(
 
     pending = [c for c in cells if not _done(cells_dir, c)]
     if pending:
+        earlier_errors = {c.key: _errors_of(cells_dir, c) for c in pending}
         pipeline_opts = PipelineOptions(propagation=options.propagation, max_tokens=options.max_tokens,
                                         device=options.device, seed=options.seed, progress=False)
         t_capture = time.perf_counter()
@@ -239,6 +266,7 @@ def run_compare(
             _run_fp_inputs(loaded, pending, pipeline_opts, inputs, evaluator, cells_dir, manager, options, shared)
         else:
             _run_quantized(loaded, pending, pipeline_opts, inputs, evaluator, cells_dir, manager, options, shared)
+        _keep_error_history(cells_dir, pending, earlier_errors)
 
     rows = collect_rows(out)
     from qe.commands.compare_report import write_compare_report
@@ -250,8 +278,44 @@ def run_compare(
     return out, rows
 
 
+def _read_cell(path: Path) -> dict | None:
+    try:
+        row = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # missing or damaged: the cell runs again
+    return row if isinstance(row, dict) else None
+
+
+def _errors_of(cells_dir: Path, cell: Cell) -> list[str]:
+    """The errors an earlier run recorded for ``cell`` (oldest first)."""
+    row = _read_cell(cells_dir / f"{cell.key}.json")
+    if not row or row.get("status") == "ok":
+        return []
+    return list(row.get("errors") or [row.get("error", "unknown error")])
+
+
+def _keep_error_history(cells_dir: Path, cells: list[Cell], earlier: dict[str, list[str]]) -> None:
+    """A retried cell's record keeps the errors of the runs before: ``errors`` while it still
+    fails, ``previous_errors`` once it succeeds."""
+    for cell in cells:
+        before = earlier.get(cell.key) or []
+        path = cells_dir / f"{cell.key}.json"
+        row = _read_cell(path)
+        if row is None:
+            continue
+        if row.get("status") == "ok":
+            if not before:
+                continue
+            row["previous_errors"] = before
+        else:
+            row["errors"] = before + [row.get("error", "unknown error")]
+        _write_json(path, row)
+
+
 def _done(cells_dir: Path, cell: Cell) -> bool:
-    return (cells_dir / f"{cell.key}.json").is_file()
+    """Finished and ok: a cell whose record is an error (or damaged) runs again."""
+    row = _read_cell(cells_dir / f"{cell.key}.json")
+    return bool(row) and row.get("status") == "ok"
 
 
 def _record_failure(cells_dir: Path, cell: Cell, exc: BaseException) -> None:
@@ -347,15 +411,26 @@ def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, cells_dir, manager, o
 
 
 def collect_rows(out: Path, all_cells: bool = False) -> list[dict]:
-    """Rows of every cell recorded under ``out`` for the current grid (FP32 first); with
-    ``all_cells``, also those of earlier runs on subsets of a larger grid (benchmarks)."""
+    """Rows of the current grid's cells (FP32 first), read from the cell files that
+    ``grid.json`` names by key, so figures of other options or data never pass as current;
+    with ``all_cells``, every row recorded under ``out``, one per label (benchmarks that
+    gather subsets of a larger grid)."""
     grid = json.loads((out / GRID_FILE).read_text())
+    order = {label: i for i, label in enumerate(grid["cells"])}
+    if not all_cells and isinstance(grid.get("keys"), dict):
+        rows = []
+        for key in [grid.get("fp_key"), *(grid["keys"].get(lbl) for lbl in grid["cells"])]:
+            row = _read_cell(out / "cells" / f"{key}.json") if key else None
+            if row is not None:
+                rows.append(row)
+        return rows
     rows = []
     for f in sorted((out / "cells").glob("*.json")):
-        row = json.loads(f.read_text())
+        row = _read_cell(f)
+        if row is None:
+            continue
         if all_cells or row["label"] == "FP32" or row["label"] in grid["cells"]:
             rows.append(row)
-    order = {label: i for i, label in enumerate(grid["cells"])}
     rows.sort(key=lambda r: -1 if r["label"] == "FP32" else order.get(r["label"], 1 << 30))
     seen, unique = set(), []
     for r in rows:  # an FP32 row per data hash may exist from older runs: keep one

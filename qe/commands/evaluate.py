@@ -13,10 +13,24 @@ from qe.paths import atomic_write_text
 
 def run_eval(model: str | None, *, metric: str = "ppl", text_file: str | None = None, window: int = 512,
              stride: int = 512, reference: str | None = None, samples: int | None = None, calib: str | None = None,
-             eval_tokens: int | None = None, out: str | None = None, device: str = "cpu", progress: bool = True) -> dict:
+             eval_tokens: int | None = None, out: str | None = None, device: str = "cpu", progress: bool = True,
+             dtype: str = "float32", trust_remote_code: bool = False) -> dict:
+    from qe.data.sources import check_source
+    from qe.models.loading import check_model_name, parse_dtype
+    from qe.paths import check_output
+
     if metric not in ("ppl", "caption-nll", "layer-error"):
         raise ConfigError(f"unknown metric {metric!r}: use ppl, caption-nll or layer-error")
-    loaded = load_model(model, device=device)
+    parse_dtype(dtype)
+    if out:  # before the model loads
+        check_output(out, kind="file", allow_existing=True)
+    if text_file and not Path(text_file).is_file():
+        raise ConfigError(f"--text-file {text_file} not found: give an existing UTF-8 text file")
+    if calib:
+        check_source(calib)
+    if reference:
+        check_model_name(reference)
+    loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     result: dict = {"model": loaded.name, "metric": metric, "notes": loaded.notes}
     if metric == "ppl":
         from qe.evaluation.perplexity import perplexity, perplexity_of_text_file
@@ -42,12 +56,14 @@ def run_eval(model: str | None, *, metric: str = "ppl", text_file: str | None = 
         result.update(r.to_dict())
         result["table"] = f"caption NLL {r.nll:.4f} nats/token over {r.tokens} answer tokens of {r.samples} samples"
     else:
+        from qe.checkpoint import verified_reference
         from qe.evaluation.metrics import layer_errors
 
-        ref_name = reference or (loaded.manifest or {}).get("model", {}).get("path")
-        if ref_name is None:
+        if reference is None and loaded.manifest is None:
             raise ConfigError("layer-error needs --reference (the full-precision model) for a model that is not a qe checkpoint")
-        ref = load_model(ref_name, device=device)
+        # The checkpoint's recorded reference is used only after its files match the recorded hashes.
+        ref_name = reference or verified_reference(loaded.manifest, loaded.path)
+        ref = load_model(ref_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         _, encoded = calibration_set(loaded, calib or "images", samples or 8, progress, split="eval")
         rows = layer_errors(ref, loaded, encoded)
         result["layers"] = rows

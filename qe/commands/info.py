@@ -9,9 +9,13 @@ from qe.data.sources import resolve_source, take_samples
 from qe.models.loading import load_model
 
 
-def model_info(model_name: str | None = None, *, calib: str | None = None, dtype: str = "float32", device: str = "cpu") -> dict:
+def model_info(model_name: str | None = None, *, calib: str | None = None, dtype: str = "float32", device: str = "cpu",
+               trust_remote_code: bool = False) -> dict:
+    from qe.data.sources import check_source
+
+    check_source(calib)  # a bad --calib fails before the model loads
     t0 = time.perf_counter()
-    loaded = load_model(model_name, dtype=dtype)
+    loaded = load_model(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     load_seconds = time.perf_counter() - t0
     adapter, model = loaded.adapter, loaded.model
     blocks = adapter.decoder_blocks(model)
@@ -29,6 +33,7 @@ def model_info(model_name: str | None = None, *, calib: str | None = None, dtype
     sample = take_samples(source.samples(loaded.tokenizer, "calib"), 1, source.describe())[0]
     encoded = adapter.encode(loaded.processor, sample, default_prompt(), model)
     return {
+        "device": str(next(model.parameters()).device),
         "model": loaded.name,
         "path": loaded.path,
         "class": type(model).__name__,

@@ -5,12 +5,20 @@ block, that block's tensors (quantized linears, adapters, smoothed norms) and th
 progress go there, so ``--resume`` continues from the last finished block and gives the same
 tensors as an uninterrupted run. When every block is done, the whole model is written as
 safetensors shards with a manifest, and the directory is renamed into place.
+
+The finish is restartable at every point: the block files and ``progress.json`` stay until
+the shards and the manifest are written (the manifest, written last and atomically, is the
+commit point), so a run killed or out of disk at any moment of the finish continues with
+``--resume``. A lock beside ``--out`` keeps a second run from writing the same directory,
+and every output check (exists, kind, writable, free space), the recipe, the data file and
+a saved partial run's options are checked before the model loads.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict
@@ -18,21 +26,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from qe import checkpoint
 from qe.data.calibration import calibration_set, data_hash, token_counts
 from qe.errors import ConfigError, QEError
-from qe.models.loading import LoadedModel, load_model
+from qe.models.loading import LoadedModel, load_model, parse_dtype
+from qe.paths import check_output, output_lock
 from qe.pipeline import LayerRecord, PipelineOptions, PipelineResult, QuantizationPipeline
 from qe.plugins import default_manager
 from qe.recipe import Recipe
 
 PROGRESS = "progress.json"
+BLOCK_FILES = "block-*.safetensors"
+
+log = logging.getLogger("qe")
 
 
 def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
+
+
+def _old_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.old"
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -44,9 +60,64 @@ def _write_json(path: Path, data: Any) -> None:
 def _versions() -> dict[str, str]:
     import transformers
 
-    import qe
+    from qe.version import __version__
 
-    return {"qe": qe.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return {"qe": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _phase(name: str) -> None:
+    """A named point of the finish (tests inject faults here; it does nothing)."""
+
+
+def _dtype_name(dtype) -> str:
+    return str(parse_dtype(dtype)).removeprefix("torch.")
+
+
+def has_partial_run(out: Path) -> bool:
+    work = partial_dir(Path(out))
+    return (work / PROGRESS).is_file() or (work / checkpoint.MANIFEST).is_file()
+
+
+def _saved_identity(work: Path) -> dict | None:
+    """The identity (recipe, dtype, model, data) of the run saved in ``work``, if it recorded one."""
+    for name, key in ((checkpoint.MANIFEST, "run"), (PROGRESS, "identity")):
+        f = work / name
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text())
+            except (OSError, ValueError):
+                raise QEError(f"{f} is damaged: pass --force to start over") from None
+            return data.get(key) if isinstance(data, dict) else None
+    return None
+
+
+def _differences(saved: dict, now: dict) -> list[str]:
+    diffs = []
+    old_recipe, new_recipe = saved.get("recipe") or {}, now.get("recipe") or {}
+    for k in sorted(set(old_recipe) | set(new_recipe)):
+        if old_recipe.get(k) != new_recipe.get(k):
+            diffs.append(f"recipe {k} {old_recipe.get(k)!r} -> {new_recipe.get(k)!r}")
+    for key, what in (("dtype", "dtype"), ("model", "model"), ("data", "calibration data (hash)")):
+        if key in now and key in saved and saved[key] != now[key]:
+            diffs.append(f"{what} {saved[key]!r} -> {now[key]!r}")
+    return diffs
+
+
+def _check_identity(work: Path, now: dict) -> None:
+    saved = _saved_identity(work)
+    if saved is None:
+        return
+    diffs = _differences(saved, now)
+    if diffs:
+        raise ConfigError(f"{work} holds an interrupted run of a different recipe, dtype, model or data "
+                          f"({'; '.join(diffs)}): resume with the same options, or pass --force to start over")
+
+
+def _expected_bytes(model) -> int:
+    """About how much the run writes: the size of a local model's weights (0 when unknown)."""
+    if not isinstance(model, (str, Path)) or not Path(model).is_dir():
+        return 0
+    return sum(p.stat().st_size for p in Path(model).glob("*.safetensors"))
 
 
 def run_quantize(
@@ -61,32 +132,64 @@ def run_quantize(
     dtype: str = "float32",
     loaded: LoadedModel | None = None,
     manager=None,
+    trust_remote_code: bool = False,
 ) -> tuple[Path, dict]:
     """Quantize with ``recipe`` and write the checkpoint to ``out``; return it and its manifest."""
+    from qe.data.sources import check_source
+
     manager = manager or default_manager()
     composition = recipe.validate(manager)  # before any model loads
     out = Path(out)
-    if out.exists() and not force:
-        raise QEError(f"output directory {out} exists: choose another --out or pass --force")
     work = partial_dir(out)
-    loaded = loaded or load_model(model, dtype=dtype, device=device)
-    source, encoded = calibration_set(loaded, recipe.calib, recipe.samples, progress)
-    dhash = data_hash(encoded)
-    model_id = str(loaded.path or loaded.name)
-    run_hash = recipe.hash(model_id, dhash)
+    check_output(out, kind="dir", force=force, expected_bytes=2 * _expected_bytes(model if loaded is None else None))
+    check_output(work, kind="dir", force=True, what="the partial run folder")
+    check_source(recipe.calib)
+    with output_lock(out):
+        partial = has_partial_run(out)
+        if partial and not resume and not force:
+            raise QEError(f"a partial run of {out} exists in {work}: --resume to continue, --force to start over")
+        dtype_name = _dtype_name(dtype) if loaded is None else _dtype_name(next(loaded.model.parameters()).dtype)
+        if resume and partial:
+            _check_identity(work, {"recipe": recipe.to_dict(), "dtype": dtype_name})  # before the model loads
+        elif resume:
+            log.warning("qe quantize: nothing to resume for %s (no partial run in %s): starting from block 0", out, work)
+        loaded = loaded or load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        source, encoded = calibration_set(loaded, recipe.calib, recipe.samples, progress)
+        dhash = data_hash(encoded)
+        model_id = str(loaded.path or loaded.name)
+        identity = {"recipe": recipe.to_dict(), "dtype": dtype_name, "model": model_id, "data": dhash}
+        run_hash = recipe.hash(model_id, dhash, dtype_name)
+        return _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash, out, work,
+                    resume=resume and partial, force=force, progress=progress, device=device, manager=manager)
 
+
+def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash, out, work, *, resume, force,
+         progress, device, manager) -> tuple[Path, dict]:
+    shutil.rmtree(_old_dir(out), ignore_errors=True)  # left by a run killed while replacing --out
+    blocks = loaded.adapter.decoder_blocks(loaded.model)
+    prefix = loaded.adapter.blocks_prefix(loaded.model)
     done = 0
     result = PipelineResult()
-    if resume and (work / PROGRESS).is_file():
+    if resume:
+        _check_identity(work, identity)
+        if (work / checkpoint.MANIFEST).is_file():  # killed after the commit point: only the last steps are left
+            manifest = checkpoint.read_manifest(work)
+            checkpoint.verify_files(work, manifest["files"])
+            log.warning("qe quantize: resuming %s: every block and the checkpoint files were written; finishing", out)
+            _complete(work, out, force)
+            manager.hook.qe_run_end(command="quantize", output=str(out), figures=manifest["summary"])
+            return out, manifest
         state = json.loads((work / PROGRESS).read_text())
-        if state["run_hash"] != run_hash:
-            raise ConfigError(f"{work} holds an interrupted run of a different recipe, model or data: "
-                              "rerun without --resume to start over")
+        if state.get("run_hash") != run_hash:
+            raise ConfigError(f"{work} holds an interrupted run of a different recipe, dtype, model or data: "
+                              "rerun with the same options to --resume, or pass --force to start over")
         done = _restore_blocks(loaded, work, state, manager)
-        result.layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in state["layers"]]
-        result.blocks = state["blocks"]
+        result.layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in state["layers"] if r["block"] < done]
+        result.blocks = state["blocks"][:done]
         result.seconds = state["seconds"]
         result.warnings = state["warnings"]
+        log.warning("qe quantize: resuming %s from block %d of %d (%d finished block(s) restored)", out, done,
+                    len(blocks), done)
     else:
         if work.exists():
             shutil.rmtree(work)
@@ -95,37 +198,46 @@ def run_quantize(
     options = PipelineOptions(propagation=recipe.propagation, max_tokens=recipe.max_tokens, device=device,
                               seed=recipe.seed, progress=progress, skip=recipe.skip, overrides=recipe.overrides)
     pipeline = QuantizationPipeline(loaded, composition, options, manager)
-    blocks = loaded.adapter.decoder_blocks(loaded.model)
-    prefix = loaded.adapter.blocks_prefix(loaded.model)
 
     def save_block(i: int, res: PipelineResult) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in blocks[i].state_dict().items()},
-                  str(work / f"block-{i:05d}.safetensors"))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in blocks[i].state_dict().items()}
+        checkpoint.check_finite_tensors(tensors, where=f"{prefix}.{i}.")
+        checkpoint.save_safetensors(tensors, work / f"block-{i:05d}.safetensors")
         layouts = {k: v for k, v in checkpoint.module_layouts(blocks[i], manager).items()}
         state = json.loads((work / PROGRESS).read_text()) if (work / PROGRESS).is_file() else {"layouts": {}}
         state["layouts"][str(i)] = layouts
-        state.update(run_hash=run_hash, finished=i + 1,
+        state.update(run_hash=run_hash, identity=identity, finished=i + 1,
                      layers=[{**asdict(r), "shape": list(r.shape)} for r in res.layers],
                      blocks=res.blocks, seconds=res.seconds, warnings=res.warnings)
         _write_json(work / PROGRESS, state)
 
     manager.hook.qe_run_start(command="quantize", info={"model": loaded.name, "composition": composition.label,
                                                        "num_blocks": len(blocks), "resumed_at": done})
-    if done < len(blocks):
-        result = pipeline.run(encoded, start_block=done, on_block_done=save_block, result=result)
-
-    manifest = _finish(loaded, work, out, recipe, composition, result, source, len(encoded), token_counts(encoded),
-                       dhash, prefix, force, manager)
+    try:
+        if done < len(blocks):
+            result = pipeline.run(encoded, start_block=done, on_block_done=save_block, result=result)
+        manifest = _finish(loaded, work, out, recipe, composition, result, source, len(encoded),
+                           token_counts(encoded), dhash, prefix, force, identity, manager)
+    except OSError as e:  # a full disk or a vanished folder: every finished block is still saved
+        raise QEError(f"writing the checkpoint failed ({e.strerror or e}{': ' + str(e.filename) if e.filename else ''}): "
+                      "every finished block is saved; fix the cause, then rerun with --resume") from None
     manager.hook.qe_run_end(command="quantize", output=str(out), figures=manifest["summary"])
     return out, manifest
 
 
 def _restore_blocks(loaded: LoadedModel, work: Path, state: dict, manager) -> int:
+    """Put the saved blocks back into the model; return how many. A block file that is
+    missing or unreadable (a disk fault) ends the restore there: that block is quantized again."""
     blocks = loaded.adapter.decoder_blocks(loaded.model)
     done = int(state["finished"])
     for i in range(done):
+        try:
+            tensors = load_file(str(work / f"block-{i:05d}.safetensors"))
+        except Exception as e:  # missing (OSError) or damaged (safetensors' own error type)
+            log.warning("qe quantize: saved block %d is unreadable (%s): quantizing it again", i,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return i
         checkpoint.install_quantized_modules(blocks[i], state["layouts"][str(i)], manager)
-        tensors = load_file(str(work / f"block-{i:05d}.safetensors"))
         blocks[i].load_state_dict(tensors, strict=True)
     return done
 
@@ -140,10 +252,14 @@ def _summary(result: PipelineResult) -> dict[str, float]:
             "fit_seconds": sum(r.figures.get("fit_seconds", 0.0) for r in result.layers)}
 
 
-def _finish(loaded, work, out, recipe, composition, result, source, n_samples, tokens, dhash, prefix, force, manager) -> dict:
-    for f in work.glob("block-*.safetensors"):
-        f.unlink()
+def _finish(loaded, work, out, recipe, composition, result, source, n_samples, tokens, dhash, prefix, force,
+            identity, manager) -> dict:
+    """Write the checkpoint files into ``work`` while the block files and progress stay, then
+    the manifest (the commit point), then remove the block files and rename ``work`` to ``out``.
+    Every step can be interrupted: ``--resume`` redoes or completes it."""
+    _phase("shards")
     shard_names, aliases = checkpoint.save_tensors(loaded.model, work)
+    _phase("config")
     loaded.model.config.save_pretrained(work)
     try:
         loaded.processor.save_pretrained(work)
@@ -153,7 +269,11 @@ def _finish(loaded, work, out, recipe, composition, result, source, n_samples, t
         src = Path(loaded.path or "") / extra
         if loaded.path and src.is_file():
             shutil.copy(src, work / extra)
-    files = checkpoint.file_records(work, shard_names)
+    _phase("records")
+    skip = {PROGRESS, checkpoint.MANIFEST}
+    written = sorted(p.name for p in work.iterdir() if p.is_file() and p.name not in skip
+                     and not p.match(BLOCK_FILES) and not p.name.startswith(".") and p.suffix != ".tmp")
+    files = checkpoint.file_records(work, written)
     layouts = checkpoint.module_layouts(loaded.model, manager)
     bits = checkpoint.effective_bits(loaded.model)
     manifest = {
@@ -163,11 +283,12 @@ def _finish(loaded, work, out, recipe, composition, result, source, n_samples, t
         "versions": _versions(),
         "model": {"name": loaded.name, "path": loaded.path, "adapter": loaded.adapter.name,
                   "class": type(loaded.model).__name__, "synthetic_vision_tower": loaded.synthetic_vision,
-                  "notes": loaded.notes},
+                  "notes": loaded.notes, "reference": checkpoint.reference_record(loaded.path)},
         "recipe": recipe.to_dict(),
         "composition": composition.describe(),
         "seed": recipe.seed,
         "calibration": {"source": source, "samples": n_samples, "tokens": tokens, "data_hash": dhash},
+        "run": identity,
         "effective_bits": bits,
         "summary": _summary(result),
         "warnings": result.warnings,
@@ -178,14 +299,32 @@ def _finish(loaded, work, out, recipe, composition, result, source, n_samples, t
         "shards": shard_names,
         "files": files,
     }
-    (work / PROGRESS).unlink(missing_ok=True)
+    _phase("manifest")
     _write_json(work / checkpoint.MANIFEST, _json_safe(manifest))
+    _complete(work, out, force)
+    return manifest
+
+
+def _complete(work: Path, out: Path, force: bool) -> None:
+    """After the commit point: drop the block files and progress, then move ``work`` to ``out``."""
+    _phase("cleanup")
+    for f in sorted(work.glob(BLOCK_FILES)):
+        f.unlink()
+    (work / PROGRESS).unlink(missing_ok=True)
+    for f in {*work.glob("*.tmp"), *work.glob(".*.tmp")}:  # left by writes that a fault cut short
+        f.unlink(missing_ok=True)
+    _phase("rename")
+    old = None
     if out.exists():
         if not force:
             raise QEError(f"output directory {out} appeared while quantizing: pass --force to replace it")
-        shutil.rmtree(out)
+        old = _old_dir(out)
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    _phase("swap")
     work.rename(out)
-    return manifest
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _json_safe(value):

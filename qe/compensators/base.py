@@ -102,6 +102,13 @@ class CompensatorModule(nn.Module):
         """An empty module of ``layout`` (its tensors are filled by ``load_state_dict``)."""
         raise NotImplementedError(f"{cls.__name__} must implement from_layout()")
 
+    @classmethod
+    def layout_problem(cls, layout: dict[str, Any], d_in: int, d_out: int) -> str | None:
+        """What is wrong with a layout read from a checkpoint for a ``d_out × d_in`` linear (one
+        phrase), or None. Called before :meth:`from_layout`, so a damaged or hostile manifest
+        is refused before anything is allocated: check sizes and ranks against the layer."""
+        return None
+
     def storage_bytes(self) -> int:
         """Bytes of the tensors this module saves."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())

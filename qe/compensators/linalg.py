@@ -27,11 +27,10 @@ optimum within a relative 1e-6 of the objective.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from qe.errors import NumericalError
+from qe.gram import damped, damped_cholesky
 
 # Exact eigh below this size (cheap there) or when the rank is a large share of the size.
 EXACT_EIGH_MAX = 192
@@ -42,7 +41,6 @@ EXACT_EIGH_MAX = 192
 # busy ones).
 OVERSAMPLE = 32
 SUBSPACE_ITERATIONS = 16
-CHOLESKY_RETRIES = 4
 # Singular values below this fraction of the largest carry no signal: their directions are
 # dropped (zero columns of A, zero rows of B) instead of being divided by ~0.
 RELATIVE_SIGMA_FLOOR = 1e-10
@@ -83,41 +81,6 @@ def top_eigenpairs(
     values = values.flip(-1)[..., :rank]
     vectors = Q @ W.flip(-1)[..., :rank]
     return values.clamp_min(0), vectors
-
-
-# --------------------------------------------------------------------------- damping and Cholesky
-
-
-def damping(H: torch.Tensor, damp: float) -> float:
-    """``λ · mean(diag H)``; λ alone when H has no positive diagonal (an all-zero Hessian)."""
-    mean_diag = float(H.diagonal(dim1=-2, dim2=-1).double().mean())
-    return damp * mean_diag if mean_diag > 0 and math.isfinite(mean_diag) else damp
-
-
-def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """``H + λ·mean(diag H)·I`` in float64."""
-    Hd = H.double().clone()
-    Hd.diagonal().add_(damping(H, damp))
-    return Hd
-
-
-def damped_cholesky(H: torch.Tensor, damp: float, where: str = "") -> tuple[torch.Tensor, float]:
-    """Lower Cholesky factor of ``H + λ·mean(diag H)·I`` (float64) and the λ that worked.
-
-    A factorization that fails (H numerically indefinite) is retried with λ ×10, a few times.
-    """
-    if not torch.isfinite(H).all():
-        raise NumericalError(f"NaN or Inf in the Hessian{' of ' + where if where else ''}: check the calibration inputs")
-    lam = damp
-    for _ in range(CHOLESKY_RETRIES + 1):
-        L, info = torch.linalg.cholesky_ex(damped(H, lam))
-        if int(info) == 0:
-            return L, lam
-        lam = lam * 10 if lam > 0 else 1e-6
-    raise NumericalError(
-        f"the Hessian{' of ' + where if where else ''} is not positive definite even with damping {lam / 10:g}: "
-        "check the calibration inputs"
-    )
 
 
 def damped_objective(E: torch.Tensor, A: torch.Tensor, B: torch.Tensor, H: torch.Tensor, damp: float) -> float:

@@ -26,6 +26,20 @@ from qe.errors import ConfigError
 from qe.quantized import fake_quantize_activations
 
 ROUTINGS = ("router", "random", "oracle")
+MAX_EXPERTS = 4096  # a layout asking for more is taken as damaged
+
+
+def _int_in(value: Any, lo: int, hi: int) -> bool:
+    return type(value) is int and lo <= value <= hi
+
+
+def _common_problem(layout: dict[str, Any], d_in: int, d_out: int, keys: set[str]) -> str | None:
+    if layout.get("d_in") != d_in or layout.get("d_out") != d_out:
+        return "the compensator's d_in/d_out are not the linear's"
+    if layout.get("input_bits", 16) not in (8, 16):
+        return f"compensator input_bits {layout.get('input_bits')!r} not 8 or 16"
+    extra = set(layout) - keys - {"type"}  # "type": checkpoints of format 1
+    return f"unknown compensator key(s) {sorted(extra)}" if extra else None
 
 
 def _branch_input(x: torch.Tensor, input_bits: int) -> torch.Tensor:
@@ -54,6 +68,14 @@ class LowRankAdapter(CompensatorModule):
 
     def layout(self) -> dict[str, Any]:
         return {"d_in": self.d_in, "d_out": self.d_out, "rank": self.rank, "input_bits": self.input_bits}
+
+    @classmethod
+    def layout_problem(cls, layout: dict[str, Any], d_in: int, d_out: int) -> str | None:
+        problem = _common_problem(layout, d_in, d_out, {"d_in", "d_out", "rank", "input_bits"})
+        max_rank = min(d_in, d_out)
+        if problem is None and not _int_in(layout.get("rank"), 1, max_rank):
+            problem = f"rank {layout.get('rank')!r} not in 1..{max_rank}"
+        return problem
 
     @classmethod
     def from_layout(cls, layout: dict[str, Any]) -> LowRankAdapter:
@@ -120,6 +142,22 @@ class QuantExpertsAdapter(CompensatorModule):
             "num_experts": self.num_experts, "expert_rank": self.expert_rank, "input_bits": self.input_bits,
             "routing": self.routing, "seed": self.seed,
         }
+
+    @classmethod
+    def layout_problem(cls, layout: dict[str, Any], d_in: int, d_out: int) -> str | None:
+        keys = {"d_in", "d_out", "shared_rank", "num_experts", "expert_rank", "input_bits", "routing", "seed"}
+        problem = _common_problem(layout, d_in, d_out, keys)
+        if problem:
+            return problem
+        max_rank = min(d_in, d_out)
+        for key in ("shared_rank", "expert_rank"):
+            if not _int_in(layout.get(key), 0, max_rank):
+                return f"{key} {layout.get(key)!r} not in 0..{max_rank}"
+        if not _int_in(layout.get("num_experts"), 0, MAX_EXPERTS):
+            return f"num_experts {layout.get('num_experts')!r} not in 0..{MAX_EXPERTS}"
+        if layout.get("routing", "router") not in ROUTINGS or not _int_in(layout.get("seed", 0), 0, 2**63 - 1):
+            return f"routing must be one of {', '.join(ROUTINGS)} and seed an integer"
+        return None
 
     @classmethod
     def from_layout(cls, layout: dict[str, Any]) -> QuantExpertsAdapter:

@@ -58,7 +58,6 @@ from qe.analysis.channels import (
 )
 from qe.compensators.base import Compensator, LayerContext, LayerPlan
 from qe.compensators.linalg import (
-    damped_cholesky,
     lowrank_from_input_cholesky,
     lowrank_from_output_gram,
     whitened_lowrank,
@@ -74,7 +73,7 @@ from qe.compensators.lowrank import (
 from qe.compensators.modules import QuantExpertsAdapter
 from qe.compensators.refinement import RefineSchedule, refine_experts
 from qe.errors import ConfigError, DataError
-from qe.gram import symmetric_gram
+from qe.gram import damped_cholesky, symmetric_gram
 from qe.quantized import QuantizedWeight
 
 Mode = Literal["full", "shared-only", "routed-only", "random-routing", "random-clustering", "oracle-routing"]

@@ -76,6 +76,13 @@ def _load_reference(ref: str):
     raise DataError(f"unknown built-in image reference {ref!r}")
 
 
+def sample_image(sample: Sample):
+    """The image of a sample, as RGB."""
+    if sample.image is None:
+        raise DataError(f"sample {sample.origin or sample.text[:30]!r} has no image")
+    return load_image(sample.image, origin=sample.origin)
+
+
 def load_image(ref: str, origin: str = ""):
     """Open an image (path or built-in reference) as RGB; name the record on failure."""
     from PIL import Image, UnidentifiedImageError
@@ -90,7 +97,7 @@ def load_image(ref: str, origin: str = ""):
         try:
             image = Image.open(path)
             image.load()
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"cannot read image {ref}{where}: {e.__class__.__name__}; replace or remove the record") from None
     return to_rgb(image)
 

@@ -29,11 +29,6 @@ class Sample:
     def has_image(self) -> bool:
         return self.image is not None
 
-    def load_image(self):
-        from qe.data.images import load_image
-
-        return load_image(self.image, origin=self.origin)
-
 
 def require_nonempty(samples: list[Sample], what: str) -> list[Sample]:
     if not samples:

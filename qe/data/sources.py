@@ -8,6 +8,7 @@ JSONL file whose records are ``{"image": path, "text": caption}``,
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -28,6 +29,8 @@ from qe.hookspecs import hookimpl
 from qe.plugins import Plugin
 
 Split = Literal["calib", "eval"]
+
+log = logging.getLogger("qe")
 
 
 class CalibrationSource(Plugin):
@@ -76,6 +79,49 @@ class PydocText(CalibrationSource):
         else:
             wins = eval_windows(parts.eval_ids, self.config.window)
         return [Sample(text="", token_ids=tuple(int(t) for t in w), origin=f"pydoc:{split}#{i}") for i, w in enumerate(wins)]
+
+
+@dataclass(frozen=True)
+class MixedConfig:
+    text_share: float = 0.5  # share of the samples that are text windows (the rest image-caption pairs)
+    window: int = WINDOW  # tokens per text window
+
+    def __post_init__(self):
+        if not 0.0 <= self.text_share <= 1.0:
+            raise ConfigError(f"mixed text_share={self.text_share} is outside 0..1")
+        if self.window < 2:
+            raise ConfigError("mixed needs window >= 2")
+
+
+class MixedCalibration(CalibrationSource):
+    """Real text windows (pydoc) interleaved with the built-in image-caption pairs."""
+
+    name = "mixed"
+    Config = MixedConfig
+
+    def samples(self, tokenizer, split: Split = "calib") -> list[Sample]:
+        text = PydocText(PydocConfig(window=self.config.window)).samples(tokenizer, split)
+        images = builtin_image_captions(split)
+        return interleave(text, images, self.config.text_share)
+
+    def describe(self) -> str:
+        return f"mixed ({self.config.text_share:.0%} pydoc text windows of {self.config.window} tokens, the rest image-caption pairs)"
+
+
+def interleave(first: list[Sample], second: list[Sample], share: float) -> list[Sample]:
+    """Both lists in one, so that every prefix of length n holds ``round(n · share)`` (as near as
+    the lists allow) samples of ``first``: taking the first n samples keeps the proportion."""
+    out: list[Sample] = []
+    i = j = 0
+    while i < len(first) or j < len(second):
+        want_first = round((len(out) + 1) * share) > i
+        if (want_first and i < len(first)) or j >= len(second):
+            out.append(first[i])
+            i += 1
+        else:
+            out.append(second[j])
+            j += 1
+    return out
 
 
 class JsonlSource(CalibrationSource):
@@ -145,11 +191,18 @@ def read_jsonl(path: Path) -> list[Sample]:
 
 def _check_image(image: str, where: str) -> None:
     """Fail now, naming the record, on an image PIL cannot identify (reads the header only)."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(image) as im:
-            im.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(image) as im:
+                im.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"{where}: image {image} has more than {Image.MAX_IMAGE_PIXELS} pixels (a decompression "
+                        "bomb?); shrink or remove it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{where}: cannot read image {image} ({e.__class__.__name__}); replace or remove the record") from None
 
@@ -166,6 +219,15 @@ def resolve_source(spec: str | None, manager=None) -> CalibrationSource:
     return manager.create("calibration_source", spec)
 
 
+def check_source(spec: str | None, manager=None) -> CalibrationSource:
+    """Resolve ``--calib`` and read a JSONL file now, before any model loads (a bad name, a
+    missing file or a bad record fails in one line at once)."""
+    source = resolve_source(spec, manager)
+    if isinstance(source, JsonlSource):
+        source.samples()
+    return source
+
+
 def take_samples(samples: list[Sample], n: int | None, what: str = "calibration set") -> list[Sample]:
     """The first ``n`` samples; all of them when ``n`` is None or larger than the set."""
     require_nonempty(samples, what)
@@ -173,9 +235,11 @@ def take_samples(samples: list[Sample], n: int | None, what: str = "calibration 
         return samples
     if n < 1:
         raise ConfigError(f"--samples must be at least 1, not {n}")
+    if n > len(samples):
+        log.warning("qe: --samples %d asked, but %s has %d: using all %d", n, what, len(samples), len(samples))
     return samples[:n]
 
 
 @hookimpl
 def qe_calibration_sources():
-    return [BuiltinImages, PydocText]
+    return [BuiltinImages, PydocText, MixedCalibration]

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from qe.data.images import sample_image
 from qe.data.samples import Sample
 from qe.errors import DataError, ModelError
 from qe.modality import MODALITIES, Modality
@@ -76,9 +77,18 @@ class ModelAdapter(Plugin):
     language_model_path: ClassVar[str] = "model.language_model"
     blocks_attr: ClassVar[str] = "layers"
     image_placeholder: ClassVar[str] = "<image>"
-
+    # The language model passes each decoder block its own keyword arguments (e.g. Gemma 3's
+    # sliding-window and global layers get their own masks and rotary embeddings), so capture
+    # keeps every block's arguments.
+    kwargs_differ_by_block: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ recognition
+    @classmethod
+    def load_processor(cls, path: str, config=None):
+        """The checkpoint's processor where the family needs its own loader (e.g. an image-only
+        processor without torchvision), or None to let ``AutoProcessor`` load it."""
+        return None
+
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return getattr(getattr(model, "config", None), "model_type", None) in cls.model_types
@@ -138,6 +148,17 @@ class ModelAdapter(Plugin):
         """Why this model cannot be run block by block from captured inputs, or None."""
         return None
 
+    def between_blocks_inputs(self, language_model_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """What the language model adds to the hidden states between decoder blocks, taken from
+        the keyword arguments of its call (captured with each calibration batch); none by default."""
+        return {}
+
+    def after_block(self, index: int, hidden: torch.Tensor, between: dict[str, Any]) -> torch.Tensor:
+        """The next block's input from block ``index``'s output ``hidden`` ``(B, T, d)``: the
+        output itself unless the model adds something between blocks (see
+        :meth:`between_blocks_inputs`)."""
+        return hidden
+
     def image_token_id(self, model: nn.Module) -> int | None:
         cfg = model.config
         for attr in ("image_token_id", "image_token_index"):
@@ -189,7 +210,7 @@ class ModelAdapter(Plugin):
                 torch.full((ids.shape[1],), int(Modality.TEXT), dtype=torch.int8),
                 sample.origin,
             )
-        image = sample.load_image()
+        image = sample_image(sample)
         prompt_text = self.format_prompt(processor, sample.prompt or default_prompt)
         inputs = dict(processor(text=[prompt_text], images=[image], return_tensors="pt", **self.processor_kwargs()))
         answer = tokenizer(" " + sample.text.strip(), add_special_tokens=False, return_tensors="pt")["input_ids"]

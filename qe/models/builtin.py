@@ -14,7 +14,7 @@ class LlavaAdapter(ModelAdapter):
     """LLaVA / LLaVA-NeXT style models (CLIP or SigLIP tower, MLP projector, any Llama-style LM)."""
 
     name = "llava"
-    model_types = ("llava", "llava_next", "llava_onevision")
+    model_types = ("llava", "llava_next")
     language_model_path = "model.language_model"
     image_placeholder = "<image>"
 

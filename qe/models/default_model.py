@@ -156,9 +156,9 @@ def build_default_model(out_dir: Path) -> None:
     )
 
     # Rescale the projector so vision embeddings have the RMS of real text embeddings.
-    from qe.data.images import builtin_image_captions
+    from qe.data.images import builtin_image_captions, sample_image
 
-    images = [s.load_image() for s in builtin_image_captions()[:8]]
+    images = [sample_image(s) for s in builtin_image_captions()[:8]]
     pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         feats = model.model.get_image_features(pixel_values=pixels)

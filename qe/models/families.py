@@ -11,10 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from qe.errors import ModelError
-from qe.models.base import ModelAdapter
+from qe.models.base import ModelAdapter, SmoothingGroup
 
 
 class ImageOnlyProcessorMixin:
@@ -56,8 +57,8 @@ class QwenVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
 
     Qwen3-VL adds "deepstack" visual features to the hidden states of image tokens after
     each of its first decoder layers, in the language model's loop rather than inside the
-    blocks: a block-by-block replay must add them too (or take block inputs from a full
-    forward), or the vision tokens of the blocks after them drift.
+    blocks: capture keeps them with each batch and the block walker adds them between blocks
+    (:meth:`after_block`), or the vision tokens of the blocks after them would drift.
     """
 
     name = "qwen-vl"
@@ -65,12 +66,23 @@ class QwenVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
     language_model_path = "model.language_model"
     image_placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
 
-    def blockwise_issue(self, model: nn.Module) -> str | None:
-        vision = getattr(model.config, "vision_config", None)
-        if getattr(model.config, "model_type", "") == "qwen3_vl" and getattr(vision, "deepstack_visual_indexes", None):
-            return ("Qwen3-VL adds deepstack visual features between its first decoder blocks, which block-wise "
-                    "calibration does not replay yet; use Qwen2-VL / Qwen2.5-VL, or `qe info` for its structure")
-        return None
+    def between_blocks_inputs(self, language_model_kwargs: dict[str, Any]) -> dict[str, Any]:
+        # Qwen3-VL's deepstack: after decoder block i < len(embeds), the i-th visual feature map
+        # is added to the hidden states at the visual positions.
+        embeds = language_model_kwargs.get("deepstack_visual_embeds")
+        mask = language_model_kwargs.get("visual_pos_masks")
+        if embeds is None or mask is None:
+            return {}
+        return {"deepstack_visual_embeds": [e.detach() for e in embeds], "visual_pos_masks": mask.detach()}
+
+    def after_block(self, index: int, hidden: torch.Tensor, between: dict[str, Any]) -> torch.Tensor:
+        embeds = between.get("deepstack_visual_embeds")
+        if not embeds or index >= len(embeds):
+            return hidden
+        mask = between["visual_pos_masks"].to(hidden.device)
+        out = hidden.clone()
+        out[mask, :] = out[mask, :] + embeds[index].to(hidden.device, hidden.dtype)
+        return out
 
     def _image_marker(self, processor) -> str:
         image_token = getattr(processor, "image_token", None) or "<|image_pad|>"
@@ -115,4 +127,50 @@ class InternVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
         return {"image_seq_length": int(seq)} if seq else {}
 
 
-FAMILY_ADAPTERS = [QwenVLAdapter, Idefics3Adapter, InternVLAdapter]
+class Gemma3Adapter(ModelAdapter):
+    """Gemma 3: a decoder with four norms per block and two kinds of attention layers.
+
+    The MLP reads ``pre_feedforward_layernorm`` (``post_attention_layernorm`` normalises the
+    attention output before the residual add, so smoothing folded there would change the
+    model): gate/up smooth into the former. Its RMSNorms scale by ``(1 + w)``, which the
+    smoothing fold handles. Sliding-window and global layers get their own masks and rotary
+    embeddings from the language model, so capture keeps each block's arguments.
+    """
+
+    name = "gemma3"
+    model_types = ("gemma3",)
+    language_model_path = "model.language_model"
+    image_placeholder = "<start_of_image>"
+    kwargs_differ_by_block = True
+
+    def smoothing_groups(self, block: nn.Module) -> list[SmoothingGroup]:
+        have = self.block_linears(block)
+        groups = [
+            SmoothingGroup(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "input_layernorm"),
+            SmoothingGroup(["self_attn.o_proj"], None),
+            SmoothingGroup(["mlp.gate_proj", "mlp.up_proj"], "pre_feedforward_layernorm"),
+            SmoothingGroup(["mlp.down_proj"], None),
+        ]
+        return [SmoothingGroup([n for n in g.linears if n in have], g.norm) for g in groups
+                if any(n in have for n in g.linears)]
+
+
+class LlavaOnevisionAdapter(ImageOnlyProcessorMixin, ModelAdapter):
+    """LLaVA-OneVision: SigLIP tower, anyres tiling (a base view plus tiles, each row of tiles
+    ended by a newline embedding) and a Qwen2 decoder at ``model.language_model``. Its stock
+    processor builds a torchvision video processor, so an image-only processor is rebuilt;
+    every ``<image>`` position (newlines included) counts as vision."""
+
+    name = "llava-onevision"
+    model_types = ("llava_onevision",)
+    language_model_path = "model.language_model"
+    image_placeholder = "<image>"
+
+    @classmethod
+    def processor_init_kwargs(cls, config) -> dict[str, Any]:
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        return {"num_image_tokens": side * side,
+                "vision_feature_select_strategy": config.vision_feature_select_strategy}
+
+
+FAMILY_ADAPTERS = [QwenVLAdapter, Idefics3Adapter, InternVLAdapter, Gemma3Adapter, LlavaOnevisionAdapter]

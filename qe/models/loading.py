@@ -58,17 +58,76 @@ class LoadedModel:
         return self.adapter.decoder_blocks(self.model)
 
 
+_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
+                 "image_processor_config.json", "video_preprocessor_config.json")
+
+
+def check_remote_code(path: str | Path, trust_remote_code: bool = False) -> None:
+    """Refuse a local model or checkpoint that asks transformers to run its own code
+    (``auto_map`` in one of its configs), unless the user passed ``--trust-remote-code``."""
+    import json
+
+    path = Path(path)
+    if trust_remote_code or not path.is_dir():
+        return
+    for name in _CODE_CONFIGS:
+        f = path / name
+        if not f.is_file():
+            continue
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue  # transformers reports unreadable configs itself
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise ModelError(f"{path} asks to run its own Python code (auto_map in {name}): qe runs no code from a "
+                             "model directory unless you pass --trust-remote-code")
+
+
+def _looks_like_path(name: str) -> bool:
+    return (name.startswith((".", "/", "~")) or name.endswith("/") or "\\" in name or name.count("/") > 1
+            or Path(name).is_absolute())
+
+
+def check_model_name(name_or_path: Any) -> None:
+    """Fail at once, in one line, on a local model path that does not exist or holds nothing qe can load."""
+    from qe import checkpoint
+    from qe.models import tiny
+
+    if name_or_path in DEFAULT_MODEL_NAMES or not isinstance(name_or_path, (str, Path)):
+        return
+    name = str(name_or_path)
+    if isinstance(name_or_path, str) and tiny.parse_tiny_name(name) is not None:
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"--model {name} is a file: give a model directory or a hub id")
+        if checkpoint.is_checkpoint(path):
+            return
+        if not (path / "config.json").is_file():
+            raise ModelError(f"--model {name} holds no config.json: give a Hugging Face model directory or a qe checkpoint")
+        weights = [p.name for p in path.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json")]
+        pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+        if not weights and pickles:
+            raise ModelError(f"--model {name} holds only pickle weights ({pickles[0]}): qe reads safetensors only "
+                             "(pickle files can run code); convert the weights to safetensors")
+        return
+    if isinstance(name_or_path, Path) or _looks_like_path(name):
+        raise ModelError(f"cannot load model {name}: the path does not exist; give an existing model directory "
+                         "or a hub id (org/name)")
+
+
 def select_adapter(model: nn.Module, manager=None) -> ModelAdapter:
     """The highest-priority adapter that reads ``model``; a one-line error naming what was tried."""
     from qe.plugins import default_manager
 
     manager = manager or default_manager()
-    entries = sorted(manager.entries("model_adapter").values(), key=lambda e: -getattr(e.cls, "priority", 0))
+    entries = sorted(manager.entries("model_adapter").values(), key=lambda e: -e.cls.priority)
     for entry in entries:
         if entry.cls.matches(model):
             return entry.cls()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    known = sorted({t for e in entries for t in getattr(e.cls, "model_types", ())})
+    known = sorted({t for e in entries for t in e.cls.model_types})
     raise ModelError(
         f"no model adapter reads {type(model).__name__} (model_type {model_type!r}): the family adapters serve "
         f"model types {', '.join(known)}, and the generic fallback found no ModuleList of decoder blocks holding "
@@ -76,25 +135,23 @@ def select_adapter(model: nn.Module, manager=None) -> ModelAdapter:
     )
 
 
-def load_processor(path: str, adapter: ModelAdapter, config=None):
+def load_processor(path: str, adapter: ModelAdapter, config=None, trust_remote_code: bool = False):
     """The model's processor: the adapter's own loader where it has one, else ``AutoProcessor``.
 
     Some families' stock processors need torchvision for a video processor; their adapters
-    rebuild an image-only processor (a ``load_processor(path, config)`` classmethod that may
-    return None to defer to ``AutoProcessor``). Text-only checkpoints fall back to their
-    tokenizer.
+    rebuild an image-only processor (:meth:`ModelAdapter.load_processor`, None to defer to
+    ``AutoProcessor``). Text-only checkpoints fall back to their tokenizer.
     """
     from transformers import AutoProcessor, AutoTokenizer
 
-    own = getattr(adapter, "load_processor", None)
-    processor = own(path, config) if own is not None else None
+    processor = adapter.load_processor(path, config)
     if processor is not None:
         return processor
     try:
-        return AutoProcessor.from_pretrained(path)
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, ImportError):
         try:
-            return AutoTokenizer.from_pretrained(path)
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load a processor or tokenizer from {path}: {str(e).splitlines()[0]}") from None
 
@@ -108,6 +165,7 @@ def load_model(
     max_memory: dict | None = None,
     offload_folder: str | None = None,
     manager=None,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a VLM (or text LM) from a local path or hub id; ``None`` means the embedded default.
 
@@ -115,24 +173,36 @@ def load_model(
     family (:mod:`qe.models.tiny`), written once to the cache and loaded like any checkpoint.
     ``device_map``, ``max_memory`` and ``offload_folder`` go to accelerate unchanged, so a
     model larger than one device is spread over devices or offloaded to disk (see
-    :mod:`qe.models.offload` for reading offloaded blocks).
+    :mod:`qe.models.offload` for reading offloaded blocks). Weights load from safetensors
+    only, and no code shipped with a model runs unless ``trust_remote_code``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     from qe import checkpoint
     from qe.models import default_model, tiny
 
+    if device is not None:
+        check_device(device)
+    check_model_name(name_or_path)
     if isinstance(name_or_path, (str, Path)) and checkpoint.is_checkpoint(name_or_path):
-        return checkpoint.load_quantized(name_or_path, device=device, manager=manager)
+        return load_quantized(name_or_path, device=device, manager=manager, dtype=dtype,
+                              trust_remote_code=trust_remote_code)
     torch_dtype = parse_dtype(dtype)
     notes: list[str] = []
     tiny_spec = tiny.parse_tiny_name(name_or_path) if isinstance(name_or_path, str) else None
-    if name_or_path in DEFAULT_MODEL_NAMES:
-        path = str(default_model.ensure_default_model())
-        name = default_model.NAME
-    elif tiny_spec is not None:
-        path = str(tiny.tiny_model_dir(*tiny_spec))
-        name = str(name_or_path)
+    if name_or_path in DEFAULT_MODEL_NAMES or tiny_spec is not None:
+        from qe.paths import cache_dir
+
+        try:
+            if tiny_spec is None:
+                path = str(default_model.ensure_default_model())
+                name = default_model.NAME
+            else:
+                path = str(tiny.tiny_model_dir(*tiny_spec))
+                name = str(name_or_path)
+        except OSError as e:
+            raise ModelError(f"cannot write the model cache {cache_dir()} ({e.strerror or e}): set QE_CACHE_DIR to a "
+                             "writable directory") from None
     else:
         path = str(name_or_path)
         name = Path(path).name if Path(path).exists() else path
@@ -142,7 +212,8 @@ def load_model(
     marker = tiny.read_marker(path) if Path(path).is_dir() else None
     if marker:
         notes.append(f"tiny:{marker['family']}: {marker['note']}")
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    check_remote_code(path, trust_remote_code)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if device_map is not None:
         kwargs["device_map"] = device_map
     if max_memory is not None:
@@ -150,16 +221,108 @@ def load_model(
     if offload_folder is not None:
         kwargs["offload_folder"] = str(offload_folder)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "Repo id must" in first or "repo_name" in first:
+            raise ModelError(f"model {path!r} is neither an existing local directory nor a hub id (org/name)") from None
+        raise ModelError(f"cannot load model {path!r}: {first}") from None
     try:
-        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    except ValueError:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        except ValueError as e:
+            if "trust_remote_code" in str(e):
+                raise
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"cannot load model {path!r}: {first[:300]}") from None
     model.eval()
     if device is not None and device_map is None:
         model.to(device)
     adapter = select_adapter(model, manager)
-    processor = load_processor(path, adapter, config)
+    processor = load_processor(path, adapter, config, trust_remote_code=trust_remote_code)
     return LoadedModel(model, processor, adapter, name, path, notes, card)
+
+
+def load_quantized(directory: str | Path, *, device: str | None = None, manager=None, dtype=None,
+                   trust_remote_code: bool = False):
+    """Load a checkpoint written by ``qe quantize`` as a :class:`LoadedModel`.
+
+    The model's outputs equal those of the in-memory quantized model that was saved. Every
+    file read is inside ``directory`` and checked against the manifest's size and SHA-256
+    first; a checkpoint that asks for custom code (``auto_map``) is refused unless
+    ``trust_remote_code``. Compensator modules are rebuilt only by installed plugins. The
+    model is built with its parameters on the meta device and filled shard by shard, so
+    loading holds one shard beside the model, never the whole checkpoint twice.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from qe import checkpoint
+
+    directory = Path(directory)
+    manifest = checkpoint.read_manifest(directory)
+    checkpoint.check_manifest(directory, manifest)
+    checkpoint.verify_files(directory, manifest["files"])
+    extra = checkpoint.unlisted_files(directory, manifest["files"])
+    if extra:
+        raise ModelError(f"checkpoint {directory} holds files its manifest does not hash ({', '.join(extra[:3])}"
+                         f"{', ...' if len(extra) > 3 else ''}): qe reads only hashed files; remove them or re-quantize")
+    if "config.json" not in manifest["files"]:
+        raise ModelError(f"checkpoint {directory} has no config.json among its hashed files: copy the whole "
+                         "directory again, or re-quantize")
+    check_remote_code(directory, trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"checkpoint {directory}: cannot read config.json ({str(e).splitlines()[0][:200]}): "
+                         "the checkpoint is damaged; re-quantize") from None
+    # Parameters on the meta device: the shards' tensors replace them, so the model's random
+    # initial weights are never allocated (buffers, rotary caches among them, stay real).
+    with init_empty_weights(include_buffers=False):
+        try:
+            model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32,
+                                                            trust_remote_code=trust_remote_code)
+        except ValueError:
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    checkpoint.validate_layouts(model, manifest["layouts"], directory, manager)
+    try:
+        checkpoint.install_quantized_modules(model, manifest["layouts"], manager)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelError(f"checkpoint {directory}: a module layout cannot be built ({str(e).splitlines()[0][:200]}): "
+                         "the manifest is damaged; re-quantize") from None
+    checkpoint.load_tensors(model, directory, manifest["shards"], manifest.get("tied", {}), files=manifest["files"])
+    model.eval()
+    if dtype is not None and parse_dtype(dtype) != torch.float32:
+        model.to(parse_dtype(dtype))
+    if device is not None:
+        model.to(device)
+    adapter = select_adapter(model, manager)
+    processor = load_processor(str(directory), adapter, config)
+    info = manifest["model"]
+    notes = list(info.get("notes", [])) + [f"quantized with {manifest['composition']['quantizer']} + "
+                                           f"{manifest['composition']['compensator']} at {manifest['composition']['setting']}"]
+    card = {"synthetic_vision_tower": info.get("synthetic_vision_tower", False)}
+    return LoadedModel(model, processor, adapter, f"{info['name']}-quantized", str(directory), notes, card, manifest)
+
+
+def check_device(device: str) -> str:
+    """A device torch can use on this machine, or one line saying why not (before any work)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ModelError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {device}: this machine has no CUDA device (or torch was built without CUDA): "
+                             "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0: use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ModelError(f"--device {device}: MPS is not available on this machine: use --device cpu")
+    elif dev.type not in ("cpu", "meta"):
+        raise ModelError(f"--device {device!r}: qe runs on cpu, cuda or mps")
+    return device

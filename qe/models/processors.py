@@ -8,7 +8,8 @@ from functools import cache
 from qe.errors import ModelError
 
 # The image-sequence-length parameter each processor takes, where it has one.
-_SEQ_PARAM = {"InternVLProcessor": "image_seq_length", "SmolVLMProcessor": "image_seq_len"}
+_SEQ_PARAM = {"InternVLProcessor": "image_seq_length", "SmolVLMProcessor": "image_seq_len",
+              "LlavaOnevisionProcessor": "num_image_tokens"}
 
 
 def _image_only(processor_cls: type) -> type:
@@ -36,6 +37,15 @@ def _image_only(processor_cls: type) -> type:
                 kwargs.pop("video_processor", None)
                 super().__init__(image_processor, tokenizer, None, image_seq_len=image_seq_len,
                                  chat_template=chat_template, **kwargs)
+    elif seq_param == "num_image_tokens":
+
+        class ImageOnly(processor_cls):
+            def __init__(self, image_processor=None, tokenizer=None, num_image_tokens: int | None = None,
+                         vision_feature_select_strategy: str | None = None, chat_template=None, **kwargs):
+                kwargs.pop("video_processor", None)
+                super().__init__(image_processor, tokenizer, None, num_image_tokens=num_image_tokens,
+                                 vision_feature_select_strategy=vision_feature_select_strategy,
+                                 chat_template=chat_template, **kwargs)
     else:
 
         class ImageOnly(processor_cls):
@@ -56,6 +66,7 @@ VIDEO_PROCESSOR_FAMILIES = {
     "qwen3_vl": "Qwen3VLProcessor",
     "internvl": "InternVLProcessor",
     "smolvlm": "SmolVLMProcessor",
+    "llava_onevision": "LlavaOnevisionProcessor",
 }
 
 

@@ -123,6 +123,31 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "image_seq_length": 4,
         "downsample_ratio": 0.5,
     },
+    "gemma3": {
+        "text_config": {
+            "model_type": "gemma3_text", "vocab_size": VOCAB_SIZE, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "query_pre_attn_scalar": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"],
+            "max_position_embeddings": 512, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+        },
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                          "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+        "mm_tokens_per_image": 4,
+        "image_token_index": IMAGE_TOKEN_ID,
+        "boi_token_index": 997,
+        "eoi_token_index": 998,
+    },
+    "llava_onevision": {
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                          "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+        "text_config": {**_TEXT_LLAMA, "model_type": "qwen2"},
+        "image_token_index": IMAGE_TOKEN_ID,
+        "video_token_index": 998,
+        "image_grid_pinpoints": [[32, 32], [32, 64], [64, 32], [64, 64]],
+        "vision_feature_select_strategy": "full",
+        "vision_feature_layer": -1,
+        "vision_aspect_ratio": "anyres_max_9",
+    },
 }
 FAMILIES = tuple(CONFIGS)
 # Accepted spellings beside the canonical family names.
@@ -139,7 +164,11 @@ _SPECIALS: dict[str, dict[int, str]] = {
     "qwen3_vl": _QWEN_SPECIALS,
     "idefics3": {995: "<global-img>", 996: "<fake_token_around_image>", 997: "<end_of_utterance>", 999: "<image>"},
     "internvl": {996: "<video>", 997: "<img>", 998: "</img>", 999: "<IMG_CONTEXT>"},
+    "gemma3": {997: "<start_of_image>", 998: "<end_of_image>", 999: "<image_soft_token>"},
+    "llava_onevision": {998: "<video>", 999: "<image>"},
 }
+# Named tokens Gemma 3's processor reads as tokenizer attributes.
+_GEMMA3_NAMED = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
 # Named tokens InternVL's processor reads as tokenizer attributes.
 _INTERNVL_NAMED = {"start_image_token": "<img>", "end_image_token": "</img>",
                    "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
@@ -215,6 +244,8 @@ def tiny_tokenizer(family: str):
     extra: dict | list = [specials[i] for i in sorted(specials)]
     if family == "internvl":
         extra = dict(_INTERNVL_NAMED)
+    if family == "gemma3":
+        extra = dict(_GEMMA3_NAMED)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -265,6 +296,16 @@ def _processor(family: str, tokenizer):
         # One 32 x 32 tile per image (max_patches=1): (32 / 8)^2 patches * downsample 0.5^2 = 4 tokens.
         image_processor = tf.GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, max_patches=1)
         return image_only_processor_class(family)(image_processor, tokenizer, image_seq_length=4)
+    if family == "llava_onevision":
+        # anyres: a 32 x 32 base view plus up to 2 x 2 tiles of 32 x 32, 16 tokens each (+ row newlines)
+        image_processor = tf.LlavaOnevisionImageProcessorPil(
+            size={"height": 32, "width": 32}, image_grid_pinpoints=CONFIGS[family]["image_grid_pinpoints"])
+        return image_only_processor_class(family)(image_processor, tokenizer, num_image_tokens=16,
+                                                  vision_feature_select_strategy="full")
+    if family == "gemma3":
+        # 32 x 32 pixels, 4 x 4 patches pooled to 2 x 2: 4 image tokens between <start_of_image> and <end_of_image>.
+        image_processor = tf.Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, do_pan_and_scan=False)
+        return tf.Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4)
     raise ModelError(f"no tiny processor for {family!r}")
 
 
@@ -283,6 +324,8 @@ def tiny_config(family: str):
         "qwen3_vl": tf.Qwen3VLConfig,
         "idefics3": tf.Idefics3Config,
         "internvl": tf.InternVLConfig,
+        "gemma3": tf.Gemma3Config,
+        "llava_onevision": tf.LlavaOnevisionConfig,
     }
     return classes[family](**copy.deepcopy(CONFIGS[family]))
 
@@ -298,6 +341,8 @@ def _model_class(family: str) -> type:
         "qwen3_vl": tf.Qwen3VLForConditionalGeneration,
         "idefics3": tf.Idefics3ForConditionalGeneration,
         "internvl": tf.InternVLForConditionalGeneration,
+        "gemma3": tf.Gemma3ForConditionalGeneration,
+        "llava_onevision": tf.LlavaOnevisionForConditionalGeneration,
     }[family]
 
 

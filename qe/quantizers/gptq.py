@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from qe.errors import ConfigError, DataError, NumericalError
+from qe.gram import damped_cholesky
 from qe.quantized import QuantizedWeight
 from qe.quantizers.base import Quantizer
 from qe.quantizers.grid import (
@@ -42,8 +43,6 @@ from qe.quantizers.grid import (
     quantize_to_codes,
 )
 from qe.quantizers.rtn import CLIP_GRID, require_weight_bits
-
-DAMP_RETRIES = 4  # a failed Cholesky is retried with 10x, 100x, ... the damping
 
 
 @dataclass(frozen=True)
@@ -69,32 +68,24 @@ class GPTQConfig:
 
 
 def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float, mean_diag: float, layer_name: str) -> torch.Tensor:
-    """``U`` upper triangular with ``Uᵀ U = (H + damp·mean_diag·I)⁻¹``; raises the damping ×10 while
+    """``U`` upper triangular with ``Uᵀ U = (H + damp·mean_diag·I)⁻¹``; the damping rises ×10 while
     Cholesky fails.
 
     Without forming the inverse: the Cholesky factor of ``H`` with its index order reversed
     gives ``H = R Rᵀ`` with ``R`` upper triangular, so ``H⁻¹ = R⁻ᵀ R⁻¹`` and ``U = R⁻¹``.
     """
-    where = f" on {layer_name}" if layer_name else ""
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    for _ in range(DAMP_RETRIES + 1):
-        Hd = H.flip(0, 1)
-        Hd.diagonal().add_(damp * mean_diag)
-        M, info = torch.linalg.cholesky_ex(Hd)  # lower, J H J = M Mᵀ
-        if int(info) == 0:
-            R = M.flip(0, 1)  # upper, H = R Rᵀ
-            U = torch.linalg.solve_triangular(R, eye, upper=True)
-            if bool(torch.isfinite(U).all()):
-                return U
-        warnings.warn(
-            f"GPTQ{where}: the Hessian with damping {damp:g} is not positive definite; retrying with damping {damp * 10:g}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        damp *= 10
-    raise NumericalError(
-        f"GPTQ{where}: the Hessian stays singular up to damping {damp / 10:g}; check the calibration data or use rtn"
-    )
+    where = f"GPTQ on {layer_name}" if layer_name else "GPTQ"
+
+    def warn(lam: float, following: float) -> None:
+        warnings.warn(f"{where}: the Hessian with damping {lam:g} is not positive definite; retrying with damping "
+                      f"{following:g}", RuntimeWarning, stacklevel=4)
+
+    M, _ = damped_cholesky(H.flip(0, 1), damp, where, scale=mean_diag, on_retry=warn)  # lower, J H J = M Mᵀ
+    R = M.flip(0, 1)  # upper, H = R Rᵀ
+    U = torch.linalg.solve_triangular(R, torch.eye(H.shape[0], dtype=R.dtype, device=R.device), upper=True)
+    if not bool(torch.isfinite(U).all()):
+        raise NumericalError(f"{where}: the damped Hessian's inverse overflows: check the calibration data or use rtn")
+    return U
 
 
 def _block_bounds(d_in: int, block_size: int, group_size: int, dynamic_groups: bool) -> list[int]:
@@ -194,6 +185,7 @@ def gptq_quantize(
         Wt[i2:] -= U[i1:i2, i2:].T @ Err1  # lazy update of the columns after the block
 
     codes = codes_t.index_select(0, torch.argsort(perm)).T
+    check_finite(codes, "GPTQ codes", layer_name)  # a NaN would be cast silently to code 0
     if exempt is not None:
         codes[:, exempt] = zeros[:, g_of[exempt]]
     return QuantizedWeight(codes.to(torch.uint8).contiguous(), scales, zeros, bits, group_size, symmetric, exempt)

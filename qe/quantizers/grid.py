@@ -29,7 +29,7 @@ import math
 import torch
 
 from qe.errors import ConfigError, NumericalError
-from qe.quantized import QuantizedWeight, quantize_activations_per_token  # noqa: F401
+from qe.quantized import QuantizedWeight, dequantize_codes
 
 _EPS = 1e-12
 WEIGHT_BITS = range(2, 9)
@@ -95,10 +95,6 @@ def grid_params(
 def quantize_to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Round ``w`` onto the grid: codes in ``[0, 2^b)`` (float tensor of integers)."""
     return (w / scale + zero).round().clamp(0, 2**bits - 1)
-
-
-def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return (codes - zero) * scale
 
 
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

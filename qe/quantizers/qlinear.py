@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qe.quantized import QuantizedWeight, fake_quantize_activations
+from qe.quantized import QuantizedWeight, dequantize, fake_quantize_activations
 from qe.quantizers.packing import pack, packed_columns, unpack
 
 
@@ -108,9 +108,7 @@ class QuantLinear(nn.Module):
         return unpack(self.qweight, self.bits, self.in_features)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        g = self.group_size if self.group_size > 0 else self.in_features
-        gi = torch.arange(self.in_features, device=self.qweight.device) // g
-        return ((self.codes().to(dtype) - self.zeros[:, gi].to(dtype)) * self.scales[:, gi].to(dtype))
+        return dequantize(self.codes(), self.scales, self.zeros, self.group_size, dtype)
 
     def _apply(self, fn, recurse=True):
         self._dequantized = None  # device or dtype changes invalidate the cache
