@@ -1,4 +1,4 @@
-"""Block-wise capture against a plain forward: wall time and peak memory (issue: models and data).
+"""Block-wise capture against a plain forward: wall time and peak memory (docs/results.md).
 
 Each phase runs in its own process (so its peak RSS is its own), alternating, --repeats times:
 

@@ -1,6 +1,6 @@
-"""Compensator benchmark on the embedded default's language model (issue: compensators).
+"""Compensator benchmark on the embedded default's language model (docs/results.md).
 
-Main table, protocol of shared/ANCHORS.md (64 calibration windows of 512 pydoc tokens,
+Main table, benchmark protocol of docs/protocol.md (64 calibration windows of 512 pydoc tokens,
 perplexity on the whole held-out part, quantized propagation):
 {RTN, GPTQ} × {none, lowrank whitened rank 64 (QE's per-token rank) on the plain base,
 the same on QE's smoothed and exempted base, lowrank rank 288 (QE's parameter count),

@@ -1,6 +1,6 @@
 """A peer's GPTQ (llm-compressor or GPTQModel) on the same model, text and calibration as qe:
-wall time and perplexity, for a same-run ratio against benchmarks/quantize_time.py (issue:
-quantizers).
+wall time and perplexity, for a same-run ratio against benchmarks/quantize_time.py
+(docs/protocol.md, other tools).
 
 Two steps, because the peers pin other packages than qe:
 

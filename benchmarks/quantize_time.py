@@ -1,9 +1,9 @@
-"""Wall time of qe's block loop for one composition, at a chosen thread count (issue: quantizers).
+"""Wall time of qe's block loop for one composition, at a chosen thread count (docs/protocol.md).
 
-The peers' GPTQ times in shared/ANCHORS.md were taken with one intra-op thread while another
+The peers' GPTQ times in docs/results.md (other tools) were taken with one intra-op thread while another
 job shared the machine; this script gives qe's figure at a thread count of your choice, with
 whatever else the machine runs at the time written beside it (load average), so that the
-conditions are on record. Protocol of shared/ANCHORS.md (64 × 512 pydoc calibration windows,
+conditions are on record. Protocol of docs/protocol.md (64 × 512 pydoc calibration windows,
 quantized propagation); perplexity is skipped beyond one window, as only time is measured.
 
     python benchmarks/quantize_time.py --quantizer gptq --setting W4A16g64sym --threads 1

@@ -1,6 +1,6 @@
-"""Quantizer benchmark on the embedded default's language model (issue: quantizers).
+"""Quantizer benchmark on the embedded default's language model (docs/results.md).
 
-Protocol of shared/ANCHORS.md: calibration 64 windows of 512 tokens from the first 60% of the
+Benchmark protocol (docs/protocol.md): calibration 64 windows of 512 tokens from the first 60% of the
 pydoc-topics text; held-out perplexity over the last 40% in non-overlapping 512-token
 windows; every decoder linear quantized; embeddings and lm_head in fp32; quantized
 propagation (each block calibrated on the outputs of the quantized blocks before it).

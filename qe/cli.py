@@ -1,4 +1,4 @@
-"""The ``qe`` command line. Every command shares the options of DESIGN.md's conventions."""
+"""The ``qe`` command line (docs/cli.md). Every command shares ``--model --calib --samples --device --dtype --seed --quiet --out``."""
 
 from __future__ import annotations
 

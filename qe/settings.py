@@ -1,7 +1,7 @@
 """The settings grammar shared by every command: ``W<b>A<b>[g<G>|ch][sym|asym]``.
 
 Examples: ``W4A8`` (per output channel, symmetric), ``W3A16g128asym``, ``W4A16chsym``.
-Defaults (DESIGN.md conventions): weight-activation settings are per-channel symmetric;
+Defaults (docs/cli.md, settings grammar): weight-activation settings are per-channel symmetric;
 weight-only settings (A16) are g128 asymmetric. ``group_size == 0`` means per output channel.
 """
 

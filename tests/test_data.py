@@ -131,7 +131,7 @@ def test_pydoc_split_matches_the_anchor_protocol(smollm2_tokenizer):
     calib = calibration_windows(parts.calib_ids)
     held = eval_windows(parts.eval_ids)
     assert len(calib) == CALIB_WINDOWS == 64 and len(held) == 88
-    assert sum(len(w) - 1 for w in held) == 44_968  # predicted tokens in ANCHORS.md
+    assert sum(len(w) - 1 for w in held) == 44_968  # predicted tokens (docs/protocol.md)
     # the source plugin hands out exactly these windows
     source = PydocText()
     calib_samples = source.samples(smollm2_tokenizer, "calib")

@@ -48,7 +48,7 @@ def problem(d_out, d_in, seed, T=None, outliers=True):
 
 
 def reference_whitened(E, H, rank, damp=DAMP):
-    """QE-METHOD.md §3.3 verbatim: Cholesky, full SVD of E S, A = U Σ, B = Vᵀ S⁻¹."""
+    """docs/method.md, shared expert, verbatim: Cholesky, full SVD of E S, A = U Σ, B = Vᵀ S⁻¹."""
     S = torch.linalg.cholesky(damped(H, damp))
     U, sig, Vh = torch.linalg.svd(E @ S, full_matrices=False)
     A = U[:, :rank] * sig[:rank]

@@ -68,7 +68,7 @@ def calibration_objective(layer, q, module, **kwargs):
     return float((X @ E.T - out).double().pow(2).sum())
 
 
-# --------------------------------------------------------------------------- sanity properties (§9)
+# --------------------------------------------------------------------------- sanity properties (docs/method.md)
 
 
 def test_exempt_columns_are_absorbed_exactly_when_nothing_else_errs():

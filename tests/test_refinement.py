@@ -1,4 +1,4 @@
-"""Layer-wise refinement of Quant Experts (QE-METHOD.md §6): gradients, residuals, the fit."""
+"""Layer-wise refinement of Quant Experts (docs/method.md, refinement): gradients, residuals, the fit."""
 
 import pytest
 import torch

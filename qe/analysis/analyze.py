@@ -4,9 +4,9 @@ One full-precision pass over the calibration set, block by block (:mod:`qe.captu
 linear the statistics are streamed (:mod:`qe.analysis.statistics`): per-token top-k sets and
 their counts per modality, maxima and moments, a bounded token sample. Once a block is done,
 each of its linears is summarised (:func:`summarize_linear`) — frequencies, the token-
-independent set ``C_s`` and token-dependent set ``C_r`` (QE-METHOD.md §1), per-modality top
+independent set ``C_s`` and token-dependent set ``C_r`` (docs/method.md), per-modality top
 sets and their overlap, how far each token's set strays from ``C_s``, outlier figures, NPMI
-co-occurrence among ``C_r`` and its spectral clusters (§4) — and the block's raw statistics
+co-occurrence among ``C_r`` and its spectral clusters — and the block's raw statistics
 are dropped. Writing the report is :mod:`qe.analysis.report`'s job.
 """
 
@@ -203,7 +203,7 @@ def summarize_linear(st: LinearStats, block_index: int, name: str, opts: Analyze
     kurt = inp.kurtosis()
     top_ratio = torch.argsort(ratio, descending=True)[:8]
 
-    # Co-occurrence of C_r channels, NPMI, spectral clusters (QE-METHOD.md §4).
+    # Co-occurrence of C_r channels, NPMI, spectral clusters (docs/method.md, routed experts).
     p_i, p_ij = ch.cooccurrence(topk, C_r, d_in)
     S = ch.npmi(p_i, p_ij)
     labels = ch.spectral_clusters(S, n_r, seed=opts.seed, assign_labels=opts.cluster_assign) if n_r > 0 else torch.zeros(0, dtype=torch.long)

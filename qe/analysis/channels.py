@@ -1,11 +1,11 @@
-"""Channel split, co-occurrence, NPMI and spectral clustering (QE-METHOD.md §1 and §4).
+"""Channel split, co-occurrence, NPMI and spectral clustering (docs/method.md).
 
 Pure tensor functions shared by ``qe analyze`` and the Quant Experts compensator. Every
 function is deterministic (ties are broken by channel index, clustering is seeded) and none
 builds a dense ``T × d_in`` matrix: co-occurrence works on the per-token top-k indices and
 touches only the ``n = N_r·k`` token-dependent channels (a ``T × n`` indicator, chunked).
 
-Notation (QE-METHOD.md): ``m_c`` is the number of tokens whose top-k set ``C_t`` holds
+Notation (docs/method.md): ``m_c`` is the number of tokens whose top-k set ``C_t`` holds
 channel c; ``f_c = k·m_c / Σ_j m_j``; ``C_s`` are the first k channels by ``f_c`` (token
 independent), ``C_r`` the next ``N_r·k`` (token dependent); ``O[t, i] = 1(c_i ∈ C_t)`` for
 ``c_i ∈ C_r``; ``p_i = mean_t O[t,i]``, ``p_ij = mean_t O[t,i]·O[t,j]``.
@@ -166,7 +166,7 @@ def npmi(p_i: torch.Tensor, p_ij: torch.Tensor) -> torch.Tensor:
 
 
 def affinity_from_npmi(S: torch.Tensor) -> torch.Tensor:
-    """``max(S, 0)`` with unit diagonal (QE-METHOD.md §4.2)."""
+    """``max(S, 0)`` with unit diagonal: spectral clustering needs a non-negative affinity."""
     A = S.double().clamp_min(0).clone()
     A.fill_diagonal_(1.0)
     return A
@@ -283,7 +283,7 @@ def token_expert_assignment(
     num_experts: int | None = None,
     topk: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Expert of each token for fitting (QE-METHOD.md §4.4), ``(T,)`` long.
+    """Expert of each token for fitting (docs/method.md, routed experts), ``(T,)`` long.
 
     ``scores`` ``(T, d_in)`` are the tokens' channel scores ``s_{t,c}``; ``channels`` is
     ``C_r`` and ``labels`` its groups ``G_i``. Token t goes to

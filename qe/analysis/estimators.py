@@ -2,7 +2,7 @@
 
 An estimator sees a linear's weight once (``prepare``) and then scores batches of its input
 tokens. Scores are non-negative, ``T × d_in``; each token's top-k channels are its important
-set ``C_t`` (QE-METHOD.md §1).
+set ``C_t`` (docs/method.md, channel importance).
 """
 
 from __future__ import annotations

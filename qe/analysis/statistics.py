@@ -144,7 +144,7 @@ class InputStats:
 
 
 class ImportanceStats:
-    """Per-token top-k importance of one linear's input channels (QE-METHOD.md §1).
+    """Per-token top-k importance of one linear's input channels (docs/method.md, channel importance).
 
     * ``counts[m, c]``: number of tokens of modality ``m`` whose top-k set holds channel c
       (``m_c`` split by modality).

@@ -1,6 +1,6 @@
 """Low-rank factorizations of a weight error ``E`` (``d_out × d_in``).
 
-The whitened fit (QE-METHOD.md §3.3) is the optimum of the damped calibration objective
+The whitened fit (docs/method.md, shared expert) is the optimum of the damped calibration objective
 
     min_{A (d_out×r), B (r×d_in)}  tr((E − A B) H_d (E − A B)ᵀ),   H_d = H + λ·mean(diag H)·I,
 
@@ -160,7 +160,7 @@ def whitened_lowrank(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimal rank-``rank`` ``(A (d_out, r), B (r, d_in))`` of the damped objective.
 
-    QE-METHOD.md §3.3: ``H_d = H + λ·mean(diag H)·I`` (float64), ``SVD(E S) = U Σ Vᵀ``,
+    docs/method.md, shared expert: ``H_d = H + λ·mean(diag H)·I`` (float64), ``SVD(E S) = U Σ Vᵀ``,
     ``A = U_r Σ_r``, ``B = V_rᵀ S⁻¹``; computed through the smaller Gram of ``E S`` (module
     docs). ``rank`` above ``min(d_out, d_in)`` is capped (the caller records that).
     """

@@ -1,8 +1,8 @@
 """Global low-rank compensation: ``y += A (B x̃)`` with one rank-r pair per linear.
 
-Methods (QE-METHOD.md §9 baselines):
+Methods (the baselines of docs/method.md, baselines and ablations):
 
-* ``whitened`` — the optimum of the damped calibration objective (QE-METHOD.md §3.3; the
+* ``whitened`` — the optimum of the damped calibration objective (docs/method.md, shared expert; the
   same optimum as QERA-exact / EoRA, and QE's shared expert);
 * ``lqer`` — LQER's diagonal activation scaling: SVD of ``E · diag(a)``, with ``a`` the
   per-channel RMS of the layer's (smoothed) input, ``a_c = sqrt(H_cc)`` (a streamed statistic;
@@ -39,7 +39,7 @@ from qe.compensators.modules import LowRankAdapter
 from qe.errors import ConfigError
 from qe.quantized import QuantizedWeight
 
-# Quant Experts' default smoothing grid (QE-METHOD.md §3.1): None = no smoothing.
+# Quant Experts' default smoothing grid (docs/method.md, smoothing): None = no smoothing.
 QE_DEFAULT_ALPHAS: tuple[float | None, ...] = (None, 0.25, 0.5, 0.75)
 
 

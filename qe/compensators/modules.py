@@ -1,4 +1,4 @@
-"""The modules a compensator adds to a quantized linear (QE-METHOD.md §7).
+"""The modules a compensator adds to a quantized linear (docs/method.md, inference).
 
 Both read the smoothed, unquantized input ``x̃`` (``(..., d_in)``) and return ``(..., d_out)``;
 :class:`qe.quantizers.qlinear.QuantLinear` adds that to its own output. With
@@ -11,8 +11,8 @@ and the router reads that same quantized input.
 Both follow the :class:`~qe.compensators.base.CompensatorModule` contract: every tensor is a
 registered buffer with its own storage, so ``state_dict`` round-trips through safetensors, and
 ``layout()`` holds the shapes and options that ``from_layout`` needs to build an empty module
-for ``load_state_dict``. The kernels engineer may route these forwards
-to Triton kernels; these torch forwards are the reference semantics.
+for ``load_state_dict``. On CUDA the Triton kernels (:mod:`qe.kernels`) compute the same forwards;
+these torch forwards are the reference semantics.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class LowRankAdapter(CompensatorModule):
 
 
 class QuantExpertsAdapter(CompensatorModule):
-    """Shared expert plus top-1 routed low-rank experts (QE-METHOD.md §7).
+    """Shared expert plus top-1 routed low-rank experts (docs/method.md, inference).
 
     Buffers: ``A_s`` ``(d_out, r_s)``, ``B_s`` ``(r_s, d_in)``; ``A`` ``(N, d_out, r_r)``,
     ``B`` ``(N, r_r, d_in)``; router ``R`` ``(N, d_in)``. ``r_s = 0`` means no shared expert,

@@ -1,4 +1,4 @@
-"""Quant Experts (QE-METHOD.md §1–§5, §9): shared expert + token-routed low-rank experts.
+"""Quant Experts (docs/method.md): shared expert + token-routed low-rank experts.
 
 Per linear, in the smoothed basis (``W̃``, ``x̃``, ``H̃``; the pipeline picks α per smoothing
 group from :meth:`QuantExperts.smoothing_candidates`):
@@ -11,7 +11,8 @@ group from :meth:`QuantExperts.smoothing_candidates`):
    ``H_i = Σ_{t ∈ T_i} x̃ x̃ᵀ`` (damped), rank r_r; router ``R`` by ridge least squares so that
    ``R|x̃_t|`` predicts ``e_{t,i} = ‖(E_S − A_i B_i) x̃_t‖``.
 
-Decisions where QE-METHOD.md leaves room (each documented where it is made):
+Decisions where the paper leaves room (each documented where it is made; docs/method.md, choices
+where the paper is silent):
 
 * ``C_t`` is the importance statistics' top-k set (their ``k``); ``config.k`` sizes the split.
 * The routed fit, the router and the figures use the pipeline's token sample, subsampled
@@ -20,7 +21,7 @@ Decisions where QE-METHOD.md leaves room (each documented where it is made):
   (``x = x̃ · s``) with the statistics' estimator, as the statistics themselves were.
 * ``routed-only`` keeps the same ``C_r`` (ranks k … k(1+N_r) of the frequency order) and the
   same smoothing candidates; only the exemption and the shared expert go.
-* ``refine=true`` (layer-wise training, §6) runs after the closed-form fit and any
+* ``refine=true`` (layer-wise training, docs/method.md, refinement) runs after the closed-form fit and any
   alternation; see :mod:`qe.compensators.refinement` for its loss and the keep-if-better rule.
 
 The fitted :class:`QuantExpertsAdapter` carries ``fit_figures`` (JSON-serialisable; see
@@ -28,18 +29,11 @@ The fitted :class:`QuantExpertsAdapter` carries ``fit_figures`` (JSON-serialisab
 residual objective under router / oracle / shared-only, tokens per expert, the clustering
 summary and the fit time.
 
-Measured (``benchmarks/layer_fit.py``, SmolLM2-135M blocks 2/12/24 × q/gate/down, W4
-per-channel, 8k calibration / 4k held-out tokens, one core): held-out error against
-lowrank-64 on the same smoothed, exempted base, geometric means 0.920 (A6) and 0.891 (A8);
-oracle routing 0.895 / 0.861; random routing 1.113 / 1.146; ``alternation_rounds=2`` 0.874 /
-0.838, at about twice the fit time. Fit time is 4.6–5.8× lowrank-64's at 8k tokens; the
-deployed forward on 512 tokens 1.21–1.34× lowrank-64's (torch path). Ad-hoc
-runs (not in the committed results) gave: 6 alternation rounds ~0.81 on q/gate; 4k → 8k → 16k
-calibration tokens 0.94 → 0.91 → 0.89 on q (A6); fit time ~8–11× at 16k. QE's products scale with
-``tokens × d²`` (the Grams of the experts and of the router), the whitened low-rank fit's
-with ``d³`` only.
-With ``refine=true`` (16k calibration tokens, same layers) the held-out error against that
-lowrank-64 falls from 0.911 / 0.881 to 0.848 / 0.808 (A6 / A8), for 7–15 s more per layer.
+Cost: QE's fit scales with ``tokens × d²`` (the Grams of the experts and of the router), the
+whitened low-rank fit's with ``d³`` only, so QE fits several times slower than a rank-64
+low-rank compensator, and needs its token sample: fewer tokens lose most of its gain. Figures
+(held-out error, fit and forward time against rank 64, alternation, refinement) are in
+docs/results.md, one layer at a time.
 """
 
 from __future__ import annotations
@@ -254,7 +248,7 @@ class QuantExperts(Compensator):
         X, rows = self._token_sample(layer)  # (T, d_in) x̃; rows of layer.tokens kept
         H = layer_hessian(layer, "qe")
 
-        # Shared expert (§3.3): whitened fit with the layer's full Hessian.
+        # Shared expert (docs/method.md, shared expert): whitened fit with the layer's full Hessian.
         if r_s > 0:
             A_s, B_s = whitened_lowrank(E, H, r_s, c.damp, where=layer.name)
         else:
@@ -362,7 +356,7 @@ class QuantExperts(Compensator):
         self, layer: LayerContext, X: torch.Tensor, C_r: torch.Tensor, labels: torch.Tensor, n_experts: int,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Expert per sample token (§4.4) from scores recomputed in the original basis
+        """Expert per sample token (docs/method.md, routed experts) from scores recomputed in the original basis
         (``x = x̃ · s``); ``C_t`` from the statistics' stored top-k sets when they line up
         with the sample (:meth:`_stored_topk`), else recomputed."""
         importance = importance_of(layer, "qe")
@@ -399,7 +393,7 @@ class QuantExperts(Compensator):
         return topk[positions.long()]
 
     def _refine(self, layer, X, E_S, residual, F, A, B, R, e_sq):
-        """Layer-wise refinement (§6); the refined factors replace the closed-form ones only if
+        """Layer-wise refinement (docs/method.md, refinement); the refined factors replace the closed-form ones only if
         they lower the calibration residual objective under the router's choice."""
         c = self.config
         schedule = RefineSchedule(c.refine_epochs, c.refine_iterations, c.refine_lr, c.refine_kl_weight,

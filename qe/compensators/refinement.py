@@ -1,4 +1,4 @@
-"""Optional layer-wise refinement of QE's routed experts and router (QE-METHOD.md §6).
+"""Optional layer-wise refinement of QE's routed experts and router (docs/method.md, refinement).
 
 Starting from the closed-form fit, AdamW trains only the routed experts ``A_i, B_i`` and the
 router ``R`` on the layer's calibration token sample, with a cosine learning-rate schedule
@@ -8,8 +8,8 @@ over the paper's 16 epochs × 100 iterations. The loss has two terms:
   the router's own top-1 choice as deployed, divided by ``Σ_t ‖E_S x̃_t‖²`` of the batch.
   The target is the weight-error part of the output (``E_S x̃``: the layer's output that the
   quantized base and the shared expert leave), the same objective as the closed-form fit;
-  QE-METHOD.md §5b measured that fitting the output residual with activation-quantization
-  error in it did not help on held-out tokens.
+  fitting the output residual with activation-quantization error in it did not help on
+  held-out tokens (1–5% worse at one layer).
 * **router**: ``KL(q_t ‖ p_t)`` between the distribution implied by the true residuals,
   ``q_t = softmax(−e_t / τ)`` with ``e_{t,i} = ‖(E_S − A_i B_i) x̃_t‖`` under the current
   experts (no gradient), and the router's, ``p_t = softmax(−R|x̃_t| / τ)``. One temperature per

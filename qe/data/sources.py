@@ -67,7 +67,7 @@ class PydocConfig:
 
 
 class PydocText(CalibrationSource):
-    """Text protocol of shared/ANCHORS.md: windows from the first 60% of the pydoc topics."""
+    """The text benchmark protocol: 512-token windows from the first 60% of the pydoc topics."""
 
     name = "pydoc"
     Config = PydocConfig

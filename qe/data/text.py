@@ -1,4 +1,4 @@
-"""The text benchmark protocol (shared/ANCHORS.md), shared by every perplexity figure.
+"""The text benchmark protocol (docs/protocol.md, text protocol), shared by every perplexity figure.
 
 Text: ``pydoc_data.topics.topics`` sorted by key, values joined by a blank line, tokenised
 without special tokens. The first 60% of the tokens are for calibration (64 windows of 512

@@ -1,4 +1,4 @@
-"""Perplexity by the benchmark protocol (shared/ANCHORS.md, DESIGN.md).
+"""Perplexity by the benchmark protocol (docs/protocol.md, text protocol).
 
 Protocol: the held-out last 40% of the pydoc-topics token stream, cut into non-overlapping
 512-token windows (a trailing partial window is dropped); each window predicts its 511

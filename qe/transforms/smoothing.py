@@ -1,7 +1,7 @@
 """The smoothing transform shared by SmoothQuant-style quantization and QE's planning step.
 
 Per smoothing group (the linears that read one input, e.g. q/k/v after the input norm), one
-scale vector ``s`` (``d_in``) moves activation outliers into the weights (QE-METHOD.md §3.1):
+scale vector ``s`` (``d_in``) moves activation outliers into the weights (docs/method.md, smoothing):
 
     s_j = max|X_j|^α / max_{linears, o} |W[o, j]|^(1−α)
     W̃ = W · diag(s)          x̃ = x / s          H̃ = diag(1/s) H diag(1/s)
