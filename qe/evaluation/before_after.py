@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qe.errors import NumericalError
 from qe.evaluation.perplexity import heldout_windows, perplexity
 from qe.models.base import EncodedSample
 from qe.models.loading import LoadedModel
@@ -41,6 +42,16 @@ class Reference:
 
 
 @torch.no_grad()
+def _ppl(model: nn.Module, windows: list[np.ndarray]) -> tuple[float, int]:
+    """Perplexity and predicted tokens; NaN when the model's logits are not finite (the
+    checks that name the damaged tensor come later, where tensors are written)."""
+    try:
+        result = perplexity(model, windows, progress=False)
+    except NumericalError:
+        return float("nan"), sum(len(w) - 1 for w in windows)
+    return result.ppl, result.tokens
+
+
 def _last_hidden(model: nn.Module, inputs: dict) -> torch.Tensor:
     out = model(**inputs, output_hidden_states=True, use_cache=False)
     return out.hidden_states[-1].detach().float().cpu()
@@ -64,12 +75,12 @@ def measure_reference(loaded: LoadedModel, calibration: list[EncodedSample],
     t0 = time.perf_counter()
     model = loaded.model
     windows = heldout_windows(loaded.tokenizer, max_tokens=heldout_tokens)
-    ppl = perplexity(model, windows, progress=False)
+    ppl, tokens = _ppl(model, windows)
     dev = _device(model)
     heldout = [_last_hidden(model, _window_inputs(w, dev)) for w in windows]
     chosen = calibration[:CALIBRATION_SAMPLES]
     calib = [_last_hidden(model, _to(e.inputs, dev)) for e in chosen]
-    return Reference(ppl.ppl, ppl.tokens, windows, heldout, chosen, calib, time.perf_counter() - t0)
+    return Reference(ppl, tokens, windows, heldout, chosen, calib, time.perf_counter() - t0)
 
 
 def _relative(reference: list[torch.Tensor], now: list[torch.Tensor]) -> float:
@@ -82,13 +93,13 @@ def compare_with(reference: Reference, model: nn.Module) -> dict[str, float]:
     """The after side: the figures of the quantized ``model`` beside the reference's."""
     t0 = time.perf_counter()
     dev = _device(model)
-    ppl = perplexity(model, reference.windows, progress=False)
+    ppl, _ = _ppl(model, reference.windows)
     heldout = [_last_hidden(model, _window_inputs(w, dev)) for w in reference.windows]
     calib = [_last_hidden(model, _to(e.inputs, dev)) for e in reference.calibration]
     return {
         "heldout_tokens": reference.tokens,
         "ppl_full_precision": reference.ppl,
-        "ppl_quantized": ppl.ppl,
+        "ppl_quantized": ppl,
         "hidden_rel_error_calibration": _relative(reference.calibration_hidden, calib),
         "hidden_rel_error_heldout": _relative(reference.heldout_hidden, heldout),
         "seconds": reference.seconds + time.perf_counter() - t0,

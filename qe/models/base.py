@@ -81,6 +81,9 @@ class ModelAdapter(Plugin):
     # sliding-window and global layers get their own masks and rotary embeddings), so capture
     # keeps every block's arguments.
     kwargs_differ_by_block: ClassVar[bool] = False
+    # The norms whose outputs the attention and the MLP read (smoothing folds into them).
+    attention_input_norm: ClassVar[str] = "input_layernorm"
+    mlp_input_norm: ClassVar[str] = "post_attention_layernorm"
 
     # ------------------------------------------------------------------ recognition
     @classmethod
@@ -130,9 +133,9 @@ class ModelAdapter(Plugin):
         """Linears sharing one input, with the norm to fold smoothing scales into."""
         have = self.block_linears(block)
         groups = [
-            SmoothingGroup(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "input_layernorm"),
+            SmoothingGroup(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], self.attention_input_norm),
             SmoothingGroup(["self_attn.o_proj"], None),
-            SmoothingGroup(["mlp.gate_proj", "mlp.up_proj"], "post_attention_layernorm"),
+            SmoothingGroup(["mlp.gate_proj", "mlp.up_proj"], self.mlp_input_norm),
             SmoothingGroup(["mlp.down_proj"], None),
         ]
         out = []

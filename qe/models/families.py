@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from qe.errors import ModelError
-from qe.models.base import ModelAdapter, SmoothingGroup
+from qe.models.base import ModelAdapter
 
 
 class ImageOnlyProcessorMixin:
@@ -142,17 +141,7 @@ class Gemma3Adapter(ModelAdapter):
     language_model_path = "model.language_model"
     image_placeholder = "<start_of_image>"
     kwargs_differ_by_block = True
-
-    def smoothing_groups(self, block: nn.Module) -> list[SmoothingGroup]:
-        have = self.block_linears(block)
-        groups = [
-            SmoothingGroup(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "input_layernorm"),
-            SmoothingGroup(["self_attn.o_proj"], None),
-            SmoothingGroup(["mlp.gate_proj", "mlp.up_proj"], "pre_feedforward_layernorm"),
-            SmoothingGroup(["mlp.down_proj"], None),
-        ]
-        return [SmoothingGroup([n for n in g.linears if n in have], g.norm) for g in groups
-                if any(n in have for n in g.linears)]
+    mlp_input_norm = "pre_feedforward_layernorm"
 
 
 class LlavaOnevisionAdapter(ImageOnlyProcessorMixin, ModelAdapter):
