@@ -156,3 +156,16 @@ def test_grid_accepts_setting_strings_and_objects():
 
     cells = grid_cells(["rtn"], ["none"], ["W4A16chsym", parse_setting("W4A8")])
     assert [c.setting.short_name for c in cells] == ["W4A16chsym", "W4A8"]
+
+
+@pytest.mark.parametrize("propagation", ["quantized", "fp-inputs"])
+def test_a_transform_axis_in_the_grid(tmp_path, propagation):
+    opts = CompareOptions(samples=2, eval_tokens=512, caption_nll=False, progress=False, propagation=propagation)
+    _, rows = run_compare("tiny:llava", "rtn", "none", "W4A8", out=tmp_path / "g", options=opts,
+                          transforms="none,smoothquant[alpha=0.5]")
+    by_label = {r["label"]: r for r in rows}
+    assert set(by_label) == {"FP32", "rtn+none@W4A8", "smoothquant[alpha=0.5]+rtn+none@W4A8"}
+    smoothed = by_label["smoothquant[alpha=0.5]+rtn+none@W4A8"]
+    assert smoothed["status"] == "ok" and smoothed["transform"] == "smoothquant[alpha=0.5]"
+    assert smoothed["ppl"] != by_label["rtn+none@W4A8"]["ppl"]  # the transform changed the model
+    assert smoothed["mean_rel_error_base"] is not None  # a transform reads calibration data
