@@ -290,3 +290,30 @@ def test_per_module_ranks_go_to_rank_pattern(lowrank_w4a16, tmp_path):
     assert config["r"] == 4 and config["rank_pattern"] == {name: 2} and config["alpha_pattern"] == {name: 2}
     assert config["lora_dropout"] == 0 and report["adapter"]["ranks"][name] == 2
     torch.testing.assert_close(_logits(_peft(out)), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("setting, strategies", [
+    ("W4A8", {"channel"}),  # int4 weights, int8 dynamic per-token activations
+    ("W8A16chasym", {"channel"}),
+    ("W3A16g32sym", {"group"}),
+    ("W4A16g64sym", {"channel", "group"}),  # a group as wide as the row (64) is one scale per row
+])
+def test_other_settings_load_to_qe_weights(setting, strategies, tmp_path_factory, tmp_path):
+    ckpt = _quantize(tmp_path_factory, setting, "none", setting)
+    out, report = export_checkpoint(ckpt, "compressed-tensors", tmp_path / "x")
+    groups = list(report["quantization_config"]["config_groups"].values())
+    assert {g["weights"]["strategy"] for g in groups} == strategies
+    assert {g["format"] for g in groups} == {"pack-quantized"}
+    group = groups[0]
+    reference = qe.load_quantized(ckpt)
+    a8 = group["input_activations"] is not None
+    hf = _hf(out, dequantize=not a8 and not group["weights"]["symmetric"])
+    got = _logits(hf)  # the first forward decompresses a compressed base
+    for name, ql in reference.model.named_modules():
+        if isinstance(ql, QuantLinear):
+            assert torch.equal(hf.get_submodule(name).weight.data, ql.dequantized_weight()), name
+    expected = _logits(reference.model)
+    if a8:
+        assert (got - expected).abs().max() < 0.03 * expected.abs().max()
+    else:
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
