@@ -161,6 +161,7 @@ def _routing_cost(loaded, terms, eval_tokens: int | None, progress: bool) -> dic
     from qe.compensators.modules import LowRankAdapter
     from qe.evaluation.perplexity import perplexity
 
+    t0 = time.perf_counter()
     with torch.no_grad():
         full = perplexity(loaded, progress=progress, max_tokens=eval_tokens)
         for name, ql in quantized_layers(loaded.model).items():
@@ -170,6 +171,7 @@ def _routing_cost(loaded, terms, eval_tokens: int | None, progress: bool) -> dic
         shared = perplexity(loaded, progress=progress, max_tokens=eval_tokens)
     return {"with_routed_experts": full.ppl, "without_routed_experts": shared.ppl,
             "increase": shared.ppl / full.ppl - 1.0, "tokens": full.tokens,
+            "seconds": time.perf_counter() - t0,
             "protocol": "held-out pydoc text, 512-token windows" + (f", first {eval_tokens} tokens" if eval_tokens else "")}
 
 
