@@ -317,3 +317,32 @@ def test_other_settings_load_to_qe_weights(setting, strategies, tmp_path_factory
         assert (got - expected).abs().max() < 0.03 * expected.abs().max()
     else:
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- the whole model through transformers
+
+
+def test_transformers_from_pretrained_equals_load_quantized(qe_w4a16, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    out, report = export_checkpoint(qe_w4a16, "transformers", tmp_path / "x")
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "qe"
+    hf = AutoModelForImageTextToText.from_pretrained(out)
+    q = hf.get_submodule("model.language_model.layers.0.self_attn.q_proj")
+    assert isinstance(q, QuantLinear) and isinstance(q.compensator, QuantExpertsAdapter)
+    expected = _logits(qe.load_quantized(qe_w4a16))
+    assert torch.equal(_logits(hf), expected)  # routed experts included
+    assert torch.equal(_logits(qe.load_quantized(out)), expected)  # still a qe checkpoint
+
+
+def test_import_qe_registers_the_method_before_transformers_loads(qe_w4a16, tmp_path):
+    import subprocess
+    import sys
+
+    out, _ = export_checkpoint(qe_w4a16, "transformers", tmp_path / "x")
+    code = ("import qe, sys; assert 'transformers.quantizers.auto' not in sys.modules; "
+            "from transformers import AutoModelForImageTextToText as A; "
+            f"m = A.from_pretrained({str(out)!r}); print(type(m.model.language_model.layers[0].mlp.up_proj).__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("QuantLinear")

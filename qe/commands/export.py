@@ -16,6 +16,11 @@ def cmd_export(args) -> int:
     out, report = export_checkpoint(args.checkpoint, args.format, args.out, force=args.force,
                                     eval_tokens=eval_tokens, evaluate=not args.no_eval, progress=not args.quiet)
     b = report["bytes"]
+    if args.format == "transformers":
+        print(f"qe export: {report['layers']} quantized linears, qe's full model for transformers' from_pretrained "
+              f"(after `import qe`); {b['base'] / 1e6:.2f} MB; {report['seconds']:.1f} s")
+        print(f"qe export: written to {out} (qe_export.json describes it)")
+        return 0
     print(f"qe export: {report['layers']} quantized linears as compressed-tensors "
           f"({', '.join(sorted({g['format'] for g in report['quantization_config']['config_groups'].values()}))}); "
           f"base {b['base'] / 1e6:.2f} MB, adapter {b['adapter'] / 1e6:.2f} MB (checkpoint {b['checkpoint'] / 1e6:.2f} MB); "
@@ -37,7 +42,8 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("checkpoint", help="a checkpoint directory written by `qe quantize`")
     p.add_argument("--format", required=True, choices=FORMATS,
-                   help="compressed-tensors: the quantized base; peft-lora: the base plus a PEFT LoRA adapter in OUT/lora")
+                   help="compressed-tensors: the quantized base; peft-lora: the base plus a PEFT LoRA adapter in OUT/lora; "
+                        "transformers: qe's whole model, loadable with from_pretrained after `import qe`")
     p.add_argument("--eval-tokens", type=int, default=None,
                    help="held-out tokens for the perplexity without routed experts (default 8192, 0 = all)")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity of the model without routed experts")

@@ -29,7 +29,7 @@ from qe.errors import ConfigError, QEError
 from qe.export.plan import check_base, fold_plan, lowrank_term
 from qe.paths import atomic_directory
 
-FORMATS = ("compressed-tensors", "peft-lora")
+FORMATS = ("compressed-tensors", "peft-lora", "transformers")
 REPORT = "qe_export.json"
 ADAPTER_DIR = "lora"
 _SKIP_FILES = {"qe_manifest.json", "config.json"}
@@ -38,7 +38,7 @@ DEFAULT_EVAL_TOKENS = 8192
 
 def require(fmt: str) -> None:
     """The optional dependencies of ``fmt``, or a one-line error naming the extra."""
-    needed = ["compressed_tensors"] + (["peft"] if fmt == "peft-lora" else [])
+    needed = {"compressed-tensors": ["compressed_tensors"], "peft-lora": ["compressed_tensors", "peft"]}.get(fmt, [])
     for module in needed:
         try:
             __import__(module)
@@ -67,7 +67,9 @@ def export_checkpoint(
     """Export ``checkpoint`` (a ``qe quantize`` directory) as ``fmt`` into ``out``.
 
     ``fmt``: ``compressed-tensors`` (the base alone; compensators are left out and the report
-    says so) or ``peft-lora`` (the base plus a PEFT LoRA adapter in ``out/lora``). With
+    says so), ``peft-lora`` (the base plus a PEFT LoRA adapter in ``out/lora``) or
+    ``transformers`` (the whole qe model, routed experts included, loadable with
+    ``from_pretrained`` after ``import qe``: :func:`export_transformers`). With
     ``evaluate`` and a checkpoint whose compensators route experts, the perplexity of qe's
     model with and without its routed experts is measured on the held-out text
     (``eval_tokens`` tokens; None = all of it) and written to the report. ``loaded``: the
@@ -87,6 +89,8 @@ def export_checkpoint(
         raise QEError(f"{source} is not a qe checkpoint (qe_manifest.json missing): give a directory written by "
                       "`qe quantize`")
     require(fmt)
+    if fmt == "transformers":
+        return export_transformers(source, out, force=force, manager=manager)
     loaded = loaded if loaded is not None else load_quantized(source, manager=manager)
     model = loaded.model
     layers = ckpt_mod.quantized_layers(model)
@@ -151,6 +155,47 @@ def export_checkpoint(
                    "adapter": dir_bytes(tmp / ADAPTER_DIR)},
             seconds=time.perf_counter() - t0,
         )
+        (tmp / REPORT).write_text(json.dumps(_json_safe(report), indent=1))
+    return out, report
+
+
+def export_transformers(source: Path, out: Path, *, force: bool = False, manager=None) -> tuple[Path, dict[str, Any]]:
+    """A copy of the qe checkpoint that transformers' ``from_pretrained`` loads (qe.export.hf):
+    the same shards and manifest (so ``qe.load_quantized`` reads it too), ``config.json`` with
+    ``quantization_config = {"quant_method": "qe", "layouts": ...}`` and a
+    ``model.safetensors.index.json`` naming the shard of every tensor."""
+    from safetensors import safe_open
+
+    from qe import checkpoint as ckpt_mod
+    from qe.plugins import default_manager
+
+    t0 = time.perf_counter()
+    manifest = ckpt_mod.read_manifest(source)
+    ckpt_mod.verify_files(source, manifest["files"])
+    modules = (manager or default_manager()).compensator_modules()
+    for name, layout in manifest["layouts"].items():  # every compensator must be rebuildable at load
+        if layout.get("compensator") is not None:
+            ckpt_mod.compensator_module(name, layout["compensator"], modules)
+    with atomic_directory(out, force=force) as tmp:
+        for f in source.iterdir():
+            if f.is_file():
+                shutil.copy(f, tmp / f.name)
+        config = json.loads((source / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "qe", "format_version": manifest["format_version"],
+                                         "layouts": manifest["layouts"]}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        weight_map = {}
+        for shard in manifest["shards"]:
+            with safe_open(str(tmp / shard), "pt") as fh:
+                weight_map.update({key: shard for key in fh.keys()})
+        total = sum(rec["bytes"] for rec in manifest["files"].values())
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        report = {"format": "transformers", "source": str(source.resolve()), "notes": [
+            "load with AutoModelForImageTextToText/AutoModelForCausalLM.from_pretrained(DIR) after `import qe`"],
+            "composition": manifest.get("composition"), "layers": len(manifest["layouts"]), "shards": manifest["shards"],
+            "bytes": {"checkpoint": dir_bytes(source), "base": dir_bytes(tmp), "adapter": 0},
+            "seconds": time.perf_counter() - t0}
         (tmp / REPORT).write_text(json.dumps(_json_safe(report), indent=1))
     return out, report
 
