@@ -346,3 +346,10 @@ def test_import_qe_registers_the_method_before_transformers_loads(qe_w4a16, tmp_
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("QuantLinear")
+
+
+def test_peft_lora_without_low_rank_terms_is_refused(tmp_path_factory, tmp_path):
+    ckpt = _quantize(tmp_path_factory, "none", "none", "W4A16g32")
+    with pytest.raises(ConfigError, match="no low-rank compensator term") as err:
+        export_checkpoint(ckpt, "peft-lora", tmp_path / "x")
+    _one_line(err)

@@ -62,7 +62,8 @@ def dense_linear(ql: QuantLinear, divisor: torch.Tensor | None) -> tuple[nn.Line
     return lin, scales
 
 
-def to_compressed(model: nn.Module, layers: dict[str, QuantLinear], folds: dict[str, tuple[str, torch.Tensor]]):
+def to_compressed(model: nn.Module, layers: dict[str, QuantLinear], folds: dict[str, tuple[str, torch.Tensor]],
+                  progress: bool = False):
     """Replace qe's quantized linears in ``model`` by compressed-tensors modules (in place);
     return the :class:`ModelCompressor` that describes them. Plain linears that are the
     producers of a fold have their rows divided too."""
@@ -100,24 +101,25 @@ def to_compressed(model: nn.Module, layers: dict[str, QuantLinear], folds: dict[
             if zp is not None:
                 zp.copy_((ql.zeros.detach().float() - half).round().reshape(zp.shape).to(zp.dtype))
     compressor = ModelCompressor.from_pretrained_model(model)
-    _quiet_tqdm(lambda: compressor.compress_model(model))
+    if progress:
+        compressor.compress_model(model)
+    else:
+        _without_progress(lambda: compressor.compress_model(model))
     for name, ql in layers.items():
         check_codes(name, ql, model.get_submodule(name))
     return compressor
 
 
-def _quiet_tqdm(fn):
-    import os
+def _without_progress(fn):
+    """Run ``fn`` with compressed-tensors' per-module progress bar silenced."""
+    from compressed_tensors.compressors.model_compressors import model_compressor as mc
 
-    old = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    bar = mc.tqdm
+    mc.tqdm = lambda iterable, *args, **kwargs: iterable
     try:
         return fn()
     finally:
-        if old is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = old
+        mc.tqdm = bar
 
 
 def check_codes(name: str, ql: QuantLinear, mod: nn.Module) -> None:

@@ -112,6 +112,9 @@ def export_checkpoint(
         report["notes"].append(f"{len(with_comp)} layers' compensators are not in a compressed-tensors base: "
                                "export --format peft-lora to keep their low-rank terms")
 
+    if fmt == "peft-lora" and not any(t.rank > 0 for t in terms.values()):
+        raise ConfigError(f"{source} has no low-rank compensator term to write as PEFT LoRA: export "
+                          "--format compressed-tensors for the base alone")
     routed = {n: t.dropped for n, t in terms.items() if t.dropped.get("num_experts")}
     if routed:
         report["notes"].append(
@@ -128,7 +131,7 @@ def export_checkpoint(
     for producer, (_consumer, divisor) in folds.items():
         if producer in terms:
             terms[producer] = divide_rows(terms[producer], divisor)
-    compressor = to_compressed(model, layers, folds)
+    compressor = to_compressed(model, layers, folds, progress)
 
     with atomic_directory(out, force=force) as tmp:
         shards = state_to_shards(model.state_dict(), tmp)
