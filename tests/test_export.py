@@ -192,6 +192,7 @@ def test_unfoldable_smoothing_is_refused_naming_the_layer(lowrank_w4a16, tmp_pat
     (lambda ql: setattr(ql, "a_bits", 4), "A4 activations"),
     (lambda ql: (setattr(ql, "a_bits", 8), setattr(ql, "act_keep", torch.arange(ql.in_features) % 5 > 0)),
      "activation-exempt columns"),
+    (lambda ql: setattr(ql, "group_size", 48), "group size 48 that does not divide the input width 64"),
 ])
 def test_settings_the_format_cannot_express_are_refused(lowrank_w4a16, tmp_path, change, words):
     loaded = qe.load_quantized(lowrank_w4a16)
@@ -353,3 +354,14 @@ def test_peft_lora_without_low_rank_terms_is_refused(tmp_path_factory, tmp_path)
     with pytest.raises(ConfigError, match="no low-rank compensator term") as err:
         export_checkpoint(ckpt, "peft-lora", tmp_path / "x")
     _one_line(err)
+
+
+def test_a_term_on_the_unsmoothed_input_divides_b_columns():
+    from qe.export.lora import on_input
+    from qe.export.plan import LowRankTerm
+
+    gen = torch.Generator().manual_seed(2)
+    A, B, x = torch.randn(6, 2, generator=gen), torch.randn(2, 5, generator=gen), torch.randn(3, 5, generator=gen)
+    s = torch.rand(5, generator=gen) + 0.5
+    term = on_input(LowRankTerm(A, B, "lowrank"), s)
+    torch.testing.assert_close(x @ term.B.T @ term.A.T, (x / s) @ B.T @ A.T)
