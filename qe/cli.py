@@ -308,7 +308,7 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     export_arguments(p)
 
 
-COMMANDS["export"] = (cmd_export, "export a checkpoint as compressed-tensors, with a PEFT LoRA adapter for its low-rank terms")
+COMMANDS["export"] = (cmd_export, "export a checkpoint: compressed-tensors base, PEFT LoRA adapter, or transformers from_pretrained")
 EXTRA_ARGUMENTS["export"] = _export_arguments
 
 
