@@ -28,4 +28,17 @@ def quantize(recipe, model=None, **kwargs):
     return run_quantize(recipe, model, **kwargs)
 
 
+def _register_transformers_method() -> None:
+    """qe checkpoints exported with ``qe export --format transformers`` load through
+    ``from_pretrained`` (qe.export.hf): registered when transformers loads its quantizers."""
+    try:
+        from qe.export.hf import install_import_hook
+
+        install_import_hook()
+    except Exception:  # an optional integration must never break `import qe`
+        pass
+
+
+_register_transformers_method()
+
 __all__ = ["QEError", "QuantSetting", "analyze", "hookimpl", "load_quantized", "parse_setting", "quantize", "__version__"]

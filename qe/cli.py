@@ -378,6 +378,22 @@ EXTRA_ARGUMENTS: dict = {"analyze": _analyze_arguments, "quantize": _quantize_ar
                          "compare": _compare_arguments, "eval": _eval_arguments}
 
 
+def cmd_export(args) -> int:
+    from qe.commands.export import cmd_export as run
+
+    return run(args)
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    from qe.commands.export import export_arguments
+
+    export_arguments(p)
+
+
+COMMANDS["export"] = (cmd_export, "export a checkpoint: compressed-tensors base, PEFT LoRA adapter, or transformers from_pretrained")
+EXTRA_ARGUMENTS["export"] = _export_arguments
+
+
 def _quiet_libraries(quiet: bool) -> None:
     import warnings
 

@@ -1,0 +1,1 @@
+"""Export of qe checkpoints to the serving ecosystem (compressed-tensors, PEFT LoRA)."""
