@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from qe.errors import QEError
 
@@ -55,6 +57,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, data: Any, default: Callable[[Any], Any] | None = None) -> None:
+    """Write ``data`` as indented JSON under a temporary name and rename it into place
+    (``default`` converts what JSON cannot hold, as in :func:`json.dumps`)."""
+    atomic_write_text(Path(path), json.dumps(data, indent=1, default=default))
 
 
 def _nearest_existing(path: Path) -> Path:

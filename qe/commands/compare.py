@@ -23,7 +23,6 @@ import copy
 import datetime as _dt
 import hashlib
 import json
-import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from qe.data.calibration import calibration_set, data_hash, encode_samples, toke
 from qe.data.sources import check_source
 from qe.errors import ConfigError, QEError
 from qe.models.loading import LoadedModel, load_model
-from qe.paths import check_output, output_lock
+from qe.paths import atomic_write_json, check_output, output_lock
 from qe.pipeline import PipelineOptions, PipelineResult, QuantizationPipeline
 from qe.plugins import default_manager, split_plugin_list
 from qe.settings import QuantSetting, parse_setting, parse_settings
@@ -114,12 +113,6 @@ def grid_cells(quantizers: str | list[str], compensators: str | list[str], setti
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
-    os.replace(tmp, path)
 
 
 def _json_default(o):
@@ -243,7 +236,7 @@ def _run_grid(model, cells, grid, out, options, force, loaded, manager) -> tuple
     fp_key = f"fp-{_hash(base_key)}"
     calib_facts = {"data_hash": dhash, "calibration": source, "calibration_tokens": token_counts(encoded)}
     keys = {"keys": {c.label: c.key for c in cells}, "fp_key": fp_key}
-    _write_json(out / GRID_FILE, {**grid, **calib_facts, **keys})
+    atomic_write_json(out / GRID_FILE, {**grid, **calib_facts, **keys}, default=_json_default)
     cells_dir = out / "cells"
     evaluator = Evaluator(loaded, options)
 
@@ -252,7 +245,7 @@ def _run_grid(model, cells, grid, out, options, force, loaded, manager) -> tuple
         row = {"quantizer": "–", "compensator": "–", "setting": "FP32", "label": "FP32", "status": "ok",
                **evaluator(loaded.model), "bits_per_weight": 32.0, "bits_per_weight_with_adapters": 32.0,
                "added_params": 0, "added_flops_per_token": 0}
-        _write_json(fp_file, row)
+        atomic_write_json(fp_file, row, default=_json_default)
 
     pending = [c for c in cells if not _done(cells_dir, c)]
     manager.hook.qe_run_start(command="compare", info={"model": loaded.name, "cells": [c.label for c in pending],
@@ -313,7 +306,7 @@ def _keep_error_history(cells_dir: Path, cells: list[Cell], earlier: dict[str, l
             row["previous_errors"] = before
         else:
             row["errors"] = before + [row.get("error", "unknown error")]
-        _write_json(path, row)
+        atomic_write_json(path, row, default=_json_default)
 
 
 def _done(cells_dir: Path, cell: Cell) -> bool:
@@ -327,7 +320,7 @@ def _record_failure(cells_dir: Path, cell: Cell, exc: BaseException) -> None:
     row = {"quantizer": cell.quantizer, "compensator": cell.compensator, "setting": cell.setting.short_name,
            "label": cell.label, "status": "error", "error": f"{type(exc).__name__}: {message}",
            "traceback": traceback.format_exc(limit=4)}
-    _write_json(cells_dir / f"{cell.key}.json", row)
+    atomic_write_json(cells_dir / f"{cell.key}.json", row, default=_json_default)
 
 
 def _model_copy(loaded: LoadedModel) -> LoadedModel:
@@ -346,7 +339,7 @@ def _run_quantized(loaded, cells, opts, inputs, evaluator, cells_dir, manager, o
             cell.result = pipe.run([], inputs=inputs, result=cell.result)
             seconds = time.perf_counter() - t0
             row = _cell_row(cell, work.model, evaluator(work.model), seconds)
-            _write_json(cells_dir / f"{cell.key}.json", {**row, **shared})
+            atomic_write_json(cells_dir / f"{cell.key}.json", {**row, **shared}, default=_json_default)
         except (Exception, QEError) as exc:  # a failing cell is recorded; the grid goes on
             _record_failure(cells_dir, cell, exc)
         finally:
@@ -411,7 +404,7 @@ def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, cells_dir, manager, o
                 target[i] = qblock
             cell.blocks = []
             row = _cell_row(cell, work, evaluator(work), seconds[cell.key])
-            _write_json(cells_dir / f"{cell.key}.json", {**row, **shared, "shared_stream_seconds": stream_seconds})
+            atomic_write_json(cells_dir / f"{cell.key}.json", {**row, **shared, "shared_stream_seconds": stream_seconds}, default=_json_default)
         except (Exception, QEError) as exc:
             _record_failure(cells_dir, cell, exc)
 

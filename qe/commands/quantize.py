@@ -19,11 +19,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -33,7 +31,7 @@ from qe.data.calibration import calibration_set, data_hash, token_counts, tokens
 from qe.errors import ConfigError, QEError
 from qe.evaluation import before_after
 from qe.models.loading import LoadedModel, load_model, parse_dtype
-from qe.paths import check_output, output_lock
+from qe.paths import atomic_write_json, check_output, output_lock
 from qe.pipeline import LayerRecord, PipelineOptions, PipelineResult, QuantizationPipeline
 from qe.plugins import default_manager
 from qe.recipe import Recipe
@@ -51,11 +49,6 @@ def partial_dir(out: Path) -> Path:
 def _old_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.old"
 
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def _versions() -> dict[str, str]:
@@ -229,7 +222,7 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
         state.update(run_hash=run_hash, identity=identity, finished=i + 1,
                      layers=[{**asdict(r), "shape": list(r.shape)} for r in res.layers],
                      blocks=res.blocks, seconds=res.seconds, warnings=res.warnings)
-        _write_json(work / PROGRESS, state)
+        atomic_write_json(work / PROGRESS, state)
 
     manager.hook.qe_run_start(command="quantize", info={"model": loaded.name, "composition": composition.label,
                                                        "num_blocks": len(blocks), "resumed_at": done,
@@ -362,7 +355,7 @@ def _finish(loaded, work, out, recipe, composition, result, source, n_samples, t
         "files": files,
     }
     _phase("manifest")
-    _write_json(work / checkpoint.MANIFEST, _json_safe(manifest))
+    atomic_write_json(work / checkpoint.MANIFEST, _json_safe(manifest))
     _complete(work, out, force)
     return manifest
 

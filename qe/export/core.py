@@ -200,6 +200,9 @@ def export_transformers(source: Path, out: Path, *, force: bool = False, manager
             "bytes": {"checkpoint": dir_bytes(source), "base": dir_bytes(tmp), "adapter": 0},
             "seconds": time.perf_counter() - t0}
         (tmp / REPORT).write_text(json.dumps(_json_safe(report), indent=1))
+        # the copy stays a qe checkpoint: its manifest hashes the files this export changed or added
+        manifest["files"].update(ckpt_mod.file_records(tmp, ["config.json", "model.safetensors.index.json", REPORT]))
+        (tmp / ckpt_mod.MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out, report
 
 
