@@ -130,6 +130,7 @@ def cmd_analyze(args) -> int:
     layers = summary["layers"]
     print(f"qe analyze: {len(layers)} layers of {run['model']}, {run['calibration']['samples']} samples "
           f"({run['seconds']['statistics']:.1f} s statistics, {run['seconds']['report']:.1f} s report)")
+    print(f"qe analyze: calibration: {run['calibration']['source']}")
     for note in run.get("notes", []):
         print(f"note: {note}")
     unranked = [s["never_ranked"] for s in layers if s.get("never_ranked", {}).get("count")]
@@ -301,6 +302,8 @@ def cmd_compare(args) -> int:
 
     print(markdown_table(rows))
     failed = [r for r in rows if r.get("status") != "ok"]
+    grid = json.loads((path / "grid.json").read_text())
+    print(f"qe compare: calibration: {grid.get('calibration')}")
     print(f"qe compare: {len(rows) - 1} cells ({len(failed)} failed); report written to {path}/index.html "
           "(results.csv, results.md, plots)")
     return 0

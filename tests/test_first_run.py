@@ -65,3 +65,13 @@ def test_manifest_counts_calibration_tokens_by_source(tmp_path):
     assert calib["tokens_by_source"]["pydoc"] == 2 * 512 and calib["tokens_by_source"]["builtin"] > 0
     assert sum(calib["tokens_by_source"].values()) == sum(calib["tokens"].values())
     assert manifest["heldout_check"] is None
+
+
+def test_analyze_and_compare_say_which_calibration(tmp_path, capsys):
+    assert cli.main(["analyze", "--model", "tiny:llava", "--samples", "2", "--k", "4", "--num-experts", "2",
+                     "--plot-layers", "0", "--out", str(tmp_path / "a"), "--quiet"]) == 0
+    assert "qe analyze: calibration: images" in capsys.readouterr().out
+    assert cli.main(["compare", "--model", "tiny:llava", "--samples", "2", "--quantizers", "rtn", "--compensators",
+                     "none", "--settings", "W4A8", "--eval-tokens", "512", "--no-caption-nll",
+                     "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    assert "qe compare: calibration: images" in capsys.readouterr().out
