@@ -94,6 +94,21 @@ def adapter_keys(model: nn.Module) -> set[str]:
             for key in ql.compensator.state_dict()}
 
 
+def split_into_shards(tensors: dict[str, torch.Tensor], max_bytes: int = MAX_SHARD_BYTES) -> list[dict[str, torch.Tensor]]:
+    """Consecutive tensors grouped into shards of at most ``max_bytes`` (a larger tensor gets
+    a shard of its own)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += n
+    return shards
+
+
 def save_tensors(model: nn.Module, directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
                  adapter_dtype: torch.dtype | None = None) -> tuple[list[str], dict[str, str]]:
     """Write the model's tensors as safetensors shards; return file names and aliases.
@@ -105,15 +120,7 @@ def save_tensors(model: nn.Module, directory: Path, max_shard_bytes: int = MAX_S
         for key in adapter_keys(model) & state.keys():
             if state[key].is_floating_point():
                 state[key] = state[key].to(adapter_dtype)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, t in state.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += n
+    shards = split_into_shards(state, max_shard_bytes)
     names = []
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -57,6 +58,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as null, keys as strings and tensors as lists: what
+    strict JSON readers accept."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    tolist = getattr(value, "tolist", None)  # torch and numpy arrays (data, not a plugin)
+    return json_safe(tolist()) if callable(tolist) else value
 
 
 def atomic_write_json(path: Path, data: Any, default: Callable[[Any], Any] | None = None) -> None:

@@ -31,7 +31,7 @@ from qe.data.calibration import calibration_set, data_hash, token_counts, tokens
 from qe.errors import ConfigError, QEError
 from qe.evaluation import before_after
 from qe.models.loading import LoadedModel, load_model, parse_dtype
-from qe.paths import atomic_write_json, check_output, output_lock
+from qe.paths import atomic_write_json, check_output, json_safe, output_lock
 from qe.pipeline import LayerRecord, PipelineOptions, PipelineResult, QuantizationPipeline
 from qe.plugins import default_manager
 from qe.recipe import Recipe
@@ -355,7 +355,7 @@ def _finish(loaded, work, out, recipe, composition, result, source, n_samples, t
         "files": files,
     }
     _phase("manifest")
-    atomic_write_json(work / checkpoint.MANIFEST, _json_safe(manifest))
+    atomic_write_json(work / checkpoint.MANIFEST, json_safe(manifest))
     _complete(work, out, force)
     return manifest
 
@@ -381,14 +381,3 @@ def _complete(work: Path, out: Path, force: bool) -> None:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
-
-def _json_safe(value):
-    import math
-
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value

@@ -19,12 +19,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from qe.checkpoint import split_into_shards
 from qe.errors import ModelError
 from qe.export.plan import strategy
 from qe.quantized import dequantize
 from qe.quantizers.qlinear import QuantLinear
-
-MAX_SHARD_BYTES = 2 * 1024**3
 
 
 def scheme_key(ql: QuantLinear) -> tuple:
@@ -149,15 +148,7 @@ def state_to_shards(state: dict[str, torch.Tensor], directory: Path, prefix: str
             continue  # a tied alias (lm_head = embed_tokens): transformers re-ties it from the config
         seen[ident] = key
         unique[key] = t.detach().cpu().contiguous()
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, t in unique.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > MAX_SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += n
+    shards = split_into_shards(unique)
     if len(shards) == 1:
         names = [f"{prefix}.safetensors"]
     else:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 
 from qe.errors import ConfigError, QEError
 from qe.export.plan import check_base, fold_plan, lowrank_term
-from qe.paths import atomic_directory
+from qe.paths import atomic_directory, json_safe
 
 FORMATS = ("compressed-tensors", "peft-lora", "transformers")
 REPORT = "qe_export.json"
@@ -158,7 +157,7 @@ def export_checkpoint(
                    "adapter": dir_bytes(tmp / ADAPTER_DIR)},
             seconds=time.perf_counter() - t0,
         )
-        (tmp / REPORT).write_text(json.dumps(_json_safe(report), indent=1))
+        (tmp / REPORT).write_text(json.dumps(json_safe(report), indent=1))
     return out, report
 
 
@@ -199,7 +198,7 @@ def export_transformers(source: Path, out: Path, *, force: bool = False, manager
             "composition": manifest.get("composition"), "layers": len(manifest["layouts"]), "shards": manifest["shards"],
             "bytes": {"checkpoint": dir_bytes(source), "base": dir_bytes(tmp), "adapter": 0},
             "seconds": time.perf_counter() - t0}
-        (tmp / REPORT).write_text(json.dumps(_json_safe(report), indent=1))
+        (tmp / REPORT).write_text(json.dumps(json_safe(report), indent=1))
         # the copy stays a qe checkpoint: its manifest hashes the files this export changed or added
         manifest["files"].update(ckpt_mod.file_records(tmp, ["config.json", "model.safetensors.index.json", REPORT]))
         (tmp / ckpt_mod.MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -225,14 +224,3 @@ def _routing_cost(loaded, terms, eval_tokens: int | None, progress: bool) -> dic
             "seconds": time.perf_counter() - t0,
             "protocol": "held-out pydoc text, 512-token windows" + (f", first {eval_tokens} tokens" if eval_tokens else "")}
 
-
-def _json_safe(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    return value
