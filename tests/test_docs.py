@@ -2,8 +2,8 @@
 
 * The README, docs/ and every user-facing string of qe (string literals of its sources, the
   text files it ships, `qe plugins` and every `--help`) name only files the repository holds:
-  no `*.md`, `shared/…` or `../…` path that does not exist, and every relative link or
-  anchor in the Markdown resolves.
+  no Markdown file or `../…` path that does not exist, and every relative link or anchor in
+  the Markdown resolves.
 * Every `qe …` command line of the README parses with the real parser (`qe.cli.build_parser`),
   without running it, and `--help` works for every command it documents.
 * docs/cli.md documents every option of every command, and its `--help` blocks are current
@@ -31,7 +31,6 @@ QE_SOURCES = sorted(p for p in (ROOT / "qe").rglob("*") if p.suffix in (".py", "
 
 # A path-like token: letters, digits and . _ - / (a Markdown link target or a name in prose).
 _MD_PATH = re.compile(r"(?<![\w./-])([\w.-]+(?:/[\w.-]+)*\.md)\b")
-_SHARED = re.compile(r"(?<![\w-])((?:\.\./)*shared/[\w./-]*)")
 _PARENT = re.compile(r"(?<![\w.])((?:\.\./)+[\w.-][\w./-]*)")
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 _FENCE = re.compile(r"^[ \t]*```(\w*)\n(.*?)^[ \t]*```", re.S | re.M)
@@ -73,11 +72,10 @@ def outside_references(text: str, base: Path) -> list[str]:
                 bad.append(target)
         elif target not in names:
             bad.append(target)
-    for pattern in (_SHARED, _PARENT):
-        for m in pattern.finditer(text):
-            target = m.group(1).rstrip(".")
-            if not _exists(target, base):
-                bad.append(target)
+    for m in _PARENT.finditer(text):
+        target = m.group(1).rstrip(".")
+        if not _exists(target, base):
+            bad.append(target)
     return sorted(set(bad))
 
 
@@ -85,7 +83,8 @@ def outside_references(text: str, base: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("text", [
-    "see shared/QE-METHOD.md §5", "as in QE-METHOD.md", "the protocol of ANCHORS.md", "DESIGN.md conventions",
+    "see notes/METHOD-NOTES.md §5", "as in METHOD-NOTES.md", "the protocol of PEERS.md", "STYLE.md conventions",
+    "the figures in ../notes/peers.json",
     "[method](../outside/method.md)", "read ../notes.txt first", "docs/nothing-here.md",
 ])
 def test_checker_flags_outside_files(text):
