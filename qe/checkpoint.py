@@ -71,12 +71,13 @@ def module_layouts(model: nn.Module, manager: QEPluginManager | None = None) -> 
     return out
 
 
-def _dedup_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict with tensors sharing storage written once; aliases point to the kept key."""
-    state: dict[str, torch.Tensor] = {}
+def unique_tensors(state: dict[str, torch.Tensor | None]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``state`` with tensors sharing storage (tied embeddings) kept once; ``aliases`` maps each
+    dropped key to the key kept for it."""
+    unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for key, tensor in model.state_dict(keep_vars=False).items():
+    for key, tensor in state.items():
         if tensor is None:
             continue
         ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
@@ -84,8 +85,8 @@ def _dedup_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, s
             aliases[key] = seen[ident]
             continue
         seen[ident] = key
-        state[key] = tensor.detach().cpu().contiguous()
-    return state, aliases
+        unique[key] = tensor
+    return unique, aliases
 
 
 def adapter_keys(model: nn.Module) -> set[str]:
@@ -115,7 +116,8 @@ def save_tensors(model: nn.Module, directory: Path, max_shard_bytes: int = MAX_S
 
     With ``adapter_dtype``, the compensators' floating-point tensors are stored in that dtype
     (the model in memory is unchanged); loading casts them back into the modules' buffers."""
-    state, aliases = _dedup_state(model)
+    unique, aliases = unique_tensors(model.state_dict())
+    state = {k: t.detach().cpu().contiguous() for k, t in unique.items()}
     if adapter_dtype is not None:
         for key in adapter_keys(model) & state.keys():
             if state[key].is_floating_point():

@@ -152,7 +152,7 @@ def run_quantize(
         partial = has_partial_run(out)
         if partial and not resume and not force:
             raise QEError(f"a partial run of {out} exists in {work}: --resume to continue, --force to start over")
-        dtype_name = _dtype_name(dtype) if loaded is None else _dtype_name(next(loaded.model.parameters()).dtype)
+        dtype_name = _dtype_name(dtype) if loaded is None else _dtype_name(model_float_dtype(loaded.model))
         if resume and partial:
             _check_identity(work, {"recipe": recipe.to_dict(), "dtype": dtype_name})  # before the model loads
         elif resume:
@@ -262,16 +262,8 @@ def model_float_dtype(model: torch.nn.Module) -> torch.dtype:
 
 def state_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's tensors as stored (tensors sharing storage counted once)."""
-    seen, total = set(), 0
-    for t in model.state_dict().values():
-        if t is None:
-            continue
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if t.numel() and ident in seen:
-            continue
-        seen.add(ident)
-        total += t.numel() * t.element_size()
-    return total
+    unique, _ = checkpoint.unique_tensors(model.state_dict())
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def _restore_blocks(loaded: LoadedModel, work: Path, state: dict, manager) -> int:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qe.checkpoint import split_into_shards
+from qe.checkpoint import split_into_shards, unique_tensors
 from qe.errors import ModelError
 from qe.export.plan import strategy
 from qe.quantized import dequantize
@@ -140,15 +140,9 @@ def check_codes(name: str, ql: QuantLinear, mod: nn.Module) -> None:
 
 def state_to_shards(state: dict[str, torch.Tensor], directory: Path, prefix: str = "model") -> list[str]:
     """Write tensors as safetensors shards (tensors sharing storage written once); return names."""
-    seen: dict[tuple, str] = {}
-    unique: dict[str, torch.Tensor] = {}
-    for key, t in state.items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if t.numel() > 0 and ident in seen:
-            continue  # a tied alias (lm_head = embed_tokens): transformers re-ties it from the config
-        seen[ident] = key
-        unique[key] = t.detach().cpu().contiguous()
-    shards = split_into_shards(unique)
+    # a tied alias (lm_head = embed_tokens) is left out: transformers re-ties it from the config
+    unique, _ = unique_tensors(state)
+    shards = split_into_shards({k: t.detach().cpu().contiguous() for k, t in unique.items()})
     if len(shards) == 1:
         names = [f"{prefix}.safetensors"]
     else:
