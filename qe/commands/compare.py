@@ -37,7 +37,7 @@ from qe.composition import Composition, resolve_composition
 from qe.data.calibration import calibration_set, data_hash, encode_samples, token_counts
 from qe.data.sources import check_source
 from qe.errors import ConfigError, QEError
-from qe.models.loading import LoadedModel, load_model
+from qe.models.loading import LoadedModel, Placement, load_model
 from qe.paths import atomic_write_json, check_output, output_lock
 from qe.pipeline import PipelineOptions, PipelineResult, QuantizationPipeline
 from qe.plugins import default_manager, split_plugin_list
@@ -61,6 +61,7 @@ class CompareOptions:
     progress: bool = True
     dtype: str = "float32"
     trust_remote_code: bool = False
+    placement: Placement | None = None  # where the model goes; not part of a cell's identity
 
     def describe(self) -> dict:
         d = {k: getattr(self, k) for k in ("propagation", "eval_tokens", "caption_nll", "calib", "samples",
@@ -226,7 +227,7 @@ def _run_grid(model, cells, grid, out, options, force, loaded, manager) -> tuple
 
     t_start = time.perf_counter()
     loaded = loaded or load_model(model, device=options.device, dtype=options.dtype,
-                                  trust_remote_code=options.trust_remote_code)
+                                  trust_remote_code=options.trust_remote_code, placement=options.placement)
     source, encoded = calibration_set(loaded, options.calib, options.samples, options.progress)
     dhash = data_hash(encoded)
     model_id = str(loaded.path or loaded.name)
