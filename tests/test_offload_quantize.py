@@ -135,3 +135,32 @@ def test_checkpoint_loads_with_its_blocks_left_on_disk(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(placed.model(input_ids=ids).logits, full.model(input_ids=ids).logits,
                                    rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("propagation", ["quantized", "fp-inputs"])
+def test_compare_on_an_offloaded_model_gives_the_same_table(propagation, tmp_path):
+    from qe.cli import main
+
+    args = ["compare", "--model", "tiny:llava", "--quantizers", "rtn", "--compensators", "none,lowrank[rank=4]",
+            "--settings", "W4A8", "--samples", "3", "--eval-tokens", "1024", "--propagation", propagation, "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "memory")]) == 0
+    assert main([*args, "--out", str(tmp_path / "offloaded"), "--max-memory", "cpu=300KB",
+                 "--offload-folder", str(tmp_path / "offload")]) == 0
+    import csv
+
+    columns = ("setting", "quantizer", "compensator", "status", "ppl", "caption_nll", "mean_rel_error")
+
+    def rows(d):
+        with (d / "results.csv").open() as fh:
+            return [{k: r[k] for k in columns} for r in csv.DictReader(fh)]
+
+    assert len(rows(tmp_path / "memory")) == 3
+    assert rows(tmp_path / "memory") == rows(tmp_path / "offloaded")
+
+
+def test_max_memory_is_checked_before_loading(capsys):
+    from qe.cli import main
+
+    assert main(["eval", "--model", "tiny:llava", "--max-memory", "cpu:4G"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--max-memory" in err and "cpu=4GiB" in err

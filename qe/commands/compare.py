@@ -38,6 +38,7 @@ from qe.data.calibration import calibration_set, data_hash, encode_samples, toke
 from qe.data.sources import check_source
 from qe.errors import ConfigError, QEError
 from qe.models.loading import LoadedModel, Placement, load_model
+from qe.models.offload import in_memory_copy, onloaded
 from qe.paths import atomic_write_json, check_output, output_lock
 from qe.pipeline import PipelineOptions, PipelineResult, QuantizationPipeline
 from qe.plugins import default_manager, split_plugin_list
@@ -380,19 +381,20 @@ def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, cells_dir, manager, o
                           hessian=need_hessian, moments=False, estimator=estimator if k else None, k=k or 32) as stats:
             step.next_hidden = step.run(context)
         stream_seconds += time.perf_counter() - t_stream
-        for cell, pipe in live:
-            if cell.error:
-                continue
-            t0 = time.perf_counter()
-            try:
-                qblock = copy.deepcopy(block.module)
-                pipe.quantize_block_with_stats(Block(block.index, qblock, block.prefix), stats, cell.result)
-                cell.blocks.append(qblock)
-            except (Exception, QEError) as exc:
-                cell.error = "failed"
-                _record_failure(cells_dir, cell, exc)
-                cell.blocks = []
-            seconds[cell.key] += time.perf_counter() - t0
+        with onloaded(block.module, opts.device):  # an offloaded block: its copies hold real weights
+            for cell, pipe in live:
+                if cell.error:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    qblock = in_memory_copy(block.module)
+                    pipe.quantize_block_with_stats(Block(block.index, qblock, block.prefix), stats, cell.result)
+                    cell.blocks.append(qblock)
+                except (Exception, QEError) as exc:
+                    cell.error = "failed"
+                    _record_failure(cells_dir, cell, exc)
+                    cell.blocks = []
+                seconds[cell.key] += time.perf_counter() - t0
         shared_cache.clear()  # keys are per layer: nothing is reused across blocks
         del stats
     for cell, _ in tqdm(live, desc="evaluate", disable=not options.progress):

@@ -167,3 +167,15 @@ def _onloaded_direct(module: nn.Module, hooks: list) -> Iterator[None]:
         for hook, device in reversed(changed):
             hook.post_forward(module, None)
             hook.execution_device = device
+
+
+def in_memory_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` that holds its tensors itself: for an offloaded module, call it
+    inside :func:`onloaded` (the copy keeps the real tensors and drops accelerate's hooks)."""
+    import copy
+
+    from accelerate.hooks import remove_hook_from_module
+
+    clone = copy.deepcopy(module)
+    remove_hook_from_module(clone, recurse=True)  # nothing to remove on a plain module
+    return clone
