@@ -121,11 +121,18 @@ def test_offloaded_checkpoint_is_written_in_small_shards(tmp_path, monkeypatch):
                                    load_quantized(ref_dir).model(input_ids=ids).logits, rtol=0, atol=0)
 
 
-def test_checkpoint_loads_with_its_blocks_left_on_disk(tmp_path):
+@pytest.fixture(scope="module")
+def qe_checkpoint(tmp_path_factory):
+    path = tiny.tiny_model_dir("llava")
+    ckpt, _ = run_quantize(RECIPES["gptq+qe"], str(path), out=tmp_path_factory.mktemp("ckpt") / "qe",
+                           progress=False, check_heldout=False)
+    return ckpt
+
+
+def test_checkpoint_loads_with_its_blocks_left_on_disk(qe_checkpoint):
     """load_quantized with a device map: blocks mapped to disk are read from the shards on
     each forward (nothing copied, never allocated); the outputs equal a full load."""
-    path = tiny.tiny_model_dir("llava")
-    ckpt, _ = run_quantize(RECIPES["gptq+qe"], str(path), out=tmp_path / "ckpt", progress=False, check_heldout=False)
+    ckpt = qe_checkpoint
     full = load_quantized(ckpt)
     placed = load_quantized(ckpt, device_map=DISK_MAP)
     blocks = placed.adapter.decoder_blocks(placed.model)
@@ -164,3 +171,18 @@ def test_max_memory_is_checked_before_loading(capsys):
     assert main(["eval", "--model", "tiny:llava", "--max-memory", "cpu:4G"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--max-memory" in err and "cpu=4GiB" in err
+
+
+def test_eval_of_a_checkpoint_within_max_memory_scores_the_same(qe_checkpoint, capsys):
+    from qe.cli import main
+
+    args = ["eval", "--model", str(qe_checkpoint), "--eval-tokens", "1024", "--quiet"]
+    assert main(args) == 0
+    in_memory = capsys.readouterr().out
+    assert main([*args, "--max-memory", "cpu=100KB"]) == 0
+    placed = capsys.readouterr().out
+
+    def figure(out: str) -> str:  # "perplexity 1022.0580 over 1022 tokens" without the time
+        return next(ln for ln in out.splitlines() if ln.startswith("perplexity")).split(" in ")[0]
+
+    assert figure(in_memory) == figure(placed)
