@@ -332,8 +332,8 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cell-cpus", type=float, default=None,
                    help="with --executor ray: CPUs each cell's task reserves, and its torch threads (default 1)")
     p.add_argument("--cell-gpus", type=float, default=None,
-                   help="with --executor ray: GPUs each cell's task reserves (default 0); above 0 the cell runs on "
-                        "its GPU, and --device is then the driver's device only (full-precision reference)")
+                   help="with --executor ray: GPUs each cell's task reserves (default 0); above 0 the cell computes "
+                        "on its GPU, else on the CPU (--device is then the driver's: the full-precision reference)")
 
 
 def cmd_eval(args) -> int:

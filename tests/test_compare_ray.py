@@ -12,6 +12,7 @@ import pytest
 import qe
 from qe import cli
 from qe.commands.compare import CompareOptions, run_compare
+from qe.compensators.base import Compensator
 from qe.errors import ConfigError
 from qe.plugins import QEPluginManager
 
@@ -46,7 +47,7 @@ def test_unreachable_cluster_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"Ray cluster at 127\.0\.0\.1:1 .*RAY_ADDRESS.*ray start --head") as info:
         run_compare(*GRID, out=tmp_path / "g", options=_options(executor="ray"))
     assert "\n" not in str(info.value)
-    assert not ray.is_initialized()
+    assert not ray.is_initialized() and not (tmp_path / "g").exists()  # refused before any work
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +136,31 @@ def test_cell_resources_need_the_ray_executor(tmp_path, capsys):
     assert "--executor ray" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(ConfigError, match="--cell-cpus 0"):
         run_compare(*GRID, out=tmp_path / "g", options=_options(executor="ray", cell_cpus=0))
+
+
+class _Absent(Compensator):
+    """Installed on the driver only (for the test)."""
+
+    name = "driver-only"
+
+
+class _DriverOnly:
+    @qe.hookimpl
+    def qe_compensators(self):
+        return [_Absent]
+
+
+def test_a_task_whose_worker_differs_from_the_driver_records_why():
+    """A cell needing a plugin the worker lacks, or calibration data that differ from the
+    driver's, is an error row naming the cause (the task run in process, as a worker would)."""
+    from qe.commands.compare import grid_cells
+    from qe.commands.compare_ray import cell_spec, run_cell_task
+
+    driver = QEPluginManager(load_entry_points=False, extra_plugins=[_DriverOnly()])
+    missing = grid_cells("rtn", "driver-only", "W4A8", manager=driver)[0]
+    row = run_cell_task("tiny:llava", cell_spec(missing), _options(), "0" * 16)  # the worker's default plugins
+    assert row["status"] == "error" and row["label"] == "rtn+driver-only@W4A8"
+    assert "driver-only" in row["error"] and "install the same qe and plugins" in row["error"]
+    cell = grid_cells("rtn", "none", "W4A8")[0]
+    row = run_cell_task("tiny:llava", cell_spec(cell), _options(), "0" * 16)
+    assert row["status"] == "error" and "differ from the driver's" in row["error"]

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import socket
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -101,8 +102,13 @@ def run_cell_task(model: str | None, cell_spec: dict, options: CompareOptions, d
     from qe.plugins import default_manager
 
     manager = manager or default_manager()
-    cell = grid_cells([cell_spec["quantizer"]], [cell_spec["compensator"]], [cell_spec["setting"]],
-                      options.estimator, manager, [cell_spec["transform"]])[0]
+    try:
+        cell = grid_cells([cell_spec["quantizer"]], [cell_spec["compensator"]], [cell_spec["setting"]],
+                          options.estimator, manager, [cell_spec["transform"]])[0]
+    except (Exception, QEError) as exc:  # e.g. a plugin the driver has and this worker lacks
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        return {**cell_spec["row"], "status": "error", "traceback": traceback.format_exc(limit=4),
+                "error": f"{type(exc).__name__}: {message} (on the Ray worker: install the same qe and plugins there)"}
     cell.key = cell_spec["key"]
     rows: dict[str, dict] = {}
     try:
@@ -128,7 +134,9 @@ def run_cell_task(model: str | None, cell_spec: dict, options: CompareOptions, d
 def cell_spec(cell: Cell) -> dict:
     """What a task needs to rebuild ``cell`` on a worker (plain data) and check it resolves alike."""
     return {"transform": cell.transform, "quantizer": cell.quantizer, "compensator": cell.compensator,
-            "setting": cell.setting, "key": cell.key, "fingerprint": cell.composition.fingerprint()}
+            "setting": cell.setting, "key": cell.key, "fingerprint": cell.composition.fingerprint(),
+            "row": {"quantizer": cell.quantizer, "compensator": cell.compensator,
+                    "setting": cell.setting.short_name, "label": cell.label}}
 
 
 def run_on_ray(model: str | None, cells: list[Cell], options: CompareOptions, data_hash: str,
@@ -145,6 +153,11 @@ def run_on_ray(model: str | None, cells: list[Cell], options: CompareOptions, da
                           max_retries=MAX_RETRIES)(run_cell_task)
         refs = {task.remote(model, cell_spec(c), task_options, data_hash, shipped): c for c in cells}
         waiting = list(refs)
+        if options.progress:
+            total = ray.cluster_resources()
+            tqdm.write(f"qe compare: {len(cells)} cells as Ray tasks of {options.cell_cpus:g} CPU, "
+                       f"{options.cell_gpus:g} GPU each, on a cluster of {total.get('CPU', 0):g} CPUs, "
+                       f"{total.get('GPU', 0):g} GPUs")
         bar = tqdm(total=len(cells), desc="compare (ray)", disable=not options.progress)
         try:
             while waiting:
@@ -153,6 +166,8 @@ def run_on_ray(model: str | None, cells: list[Cell], options: CompareOptions, da
                     cell = refs[ref]
                     try:
                         row = ray.get(ref)
+                    except ray.exceptions.RayTaskError as exc:  # raised outside the cell's own handling
+                        row = failure_row(cell, exc.cause or exc, tb=str(exc))
                     except ray.exceptions.RayError as exc:  # the worker died more than MAX_RETRIES times
                         row = failure_row(cell, exc, tb="")
                     record(cell, row)
