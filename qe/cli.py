@@ -327,7 +327,7 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="reuse an output directory that holds a different grid")
     p.add_argument("--executor", choices=["serial", "ray"], default="serial",
                    help="serial (default): the cells one after another in this process; ray: each cell as a Ray "
-                        "task on the cluster at RAY_ADDRESS (else a local Ray instance), written into the same "
+                        "task on the cluster at RAY_ADDRESS (else on this machine), written into the same "
                         "grid directory under the same keys (needs pip install 'qe-quant[ray]')")
     p.add_argument("--cell-cpus", type=float, default=None,
                    help="with --executor ray: CPUs each cell's task reserves, and its torch threads (default 1)")

@@ -19,7 +19,6 @@ keeps two runs from writing it at once.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime as _dt
 import hashlib
@@ -211,18 +210,17 @@ def run_compare(
         raise ConfigError(f"propagation {options.propagation!r} unknown: use quantized or fp-inputs")
     if options.executor not in EXECUTORS:
         raise ConfigError(f"executor {options.executor!r} unknown: use {' or '.join(EXECUTORS)}")
-    session: contextlib.AbstractContextManager = contextlib.nullcontext()
     if options.executor == "ray":
-        from qe.commands.compare_ray import check_ray_options, ray_connection
+        from qe.commands.compare_ray import check_ray_options, probe_cluster
 
         check_ray_options(options, loaded)
-        session = ray_connection(quiet=not options.progress)
+        probe_cluster()  # an unreachable cluster fails before any work
     cells = grid_cells(quantizers, compensators, settings, options.estimator, manager, transforms)  # validated before loading
     out = Path(out)
     grid = {"model": model or "embedded-default", "cells": [c.label for c in cells], "options": options.describe()}
     check_output(out, kind="dir", allow_existing=True)
     check_source(options.calib)
-    with output_lock(out), session:  # an unreachable cluster fails before any work
+    with output_lock(out):
         return _run_grid(model, cells, grid, out, options, force, loaded, manager)
 
 

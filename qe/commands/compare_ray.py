@@ -57,36 +57,46 @@ def cell_device(options: CompareOptions) -> str:
 @contextlib.contextmanager
 def ray_connection(quiet: bool = False) -> Iterator[Any]:
     """Ray, connected: the session already open in this process, else the cluster at
-    ``RAY_ADDRESS``, else a new local instance (shut down again at the end)."""
+    ``RAY_ADDRESS``, else this machine's (one started by ``ray.init`` here ends with the run)."""
     ray = _ray()
     if ray.is_initialized():
         yield ray
         return
-    address = os.environ.get("RAY_ADDRESS") or None
+    address = probe_cluster()
     try:
-        _probe(address)
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.ERROR if quiet else logging.WARNING)
-    except Exception as exc:  # ConnectionError, TimeoutError, ValueError for a malformed address, ...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"cannot reach the Ray cluster at {address or 'this machine'} ({first}): set RAY_ADDRESS "
-                          "to the head node's address, start one there with `ray start --head`, or unset "
-                          "RAY_ADDRESS to run on a local Ray instance") from None
+    except Exception as exc:  # ConnectionError, version mismatch, ...
+        raise _unreachable(address, exc) from None
     try:
         yield ray
     finally:
         ray.shutdown()
 
 
-def _probe(address: str | None, timeout: float = 5.0) -> None:
-    """Fail fast on a cluster address nothing answers at: ``ray.init`` itself retries for minutes."""
+def _unreachable(address: str | None, exc: BaseException) -> ConfigError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ConfigError(f"cannot reach the Ray cluster at {address or 'this machine'} ({first}): set RAY_ADDRESS "
+                       "to the head node's address, start one there with `ray start --head`, or unset "
+                       "RAY_ADDRESS to run on this machine")
+
+
+def probe_cluster(timeout: float = 5.0) -> str | None:
+    """``RAY_ADDRESS`` (None when unset), after checking that something answers there: ``ray.init``
+    itself retries for minutes, and a grid checks before any work (a connection is opened only
+    when some cell is left to run)."""
+    address = os.environ.get("RAY_ADDRESS") or None
     if address is None or address in ("auto", "local"):
-        return
+        return address
     host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"{address!r} is not host:port")
-    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-        pass
+    try:
+        if not sep or not port.isdigit():
+            raise ValueError("not host:port")
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        raise _unreachable(address, exc) from None
+    return address
 
 
 def run_cell_task(model: str | None, cell_spec: dict, options: CompareOptions, data_hash: str,
