@@ -138,6 +138,13 @@ def test_cell_resources_need_the_ray_executor(tmp_path, capsys):
         run_compare(*GRID, out=tmp_path / "g", options=_options(executor="ray", cell_cpus=0))
 
 
+def test_a_cell_no_node_can_hold_is_refused(cluster, tmp_path):
+    """Ray would keep a task asking for a GPU that no node has waiting for ever."""
+    with pytest.raises(ConfigError, match=r"no node of the Ray cluster holds a cell of 1 CPUs and 1 GPUs \(its nodes: "
+                                          r"2 CPUs and 0 GPUs\)"):
+        run_compare(*GRID, out=tmp_path / "g", options=_options(executor="ray", cell_gpus=1))
+
+
 class _Absent(Compensator):
     """Installed on the driver only (for the test)."""
 

@@ -149,6 +149,17 @@ def cell_spec(cell: Cell) -> dict:
                     "setting": cell.setting.short_name, "label": cell.label}}
 
 
+def _check_fits(ray: Any, options: CompareOptions) -> None:
+    """Refuse cells no node can hold: Ray would keep such tasks waiting for ever."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(r.get("CPU", 0) >= options.cell_cpus and r.get("GPU", 0) >= options.cell_gpus for r in nodes):
+        return
+    largest = ", ".join(f"{r.get('CPU', 0):g} CPUs and {r.get('GPU', 0):g} GPUs" for r in nodes) or "none alive"
+    raise ConfigError(f"no node of the Ray cluster holds a cell of {options.cell_cpus:g} CPUs and "
+                      f"{options.cell_gpus:g} GPUs (its nodes: {largest}): lower --cell-cpus or --cell-gpus, "
+                      "or add such a node")
+
+
 def run_on_ray(model: str | None, cells: list[Cell], options: CompareOptions, data_hash: str,
                record: Callable[[Cell, dict], None], manager: Any) -> None:
     """Run ``cells`` as Ray tasks of ``--cell-cpus``/``--cell-gpus`` each; ``record`` each row on
@@ -159,6 +170,7 @@ def run_on_ray(model: str | None, cells: list[Cell], options: CompareOptions, da
     # Installed plugins load on each worker; only a manager built in code travels with the task.
     shipped = None if manager is default_manager() else manager
     with ray_connection(quiet=not options.progress) as ray:
+        _check_fits(ray, options)
         task = ray.remote(num_cpus=options.cell_cpus, num_gpus=options.cell_gpus,
                           max_retries=MAX_RETRIES)(run_cell_task)
         refs = {task.remote(model, cell_spec(c), task_options, data_hash, shipped): c for c in cells}
