@@ -48,6 +48,9 @@ def test_unreachable_cluster_is_one_line(tmp_path, monkeypatch):
         run_compare(*GRID, out=tmp_path / "g", options=_options(executor="ray"))
     assert "\n" not in str(info.value)
     assert not ray.is_initialized() and not (tmp_path / "g").exists()  # refused before any work
+    monkeypatch.setenv("RAY_ADDRESS", "head-node")
+    with pytest.raises(ConfigError, match=r"Ray cluster at head-node \(not host:port\)"):
+        run_compare(*GRID, out=tmp_path / "g", options=_options(executor="ray"))
 
 
 @pytest.fixture(scope="module")

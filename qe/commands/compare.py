@@ -15,6 +15,9 @@ error and the grid goes on, and the next run retries it (its record keeps every 
 plots and ``index.html`` are rewritten from those cells only at the end of every run: a cell
 file of other options or data is never reported as current. A lock beside the directory
 keeps two runs from writing it at once.
+
+With ``executor="ray"`` (``qe compare --executor ray``, :mod:`qe.commands.compare_ray`) each
+pending cell runs as a Ray task and this process writes the rows it returns, under the same keys.
 """
 
 from __future__ import annotations
