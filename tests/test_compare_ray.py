@@ -106,6 +106,22 @@ def test_a_worker_killed_mid_cell_has_its_cell_rerun(cluster, serial_grids, tmp_
     assert _figures(path) == _figures(serial_grids["quantized"])
 
 
+class _AlwaysDies:
+    @qe.hookimpl
+    def qe_block_end(self, block_index, num_blocks, figures):
+        os._exit(1)
+
+
+def test_a_cell_whose_worker_keeps_dying_is_recorded_as_failed(cluster, tmp_path, monkeypatch):
+    import qe.commands.compare_ray as compare_ray
+
+    monkeypatch.setattr(compare_ray, "MAX_RETRIES", 0)  # one death is the last
+    manager = QEPluginManager(extra_plugins=[_AlwaysDies()])
+    _, rows = run_compare("tiny:llava", "rtn", "none", "W4A8", out=tmp_path / "g", options=_options(executor="ray"),
+                          manager=manager)
+    assert rows[1]["status"] == "error" and "worker died 1 time;" in rows[1]["error"]  # and the next run retries it
+
+
 def test_a_serial_grid_finishes_on_ray_and_a_rerun_redoes_nothing(cluster, serial_grids, tmp_path, monkeypatch,
                                                                   capsys):
     import qe.commands.compare as compare

@@ -192,6 +192,9 @@ def run_on_ray(model: str | None, cells: list[Cell], options: CompareOptions, da
                         row = failure_row(cell, exc.cause or exc, tb=str(exc))
                     except ray.exceptions.RayError as exc:  # the worker died more than MAX_RETRIES times
                         row = failure_row(cell, exc, tb="")
+                        deaths = MAX_RETRIES + 1
+                        row["error"] += (f" (its worker died {deaths} time{'s' if deaths > 1 else ''}; out of memory? "
+                                         "reserve more per cell with --cell-cpus or --cell-gpus)")
                     record(cell, row)
                     bar.set_postfix_str(cell.label)
                     bar.update(1)
