@@ -304,13 +304,18 @@ def _quantize_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_compare(args) -> int:
     from qe.commands.compare import CompareOptions, run_compare
+    from qe.errors import ConfigError
 
+    if args.executor != "ray" and (args.cell_cpus is not None or args.cell_gpus is not None):
+        raise ConfigError("--cell-cpus and --cell-gpus reserve resources for Ray tasks: add --executor ray")
     options = CompareOptions(
         propagation=args.propagation or "quantized",
         eval_tokens=None if args.eval_tokens == 0 else args.eval_tokens, caption_nll=not args.no_caption_nll,
         calib=args.calib, samples=args.samples or 32, estimator=args.estimator or "act-weight", seed=_seed(args),
         device=_device(args), dtype=_dtype(args), progress=not args.quiet, trust_remote_code=args.trust_remote_code,
         placement=_placement(args),
+        executor=args.executor, cell_cpus=1.0 if args.cell_cpus is None else args.cell_cpus,
+        cell_gpus=0.0 if args.cell_gpus is None else args.cell_gpus,
     )
     out = args.out or f"reports/compare-{(args.model or 'embedded-default').replace('/', '_')}"
     path, rows = run_compare(args.model, args.quantizers, args.compensators, args.settings, out=out,
@@ -337,6 +342,15 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-caption-nll", action="store_true", help="skip the caption NLL metric")
     p.add_argument("--propagation", choices=["quantized", "fp-inputs"], default=None, help=PROPAGATION_HELP)
     p.add_argument("--force", action="store_true", help="reuse an output directory that holds a different grid")
+    p.add_argument("--executor", choices=["serial", "ray"], default="serial",
+                   help="serial (default): the cells one after another in this process; ray: each cell as a Ray "
+                        "task on the cluster at RAY_ADDRESS (else on this machine), written into the same "
+                        "grid directory under the same keys (needs pip install 'qe-quant[ray]')")
+    p.add_argument("--cell-cpus", type=float, default=None,
+                   help="with --executor ray: CPUs each cell's task reserves, and its torch threads (default 1)")
+    p.add_argument("--cell-gpus", type=float, default=None,
+                   help="with --executor ray: GPUs each cell's task reserves (default 0); above 0 the cell computes "
+                        "on its GPU, else on the CPU (--device is then the driver's: the full-precision reference)")
 
 
 def cmd_eval(args) -> int:
