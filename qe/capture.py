@@ -146,12 +146,16 @@ def capture_block_inputs(
 
     def grabber(index: int):
         def grab(module, args, kwargs):
+            if captured.get("stopped"):  # the block run again after the capture (a dry run): let it
+                return None
             hidden = args[0] if args else kwargs.pop("hidden_states")
+            kwargs = {**_positional_as_keywords(module, args[1:]), **kwargs}
             kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "cache", "use_cache")}
             if index == 0:
                 captured["hidden"], captured["block_kwargs"] = hidden, []
             captured["block_kwargs"].append(kw)
             if index == last:
+                captured["stopped"] = True
                 raise _StopForward
 
         return grab
@@ -163,14 +167,15 @@ def capture_block_inputs(
     try:
         for group in tqdm(_batches(encoded, batch_size), desc="capture", disable=not progress, leave=False):
             inputs = _collate(group, device)
+            captured["stopped"] = False
             try:
                 loaded.model(**inputs, use_cache=False)
             except _StopForward:
                 pass
             else:  # pragma: no cover - the hook always fires
                 raise RuntimeError("the first decoder block was never called")
-            modality = torch.cat([g.modality for g in group])
             hidden = captured["hidden"].detach()
+            modality = adapter.capture_modality(torch.cat([g.modality for g in group]), hidden)
             if not torch.isfinite(hidden).all():
                 raise NumericalError("NaN or Inf in the inputs of decoder block 0: check the model's dtype and the data")
             memo: dict[int, torch.Tensor] = {}
@@ -183,6 +188,21 @@ def capture_block_inputs(
         for handle in handles:
             handle.remove()
     return out
+
+
+def _positional_as_keywords(module: nn.Module, args: tuple) -> dict[str, Any]:
+    """A block's positional arguments after the hidden states, by parameter name (vision
+    encoders pass their attention mask positionally), so a captured call can be replayed."""
+    if not args:
+        return {}
+    import inspect
+
+    params = [p for p in inspect.signature(module.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+    if len(params) < len(args):
+        raise ModelError(f"{type(module).__name__} is called with {len(args) + 1} positional arguments, more than "
+                         "its forward names: the block walker cannot replay it")
+    return {p.name: a for p, a in zip(params, args)}
 
 
 def block_output(result: Any) -> torch.Tensor:
@@ -351,7 +371,7 @@ class BlockWalker:
         return len(self.modules)
 
     def block(self, index: int) -> Block:
-        return Block(index, self.modules[index], f"{self.prefix}.{index}")
+        return Block(index, self.modules[index], self.loaded.adapter.block_prefix(self.loaded.model, index))
 
     def blocks(self) -> list[Block]:
         return [self.block(i) for i in range(self.num_blocks)]

@@ -18,6 +18,7 @@ plugins can watch without touching this code.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 import time
@@ -494,3 +495,26 @@ def quantize_model(
 ) -> PipelineResult:
     """Quantize ``loaded.model`` in place with ``composition``; return per-layer figures."""
     return QuantizationPipeline(loaded, composition, options, manager).run(encoded, **run_kwargs)
+
+
+def quantize_vision_stacks(
+    loaded: LoadedModel,
+    composition: Composition,
+    encoded: list[EncodedSample],
+    scope: str,
+    options: PipelineOptions | None = None,
+    manager: QEPluginManager | None = None,
+) -> PipelineResult:
+    """Quantize the vision tower's blocks, then the projector (``--scope vision|all``), with
+    the same pipeline as the language model, over the image samples of ``encoded``. The
+    language model is left to the caller (it runs after these, on their outputs)."""
+    from qe.models.stacks import scope_adapters, vision_samples
+
+    result = PipelineResult()
+    for adapter in scope_adapters(loaded.adapter, loaded.model, scope):
+        if adapter is loaded.adapter:
+            continue
+        pipeline = QuantizationPipeline(dataclasses.replace(loaded, adapter=adapter), composition, options, manager)
+        samples = vision_samples(adapter, encoded, scope) if pipeline.needs_calibration else []
+        pipeline.run(samples, result=result)
+    return result

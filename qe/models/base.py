@@ -84,6 +84,11 @@ class ModelAdapter(Plugin):
     # The norms whose outputs the attention and the MLP read (smoothing folds into them).
     attention_input_norm: ClassVar[str] = "input_layernorm"
     mlp_input_norm: ClassVar[str] = "post_attention_layernorm"
+    # Where the vision tower's ModuleList of encoder blocks and the projector after it may be
+    # (attribute paths from the top-level model; the first that exists is read), for
+    # ``--scope vision|all`` (:mod:`qe.models.stacks`). Empty: the scope refuses the model.
+    vision_blocks_paths: ClassVar[tuple[str, ...]] = ()
+    projector_paths: ClassVar[tuple[str, ...]] = ()
 
     # ------------------------------------------------------------------ recognition
     @classmethod
@@ -108,6 +113,10 @@ class ModelAdapter(Plugin):
 
     def blocks_prefix(self, model: nn.Module) -> str:
         return f"{self.language_model_path}.{self.blocks_attr}"
+
+    def block_prefix(self, model: nn.Module, index: int) -> str:
+        """The full name of block ``index`` (``model.language_model.layers.3``)."""
+        return f"{self.blocks_prefix(model)}.{index}"
 
     def decoder_blocks(self, model: nn.Module) -> nn.ModuleList:
         blocks = getattr(self.language_model(model), self.blocks_attr, None)
@@ -161,6 +170,15 @@ class ModelAdapter(Plugin):
         output itself unless the model adds something between blocks (see
         :meth:`between_blocks_inputs`)."""
         return hidden
+
+    def capture_modality(self, modality: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The per-token modality of a captured batch of block inputs ``hidden``, from the
+        batch's samples' modality masks (the language model: those masks themselves)."""
+        return modality
+
+    def calibration_samples(self, encoded: list[EncodedSample]) -> list[EncodedSample]:
+        """The calibration samples that reach this adapter's blocks (all, for the language model)."""
+        return encoded
 
     def image_token_id(self, model: nn.Module) -> int | None:
         cfg = model.config

@@ -64,6 +64,8 @@ class QwenVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     language_model_path = "model.language_model"
     image_placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+    vision_blocks_paths = ("model.visual.blocks",)
+    projector_paths = ("model.visual.merger",)  # Qwen3-VL's deepstack mergers stay in full precision
 
     def between_blocks_inputs(self, language_model_kwargs: dict[str, Any]) -> dict[str, Any]:
         # Qwen3-VL's deepstack: after decoder block i < len(embeds), the i-th visual feature map
@@ -100,6 +102,8 @@ class Idefics3Adapter(ImageOnlyProcessorMixin, ModelAdapter):
     model_types = ("idefics3", "smolvlm")
     language_model_path = "model.text_model"
     image_placeholder = "<image>"
+    vision_blocks_paths = ("model.vision_model.encoder.layers",)
+    projector_paths = ("model.connector",)
 
     @classmethod
     def load_processor(cls, path: str | Path, config=None):
@@ -119,6 +123,8 @@ class InternVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
     model_types = ("internvl",)
     language_model_path = "model.language_model"
     image_placeholder = "<IMG_CONTEXT>"
+    vision_blocks_paths = ("model.vision_tower.encoder.layer",)
+    projector_paths = ("model.multi_modal_projector",)
 
     @classmethod
     def processor_init_kwargs(cls, config) -> dict[str, Any]:
@@ -140,6 +146,8 @@ class Gemma3Adapter(ModelAdapter):
     model_types = ("gemma3",)
     language_model_path = "model.language_model"
     image_placeholder = "<start_of_image>"
+    vision_blocks_paths = ("model.vision_tower.vision_model.encoder.layers",)
+    projector_paths = ("model.multi_modal_projector",)  # a weight matrix, no nn.Linear: stays as it is
     kwargs_differ_by_block = True
     mlp_input_norm = "pre_feedforward_layernorm"
 
@@ -154,6 +162,8 @@ class LlavaOnevisionAdapter(ImageOnlyProcessorMixin, ModelAdapter):
     model_types = ("llava_onevision",)
     language_model_path = "model.language_model"
     image_placeholder = "<image>"
+    vision_blocks_paths = ("model.vision_tower.vision_model.encoder.layers",)
+    projector_paths = ("model.multi_modal_projector",)
 
     @classmethod
     def processor_init_kwargs(cls, config) -> dict[str, Any]:
