@@ -208,7 +208,8 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
     try:
         options = PipelineOptions(propagation=recipe.propagation, max_tokens=recipe.max_tokens, device=device,
                                   seed=recipe.seed, progress=progress, skip=recipe.skip, overrides=recipe.overrides)
-        pipeline = QuantizationPipeline(loaded, composition, options, manager)
+        # --scope vision leaves the language model as it is: its linears are not checked either.
+        pipeline = QuantizationPipeline(loaded, composition, options, manager) if recipe.scope != "vision" else None
     except BaseException:
         _drop_if_empty(work)
         raise
@@ -250,12 +251,11 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
                 _drop_if_empty(work)
                 raise
             save_vision(vision)
-    language = recipe.scope != "vision"
     manager.hook.qe_run_start(command="quantize", info={"model": loaded.name, "composition": composition.label,
                                                        "num_blocks": len(blocks), "resumed_at": done,
                                                        "progress": progress})
     try:
-        if language and done < len(blocks):
+        if pipeline is not None and done < len(blocks):
             try:
                 result = pipeline.run(encoded, start_block=done, on_block_done=save_block, result=result)
             except BaseException:

@@ -146,7 +146,7 @@ class Gemma3Adapter(ModelAdapter):
     model_types = ("gemma3",)
     language_model_path = "model.language_model"
     image_placeholder = "<start_of_image>"
-    vision_blocks_paths = ("model.vision_tower.vision_model.encoder.layers",)
+    vision_blocks_paths = ("model.vision_tower.vision_model.encoder.layers", "model.vision_tower.encoder.layers")
     projector_paths = ("model.multi_modal_projector",)  # a weight matrix, no nn.Linear: stays as it is
     kwargs_differ_by_block = True
     mlp_input_norm = "pre_feedforward_layernorm"
@@ -162,7 +162,7 @@ class LlavaOnevisionAdapter(ImageOnlyProcessorMixin, ModelAdapter):
     model_types = ("llava_onevision",)
     language_model_path = "model.language_model"
     image_placeholder = "<image>"
-    vision_blocks_paths = ("model.vision_tower.vision_model.encoder.layers",)
+    vision_blocks_paths = ("model.vision_tower.vision_model.encoder.layers", "model.vision_tower.encoder.layers")
     projector_paths = ("model.multi_modal_projector",)
 
     @classmethod

@@ -26,7 +26,7 @@ Scope = Literal["language", "vision", "all"]
 SCOPES: tuple[str, ...] = ("language", "vision", "all")
 
 # Linears that read one norm's output inside the vision blocks transformers ships (CLIP and
-# SigLIP ``layer_norm1/2``, Qwen-VL ``norm1/2``, InternVL ``layernorm_before/after``): the
+# SigLIP ``layer_norm1/2``, Qwen-VL ``norm1/2`` (Qwen3-VL ``mlp.linear_fc1``), InternVL ``layernorm_before/after``): the
 # first norm of each rule that the block has takes the smoothing fold. Linears no rule names
 # smooth alone, with an explicit input scale.
 _VISION_GROUPS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
@@ -34,6 +34,7 @@ _VISION_GROUPS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("attention.q_proj", "attention.k_proj", "attention.v_proj"), ("layernorm_before",)),
     (("attn.qkv",), ("norm1",)),
     (("mlp.fc1",), ("layer_norm2", "layernorm_after", "norm2")),
+    (("mlp.linear_fc1",), ("norm2",)),
     (("mlp.gate_proj", "mlp.up_proj"), ("norm2",)),
 )
 
@@ -157,7 +158,10 @@ def scope_adapters(adapter: ModelAdapter, model: nn.Module, scope: str) -> list[
                               f"{type(model).__name__}: use --scope language")
         out.append(VisionStackAdapter(adapter, blocks))
         projector = first_path(model, adapter.projector_paths)
-        if projector is not None and any(isinstance(m, nn.Linear) for m in model.get_submodule(projector).modules()):
+        from qe.quantizers.qlinear import QuantLinear
+
+        linear = (nn.Linear, QuantLinear)  # a projector quantized already (resume) is still one
+        if projector is not None and any(isinstance(m, linear) for m in model.get_submodule(projector).modules()):
             out.append(ProjectorStackAdapter(adapter, projector, model.get_submodule(projector)))
     if scope in ("language", "all"):
         out.append(adapter)
