@@ -25,6 +25,7 @@ from qe.analysis.statistics import ImportanceStats, InputStats, LinearStats
 from qe.errors import ModelError, NumericalError
 from qe.models.base import EncodedSample, ModelAdapter
 from qe.models.loading import LoadedModel
+from qe.models.moe import ExpertMLP, routed_owner
 
 
 class _StopForward(Exception):
@@ -288,7 +289,8 @@ def attach_stats(
                 importance.record_range = record_range
             st = LinearStats(f"{prefix}.{name}", shared, importance)
             stats[name] = st
-            handles.append(lin.register_forward_pre_hook(_make_hook(st, lin, context, update_input=(pos == 0))))
+            handles.append(lin.register_forward_pre_hook(_make_hook(st, lin, context, update_input=(pos == 0),
+                                                                    expert=routed_owner(block, name))))
     try:
         yield stats
     finally:
@@ -296,19 +298,24 @@ def attach_stats(
             h.remove()
 
 
-def _make_hook(st: LinearStats, lin: nn.Linear, context: StreamContext, update_input: bool) -> Callable:
+def _make_hook(st: LinearStats, lin: nn.Linear, context: StreamContext, update_input: bool,
+               expert: ExpertMLP | None = None) -> Callable:
     def hook(module, args):
         x = args[0]
         x2 = x.reshape(-1, x.shape[-1])
+        modality, rows = context.modality, None
+        if expert is not None:  # a routed expert reads only its tokens: these rows of the batch
+            rows = expert.routed
+            modality = modality[rows.to(modality.device)] if rows is not None else modality
         if update_input:
-            st.input.update(x2, context.modality, context.offset)
+            st.input.update(x2, modality, context.offset, rows=rows)
         if st.importance is not None:
             if not st.importance.prepared:
                 # Read the weight inside the forward: with accelerate offload it is real only now.
                 factor = st.importance.estimator.prepare(module.weight.detach().float())
                 st.importance.channel_factor = None if factor is None else factor.to(x2.device)
                 st.importance.prepared = True
-            st.importance.update(x2, context.modality, context.offset)
+            st.importance.update(x2, modality, context.offset)
 
     return hook
 

@@ -48,7 +48,10 @@ class ImageOnlyProcessorMixin:
 
 
 class QwenVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
-    """Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense): M-RoPE decoder at ``model.language_model``.
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE: M-RoPE decoder at ``model.language_model``.
+
+    Qwen3-VL-MoE's sparse blocks hold fused experts; :meth:`ModelAdapter.prepare_model`
+    presents each expert as its own ``gate/up/down_proj`` linears (:mod:`qe.models.moe`).
 
     Their processors emit ``mm_token_type_ids`` (0 text, 1 image, 2 video) beside
     ``image_grid_thw``; the model needs both to place image tokens in its 3-D rotary
@@ -61,7 +64,7 @@ class QwenVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
     """
 
     name = "qwen-vl"
-    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
     language_model_path = "model.language_model"
     image_placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
     vision_blocks_paths = ("model.visual.blocks",)

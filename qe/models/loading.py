@@ -241,6 +241,7 @@ def load_model(
     if device is not None and device_map is None:
         model.to(device)
     adapter = select_adapter(model, manager)
+    adapter.prepare_model(model)
     processor = load_processor(path, adapter, config, trust_remote_code=trust_remote_code)
     return LoadedModel(model, processor, adapter, name, path, notes, card)
 
@@ -286,6 +287,10 @@ def load_quantized(directory: str | Path, *, device: str | None = None, manager=
                                                             trust_remote_code=trust_remote_code)
         except ValueError:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    # The adapter restructures the model as it did before quantizing (unfused experts), so the
+    # manifest's layer names exist.
+    adapter = select_adapter(model, manager)
+    adapter.prepare_model(model)
     checkpoint.validate_layouts(model, manifest["layouts"], directory, manager)
     try:
         checkpoint.install_quantized_modules(model, manifest["layouts"], manager)
@@ -298,7 +303,6 @@ def load_quantized(directory: str | Path, *, device: str | None = None, manager=
         model.to(parse_dtype(dtype))
     if device is not None:
         model.to(device)
-    adapter = select_adapter(model, manager)
     processor = load_processor(str(directory), adapter, config)
     info = manifest["model"]
     notes = list(info.get("notes", [])) + [f"quantized with {manifest['composition']['quantizer']} + "

@@ -64,6 +64,7 @@ VIDEO_PROCESSOR_FAMILIES = {
     "qwen2_vl": "Qwen2VLProcessor",
     "qwen2_5_vl": "Qwen2_5_VLProcessor",
     "qwen3_vl": "Qwen3VLProcessor",
+    "qwen3_vl_moe": "Qwen3VLProcessor",
     "internvl": "InternVLProcessor",
     "smolvlm": "SmolVLMProcessor",
     "llava_onevision": "LlavaOnevisionProcessor",

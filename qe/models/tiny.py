@@ -108,6 +108,18 @@ CONFIGS: dict[str, dict[str, Any]] = {
                           "deepstack_visual_indexes": [0]},
         **_QWEN_TOKEN_IDS,
     },
+    # Qwen3-VL with a sparse MLP in its second block: 4 experts, 2 per token (block 0 dense).
+    "qwen3_vl_moe": {
+        "text_config": {**_TEXT_QWEN_VL, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                        "moe_intermediate_size": 32, "decoder_sparse_step": 1, "mlp_only_layers": [0],
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                            "mrope_section": [2, 3, 3], "mrope_interleaved": True}},
+        "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+                          "out_hidden_size": 64, "patch_size": 16, "spatial_merge_size": 2,
+                          "temporal_patch_size": 2, "num_position_embeddings": 64,
+                          "deepstack_visual_indexes": [0]},
+        **_QWEN_TOKEN_IDS,
+    },
     "idefics3": {
         "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                           "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
@@ -162,6 +174,7 @@ _SPECIALS: dict[str, dict[int, str]] = {
     "qwen2_vl": _QWEN_SPECIALS,
     "qwen2_5_vl": _QWEN_SPECIALS,
     "qwen3_vl": _QWEN_SPECIALS,
+    "qwen3_vl_moe": _QWEN_SPECIALS,
     "idefics3": {995: "<global-img>", 996: "<fake_token_around_image>", 997: "<end_of_utterance>", 999: "<image>"},
     "internvl": {996: "<video>", 997: "<img>", 998: "</img>", 999: "<IMG_CONTEXT>"},
     "gemma3": {997: "<start_of_image>", 998: "<end_of_image>", 999: "<image_soft_token>"},
@@ -280,7 +293,7 @@ def _processor(family: str, tokenizer):
         return tf.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
                                  vision_feature_select_strategy="full", image_token="<image>",
                                  num_additional_image_tokens=0)
-    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         patch = CONFIGS[family]["vision_config"]["patch_size"]
         side = patch * 2 * 2  # 4 x 4 patches, merged 2 x 2: 4 image tokens
         image_processor = tf.Qwen2VLImageProcessorPil(
@@ -322,6 +335,7 @@ def tiny_config(family: str):
         "qwen2_vl": tf.Qwen2VLConfig,
         "qwen2_5_vl": tf.Qwen2_5_VLConfig,
         "qwen3_vl": tf.Qwen3VLConfig,
+        "qwen3_vl_moe": tf.Qwen3VLMoeConfig,
         "idefics3": tf.Idefics3Config,
         "internvl": tf.InternVLConfig,
         "gemma3": tf.Gemma3Config,
@@ -339,6 +353,7 @@ def _model_class(family: str) -> type:
         "qwen2_vl": tf.Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
         "qwen3_vl": tf.Qwen3VLForConditionalGeneration,
+        "qwen3_vl_moe": tf.Qwen3VLMoeForConditionalGeneration,
         "idefics3": tf.Idefics3ForConditionalGeneration,
         "internvl": tf.InternVLForConditionalGeneration,
         "gemma3": tf.Gemma3ForConditionalGeneration,
