@@ -176,7 +176,8 @@ def capture_block_inputs(
             else:  # pragma: no cover - the hook always fires
                 raise RuntimeError("the first decoder block was never called")
             hidden = captured["hidden"].detach()
-            modality = adapter.capture_modality(torch.cat([g.modality for g in group]), hidden)
+            modality = adapter.capture_modality(torch.cat([g.modality for g in group]), hidden,
+                                                captured["block_kwargs"][0])
             if not torch.isfinite(hidden).all():
                 raise NumericalError("NaN or Inf in the inputs of decoder block 0: check the model's dtype and the data")
             memo: dict[int, torch.Tensor] = {}

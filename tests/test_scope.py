@@ -21,7 +21,8 @@ from qe.recipe import Recipe, load_recipe
 from qe.transforms.smoothing import fold_into_norm
 
 QE_SMALL = "qe[k=4;num_experts=2;shared_rank=4;expert_rank=4]"
-VISION_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "internvl", "gemma3", "llava_onevision")
+VISION_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "internvl", "gemma3", "llava_onevision",
+                   "mistral3")
 
 _CACHE: dict = {}
 
@@ -200,3 +201,19 @@ def test_cli_scope_flags():
     assert parser.parse_args(["analyze", "--scope", "vision"]).scope == "vision"
     assert parser.parse_args(["analyze"]).scope == "language"
 
+
+
+def test_pixtral_processor_writes_rows_of_image_tokens():
+    """Mistral 3's processor (rebuilt without torchvision): a 32 x 32 image in 8-pixel patches
+    merged 2 x 2 is 2 rows of 2 [IMG], each row ended by [IMG_BREAK], the last by [IMG_END]."""
+    from PIL import Image
+
+    loaded = _loaded("mistral3")
+    assert type(loaded.processor).__name__ == "PixtralImageOnlyProcessor"
+    out = loaded.processor(text=["a [IMG] b"], images=[Image.new("RGB", (32, 32))], return_tensors="pt")
+    tok = loaded.tokenizer
+    ids = out["input_ids"][0].tolist()
+    start = ids.index(tok.convert_tokens_to_ids("[IMG]"))
+    assert tok.convert_ids_to_tokens(ids[start:start + 6]) == ["[IMG]", "[IMG]", "[IMG_BREAK]", "[IMG]", "[IMG]",
+                                                               "[IMG_END]"]
+    assert out["image_sizes"].tolist() == [[32, 32]]

@@ -25,6 +25,7 @@ EXPECTED_ADAPTER = {
     "internvl": "internvl",
     "gemma3": "gemma3",
     "llava_onevision": "llava-onevision",
+    "mistral3": "mistral3",
 }
 # The norm each smoothing group folds into (Gemma 3's MLP reads its pre-feedforward norm).
 EXPECTED_NORMS = {"gemma3": ["input_layernorm", None, "pre_feedforward_layernorm", None]}

@@ -194,9 +194,10 @@ class ModelAdapter(Plugin):
         :meth:`between_blocks_inputs`)."""
         return hidden
 
-    def capture_modality(self, modality: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """The per-token modality of a captured batch of block inputs ``hidden``, from the
-        batch's samples' modality masks (the language model: those masks themselves)."""
+    def capture_modality(self, modality: torch.Tensor, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The per-token modality of a captured batch of first-block inputs (``hidden`` and the
+        block's keyword arguments), from the batch's samples' modality masks (the language
+        model: those masks themselves)."""
         return modality
 
     def calibration_samples(self, encoded: list[EncodedSample]) -> list[EncodedSample]:

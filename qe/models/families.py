@@ -175,4 +175,46 @@ class LlavaOnevisionAdapter(ImageOnlyProcessorMixin, ModelAdapter):
                 "vision_feature_select_strategy": config.vision_feature_select_strategy}
 
 
-FAMILY_ADAPTERS = [QwenVLAdapter, Idefics3Adapter, InternVLAdapter, Gemma3Adapter, LlavaOnevisionAdapter]
+class Mistral3Adapter(ModelAdapter):
+    """Mistral 3 (Mistral-Small-3.x): Pixtral tower, a projector that merges 2 x 2 patches, and
+    a Mistral decoder at ``model.language_model``. The processor writes each image row's
+    ``[IMG]`` tokens followed by ``[IMG_BREAK]`` (the last row by ``[IMG_END]``); only ``[IMG]``
+    tokens count as vision. transformers' ``PixtralProcessor`` is declared to need torchvision,
+    so the processor is rebuilt on the PIL image processor
+    (:func:`qe.models.processors.pixtral_processor_class`)."""
+
+    name = "mistral3"
+    model_types = ("mistral3",)
+    language_model_path = "model.language_model"
+    image_placeholder = "[IMG]"
+    vision_blocks_paths = ("model.vision_tower.transformer.layers",)
+    projector_paths = ("model.multi_modal_projector",)
+
+    @classmethod
+    def load_processor(cls, path: str | Path, config=None):
+        import json
+
+        from transformers import AutoTokenizer, PixtralImageProcessorPil
+
+        from qe.models.processors import pixtral_processor_class
+
+        path = Path(path)
+        settings: dict[str, Any] = {}
+        f = path / "processor_config.json"
+        if f.is_file():
+            saved = json.loads(f.read_text())
+            settings = {k: saved[k] for k in ("patch_size", "spatial_merge_size", "image_token", "image_break_token",
+                                              "image_end_token") if k in saved}
+        if config is not None:
+            settings.setdefault("patch_size", config.vision_config.patch_size)
+            settings.setdefault("spatial_merge_size", config.spatial_merge_size)
+        try:
+            return pixtral_processor_class()(image_processor=PixtralImageProcessorPil.from_pretrained(str(path)),
+                                             tokenizer=AutoTokenizer.from_pretrained(str(path)), **settings)
+        except (OSError, ValueError, TypeError) as e:
+            raise ModelError(f"cannot build the mistral3 processor from {path}: {str(e).splitlines()[0]}; the folder "
+                             "needs the tokenizer files and preprocessor_config.json") from None
+
+
+FAMILY_ADAPTERS = [QwenVLAdapter, Idefics3Adapter, InternVLAdapter, Gemma3Adapter, LlavaOnevisionAdapter,
+                   Mistral3Adapter]

@@ -13,7 +13,7 @@ before it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -26,12 +26,13 @@ Scope = Literal["language", "vision", "all"]
 SCOPES: tuple[str, ...] = ("language", "vision", "all")
 
 # Linears that read one norm's output inside the vision blocks transformers ships (CLIP and
-# SigLIP ``layer_norm1/2``, Qwen-VL ``norm1/2`` (Qwen3-VL ``mlp.linear_fc1``), InternVL ``layernorm_before/after``): the
+# SigLIP ``layer_norm1/2``, Qwen-VL ``norm1/2`` (Qwen3-VL ``mlp.linear_fc1``), InternVL ``layernorm_before/after``, Pixtral ``attention_norm``/``ffn_norm``): the
 # first norm of each rule that the block has takes the smoothing fold. Linears no rule names
 # smooth alone, with an explicit input scale.
 _VISION_GROUPS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("layer_norm1",)),
-    (("attention.q_proj", "attention.k_proj", "attention.v_proj"), ("layernorm_before",)),
+    (("attention.q_proj", "attention.k_proj", "attention.v_proj"), ("layernorm_before", "attention_norm")),
+    (("feed_forward.gate_proj", "feed_forward.up_proj"), ("ffn_norm",)),
     (("attn.qkv",), ("norm1",)),
     (("mlp.fc1",), ("layer_norm2", "layernorm_after", "norm2")),
     (("mlp.linear_fc1",), ("norm2",)),
@@ -88,7 +89,7 @@ class VisionStackAdapter(ModelAdapter):
         out.extend(SmoothingGroup([n], None) for n in names if n not in used)
         return sorted(out, key=lambda g: names.index(g.linears[0]))  # the block's own order
 
-    def capture_modality(self, modality: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def capture_modality(self, modality: torch.Tensor, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         # Patch tokens: as many as the captured hidden states hold, all vision.
         return torch.full((hidden.shape[:-1].numel(),), int(Modality.VISION), dtype=torch.int8)
 
@@ -118,14 +119,14 @@ class ProjectorStackAdapter(VisionStackAdapter):
         self.module = module
 
     @torch.no_grad()
-    def capture_modality(self, modality: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def capture_modality(self, modality: torch.Tensor, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         # A projector may merge patches before its linears (Qwen-VL merges 2 x 2, Idefics3
         # pixel-shuffles): its tokens are the rows its linears read, counted on a dry run.
         rows: set[int] = set()
         handles = [m.register_forward_pre_hook(lambda mod, args: rows.add(args[0].shape[:-1].numel()))
                    for m in self.module.modules() if isinstance(m, nn.Linear)]
         try:
-            self.module(hidden)
+            self.module(hidden, **kwargs)
         finally:
             for h in handles:
                 h.remove()
