@@ -334,7 +334,8 @@ def run_scoped_analysis(
 ) -> AnalysisResult:
     """:func:`run_analysis` over every stack ``scope`` covers, in the model's order; each
     layer summary says its ``stack``. Vision stacks read the image samples only, and plot
-    their first, middle and last blocks (``plot_blocks`` names language blocks)."""
+    their first, middle and last blocks (``plot_blocks`` names language blocks; empty, no
+    stack is plotted)."""
     from qe.models.stacks import vision_samples
 
     opts = options or AnalyzeOptions()
@@ -342,7 +343,8 @@ def run_scoped_analysis(
     for view in scoped_views(loaded, scope, opts.layers):
         language = view is loaded
         samples = encoded if language else vision_samples(view.adapter, encoded, scope)
-        r = run_analysis(view, samples, opts if language else dataclasses.replace(opts, plot_blocks=None), manager)
+        plots = opts.plot_blocks if language or opts.plot_blocks == () else None
+        r = run_analysis(view, samples, dataclasses.replace(opts, plot_blocks=plots), manager)
         merged.layers.extend(r.layers)
         merged.channel_rows.extend(r.channel_rows)
         merged.plots.update(r.plots)
