@@ -217,3 +217,45 @@ def test_pixtral_processor_writes_rows_of_image_tokens():
     assert tok.convert_ids_to_tokens(ids[start:start + 6]) == ["[IMG]", "[IMG]", "[IMG_BREAK]", "[IMG]", "[IMG]",
                                                                "[IMG_END]"]
     assert out["image_sizes"].tolist() == [[32, 32]]
+
+
+class _InterruptAt:
+    """Interrupt the run at its n-th finished block (vision stacks count first)."""
+
+    def __init__(self, n: int):
+        self.n, self.seen = n, 0
+
+    @qe.hookimpl
+    def qe_block_end(self, block_index, num_blocks, figures):
+        self.seen += 1
+        if self.seen == self.n:
+            raise KeyboardInterrupt
+
+
+def test_resume_restores_the_vision_stacks(tmp_path):
+    from safetensors.torch import load_file
+
+    from qe.commands.quantize import VISION_FILE, partial_dir
+    from qe.plugins import QEPluginManager
+
+    recipe = Recipe(quantizer="gptq", compensator="lowrank[rank=4]", setting="W4A8", calib="images", samples=3,
+                    scope="all")
+    full, _ = run_quantize(recipe, "tiny:llava", out=tmp_path / "full", progress=False, check_heldout=False)
+    out = tmp_path / "resumed"
+    # vision blocks 0, 1 and the projector, then language block 0: interrupted after it
+    manager = QEPluginManager(extra_plugins=[_InterruptAt(4)])
+    with pytest.raises(KeyboardInterrupt):
+        run_quantize(recipe, "tiny:llava", out=out, progress=False, manager=manager, check_heldout=False)
+    progress = json.loads((partial_dir(out) / "progress.json").read_text())
+    assert progress["finished"] == 1 and len(progress["vision"]["layers"]) == 14
+    assert (partial_dir(out) / VISION_FILE).is_file()
+    run_quantize(recipe, "tiny:llava", out=out, resume=True, progress=False, check_heldout=False)
+    a = load_file(str(full / "model-00001-of-00001.safetensors"))
+    b = load_file(str(out / "model-00001-of-00001.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ma = json.loads((full / "qe_manifest.json").read_text())
+    mb = json.loads((out / "qe_manifest.json").read_text())
+    assert [r["name"] for r in ma["layers"]] == [r["name"] for r in mb["layers"]]
+    assert [r["figures"]["rel_error"] for r in ma["layers"]] == [r["figures"]["rel_error"] for r in mb["layers"]]
