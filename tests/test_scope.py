@@ -259,3 +259,19 @@ def test_resume_restores_the_vision_stacks(tmp_path):
     mb = json.loads((out / "qe_manifest.json").read_text())
     assert [r["name"] for r in ma["layers"]] == [r["name"] for r in mb["layers"]]
     assert [r["figures"]["rel_error"] for r in ma["layers"]] == [r["figures"]["rel_error"] for r in mb["layers"]]
+
+
+@pytest.mark.parametrize("family", [f for f in VISION_FAMILIES if f not in ("llava", "qwen2_vl", "mistral3")]
+                         + ["llava_siglip", "qwen3_vl_moe"])
+def test_every_family_quantizes_all_and_reloads_equal(family, tmp_path):
+    loaded = load_model(f"tiny:{family}")
+    recipe = Recipe(quantizer="rtn", compensator="lowrank[rank=4]", setting="W4A8", calib="images", samples=2,
+                    scope="all")
+    path, manifest = run_quantize(recipe, out=tmp_path / "q", loaded=loaded, progress=False, check_heldout=False)
+    stacks = {a.stack for a in scope_adapters(loaded.adapter, loaded.model, "vision")}
+    assert {"vision"} <= stacks
+    reloaded = qe.load_quantized(path)
+    assert _quant_names(reloaded.model) == _quant_names(loaded.model) == set(manifest["layouts"])
+    _, encoded = calibration_set(loaded, "images", 1, False)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(**encoded[0].inputs).logits, reloaded.model(**encoded[0].inputs).logits)
