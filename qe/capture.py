@@ -287,7 +287,8 @@ def attach_stats(
             importance = None
             if estimator is not None:
                 importance = ImportanceStats(d_in, k, None, estimator, keep_topk=keep_topk, where=f"{prefix}.{name}")
-                importance.record_range = record_range
+                # A routed expert's rows are not the batch's: no per-token score record (plots).
+                importance.record_range = record_range if routed_owner(block, name) is None else None
             st = LinearStats(f"{prefix}.{name}", shared, importance)
             stats[name] = st
             handles.append(lin.register_forward_pre_hook(_make_hook(st, lin, context, update_input=(pos == 0),

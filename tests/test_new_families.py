@@ -29,6 +29,8 @@ def test_info_analyze_quantize_reload(family, tmp_path, capsys):
     assert cli.main(["info", "--model", model, "--quiet", "--out", str(tmp_path / "info.json")]) == 0
     info = json.loads((tmp_path / "info.json").read_text())
     assert info["num_blocks"] == 2
+    assert [v["stack"] for v in info["vision_stacks"]] == ["vision", "projector"]
+    assert info["vision_stacks"][0]["num_blocks"] == 2
     assert cli.main(["analyze", "--model", model, "--samples", "3", "--k", "4", "--num-experts", "2", "--quiet",
                      "--plot-layers", "", "--scope", "all", "--out", str(tmp_path / "a")]) == 0
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
