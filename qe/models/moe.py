@@ -119,6 +119,10 @@ def unfuse_experts(model: nn.Module) -> list[str]:
         shapes = _fused_shapes(module)
         if shapes is None:
             continue
+        if module.gate_up_proj.device.type == "meta" and getattr(module, "_hf_hook", None) is not None:
+            # offloaded by accelerate: the weights live in its offload store, not here
+            log.warning("qe: %s is offloaded: its experts are left fused, in full precision", name)
+            continue
         experts = _unfused(module, shapes)
         if module.gate_up_proj.device.type != "meta" and not _same_function(module, experts, shapes[1]):
             log.warning("qe: %s (%s) does not compute act(gate)·up → down per expert as expected: its experts "
