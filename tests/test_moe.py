@@ -137,3 +137,16 @@ def test_moe_checkpoint_reloads_equal(tmp_path):
     with torch.no_grad():
         for e in encoded:
             assert torch.equal(loaded.model(**e.inputs).logits, reloaded.model(**e.inputs).logits)
+
+
+def test_offloaded_experts_stay_fused(fused, caplog):
+    """Experts accelerate offloaded hold no weights here: they are left fused, with a warning."""
+    model = copy.deepcopy(fused)
+    module = model.get_submodule(EXPERTS)
+    module.gate_up_proj = torch.nn.Parameter(module.gate_up_proj.detach().to("meta"))
+    module.down_proj = torch.nn.Parameter(module.down_proj.detach().to("meta"))
+    module._hf_hook = object()  # what accelerate's dispatch attaches
+    with caplog.at_level("WARNING"):
+        assert unfuse_experts(model) == []
+    assert model.get_submodule(EXPERTS) is module
+    assert "left fused" in caplog.text
