@@ -140,7 +140,7 @@ def cmd_analyze(args) -> int:
         args.model, calib=args.calib, samples=args.samples or 32, out=args.out, estimator=args.estimator, k=args.k,
         num_experts=args.num_experts, layers=args.layers, plot_blocks=_plot_blocks(args.plot_layers), seed=_seed(args),
         device=_device(args), dtype=_dtype(args), progress=not args.quiet, force=args.force,
-        trust_remote_code=args.trust_remote_code, placement=_placement(args),
+        trust_remote_code=args.trust_remote_code, placement=_placement(args), scope=args.scope,
     )
     run = summary["run"]
     layers = summary["layers"]
@@ -165,6 +165,9 @@ def _analyze_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=32, help="top-k channels per token (default 32)")
     p.add_argument("--num-experts", type=int, default=8, help="N_r: token-dependent channels are the next N_r·k (default 8)")
     p.add_argument("--plot-layers", default=None, help="blocks with per-layer plots, e.g. 0,15,29 (default: first, middle, last)")
+    p.add_argument("--scope", choices=["language", "vision", "all"], default="language",
+                   help="which blocks to report: language (default: the language model's decoder blocks), vision "
+                        "(the vision tower's blocks and the projector), all (both)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
@@ -180,7 +183,7 @@ def recipe_from_args(args):
     return recipe.replace(
         transform=args.transform, quantizer=args.quantizer, compensator=args.compensator, estimator=args.estimator,
         setting=setting, calib=args.calib, samples=args.samples, propagation=args.propagation, seed=args.seed,
-        max_tokens=args.max_tokens,
+        max_tokens=args.max_tokens, scope=args.scope,
     )
 
 
@@ -298,6 +301,9 @@ def _quantize_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtype in which compensator tensors are stored in the checkpoint "
                         "(default: model, the dtype the model was loaded in, see --dtype)")
     p.add_argument("--max-tokens", type=int, default=None, help="token sample per linear for fitting (default 16384)")
+    p.add_argument("--scope", choices=["language", "vision", "all"], default=None,
+                   help="which linears to quantize: language (default: the language model's decoder blocks), "
+                        "vision (the vision tower's blocks and the projector), all (both)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
