@@ -16,6 +16,8 @@ class LlavaAdapter(ModelAdapter):
     name = "llava"
     model_types = ("llava", "llava_next")
     language_model_path = "model.language_model"
+    vision_output_linears = ("model.multi_modal_projector.linear_2",)
+    vision_output_vectors = ("model.image_newline",)  # LLaVA-NeXT
     image_placeholder = "<image>"
 
 
@@ -74,6 +76,9 @@ class GenericAdapter(ModelAdapter):
 
     def decoder_blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self._path(model))
+
+    def residual_rotation_issue(self, model: nn.Module) -> str | None:
+        return "the generic adapter does not know where this model's residual stream is read and written"
 
     def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}

@@ -63,6 +63,9 @@ class QwenVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
     name = "qwen-vl"
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     language_model_path = "model.language_model"
+    # the merger's last linear (Qwen2/2.5-VL: mlp.2, Qwen3-VL: linear_fc2) and Qwen3-VL's deepstack mergers
+    vision_output_linears = ("model.visual.merger.mlp.2", "model.visual.merger.linear_fc2",
+                             "model.visual.deepstack_merger_list.*.linear_fc2")
     image_placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
 
     def between_blocks_inputs(self, language_model_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -99,6 +102,7 @@ class Idefics3Adapter(ImageOnlyProcessorMixin, ModelAdapter):
     name = "idefics3"
     model_types = ("idefics3", "smolvlm")
     language_model_path = "model.text_model"
+    vision_output_linears = ("model.connector.modality_projection.proj",)
     image_placeholder = "<image>"
 
     @classmethod
@@ -118,6 +122,7 @@ class InternVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
     name = "internvl"
     model_types = ("internvl",)
     language_model_path = "model.language_model"
+    vision_output_linears = ("model.multi_modal_projector.linear_2",)
     image_placeholder = "<IMG_CONTEXT>"
 
     @classmethod
@@ -143,6 +148,11 @@ class Gemma3Adapter(ModelAdapter):
     kwargs_differ_by_block = True
     mlp_input_norm = "pre_feedforward_layernorm"
 
+    def residual_rotation_issue(self, model) -> str | None:
+        return ("Gemma 3 normalises the attention and MLP outputs (post_attention_layernorm, "
+                "post_feedforward_layernorm) before adding them to the residual stream, so a rotation of that "
+                "stream cannot be folded into the weights")
+
 
 class LlavaOnevisionAdapter(ImageOnlyProcessorMixin, ModelAdapter):
     """LLaVA-OneVision: SigLIP tower, anyres tiling (a base view plus tiles, each row of tiles
@@ -153,6 +163,8 @@ class LlavaOnevisionAdapter(ImageOnlyProcessorMixin, ModelAdapter):
     name = "llava-onevision"
     model_types = ("llava_onevision",)
     language_model_path = "model.language_model"
+    vision_output_linears = ("model.multi_modal_projector.linear_2",)
+    vision_output_vectors = ("model.image_newline",)
     image_placeholder = "<image>"
 
     @classmethod
