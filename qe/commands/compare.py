@@ -203,6 +203,11 @@ def run_compare(
     if options.propagation not in ("quantized", "fp-inputs"):
         raise ConfigError(f"propagation {options.propagation!r} unknown: use quantized or fp-inputs")
     cells = grid_cells(quantizers, compensators, settings, options.estimator, manager, transforms)  # validated before loading
+    if options.propagation == "fp-inputs":
+        changing = sorted({c.transform for c in cells if c.composition.transform.create().changes_model()})
+        if changing:
+            raise ConfigError(f"transform {changing[0]} changes the model, so its statistics cannot be shared with the "
+                              "other cells in fp-inputs mode: run it with --propagation quantized")
     out = Path(out)
     grid = {"model": model or "embedded-default", "cells": [c.label for c in cells], "options": options.describe()}
     check_output(out, kind="dir", allow_existing=True)
@@ -261,7 +266,8 @@ def _run_grid(model, cells, grid, out, options, force, loaded, manager) -> tuple
         if options.propagation == "fp-inputs":
             _run_fp_inputs(loaded, pending, pipeline_opts, inputs, evaluator, cells_dir, manager, options, shared)
         else:
-            _run_quantized(loaded, pending, pipeline_opts, inputs, evaluator, cells_dir, manager, options, shared)
+            _run_quantized(loaded, pending, pipeline_opts, inputs, evaluator, cells_dir, manager, options, shared,
+                           encoded)
         _keep_error_history(cells_dir, pending, earlier_errors)
 
     rows = collect_rows(out)
@@ -328,7 +334,7 @@ def _model_copy(loaded: LoadedModel) -> LoadedModel:
                        loaded.notes, loaded.card)
 
 
-def _run_quantized(loaded, cells, opts, inputs, evaluator, cells_dir, manager, options, shared) -> None:
+def _run_quantized(loaded, cells, opts, inputs, evaluator, cells_dir, manager, options, shared, encoded) -> None:
     bar = tqdm(cells, desc="compare", disable=not options.progress)
     for cell in bar:
         bar.set_postfix_str(cell.label)  # the progress plugin counts this cell's blocks below
@@ -336,7 +342,8 @@ def _run_quantized(loaded, cells, opts, inputs, evaluator, cells_dir, manager, o
         try:
             work = _model_copy(loaded)
             pipe = QuantizationPipeline(work, cell.composition, opts, manager)
-            cell.result = pipe.run([], inputs=inputs, result=cell.result)
+            # a transform that changes the model (a rotation) captures its own block-0 inputs from `encoded`
+            cell.result = pipe.run(encoded, inputs=inputs, result=cell.result)
             seconds = time.perf_counter() - t0
             row = _cell_row(cell, work.model, evaluator(work.model), seconds)
             atomic_write_json(cells_dir / f"{cell.key}.json", {**row, **shared}, default=_json_default)

@@ -192,6 +192,8 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
         if state.get("run_hash") != run_hash:
             raise ConfigError(f"{work} holds an interrupted run of a different recipe, dtype, model or data: "
                               "rerun with the same options to --resume, or pass --force to start over")
+        pipeline = _pipeline(recipe, composition, loaded, device, progress, manager, work)
+        pipeline.prepare_model()  # a rotation changes the model the saved blocks were quantized in
         done = _restore_blocks(loaded, work, state, manager)
         result.layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in state["layers"] if r["block"] < done]
         result.blocks = state["blocks"][:done]
@@ -203,14 +205,7 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
-
-    try:
-        options = PipelineOptions(propagation=recipe.propagation, max_tokens=recipe.max_tokens, device=device,
-                                  seed=recipe.seed, progress=progress, skip=recipe.skip, overrides=recipe.overrides)
-        pipeline = QuantizationPipeline(loaded, composition, options, manager)
-    except BaseException:
-        _drop_if_empty(work)
-        raise
+        pipeline = _pipeline(recipe, composition, loaded, device, progress, manager, work)
 
     def save_block(i: int, res: PipelineResult) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in blocks[i].state_dict().items()}
@@ -244,6 +239,16 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
                       "every finished block is saved; fix the cause, then rerun with --resume") from None
     manager.hook.qe_run_end(command="quantize", output=str(out), figures=manifest["summary"])
     return out, manifest
+
+
+def _pipeline(recipe, composition, loaded, device, progress, manager, work) -> QuantizationPipeline:
+    try:
+        options = PipelineOptions(propagation=recipe.propagation, max_tokens=recipe.max_tokens, device=device,
+                                  seed=recipe.seed, progress=progress, skip=recipe.skip, overrides=recipe.overrides)
+        return QuantizationPipeline(loaded, composition, options, manager)
+    except BaseException:
+        _drop_if_empty(work)
+        raise
 
 
 def _drop_if_empty(work: Path) -> None:

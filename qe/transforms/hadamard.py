@@ -82,12 +82,15 @@ def sylvester(p: int) -> torch.Tensor:
 
 @lru_cache(maxsize=None)
 def _small_orders() -> dict[int, tuple[str, int]]:
-    """Orders of the Paley matrices available, each with its construction (the first found)."""
+    """Orders of the Paley matrices available, each with its construction (type I where both
+    give an order: 12 from q = 11 rather than from q = 5)."""
     out: dict[int, tuple[str, int]] = {}
-    for q in _primes(_MAX_PRIME):
+    primes = _primes(_MAX_PRIME)
+    for q in primes:
         if q % 4 == 3:
-            out.setdefault(q + 1, ("paley-i", q))
-        elif q % 4 == 1:
+            out[q + 1] = ("paley-i", q)
+    for q in primes:
+        if q % 4 == 1:
             out.setdefault(2 * (q + 1), ("paley-ii", q))
     return out
 
