@@ -27,7 +27,7 @@ from qe.recipe import Recipe
 from qe.settings import parse_setting
 from qe.transforms import hadamard
 from qe.transforms.base import ModelContext
-from qe.transforms.rotation import RotatedLinear, rotate_model
+from qe.transforms.rotation import ResidualRotation, RotatedLinear, rotate_model
 
 FAST = settings(max_examples=10, deadline=None)
 KNOWN_ORDERS = [1, 2, 4, 12, 20, 28, 36, 64, 96, 128, 576, 1536]
@@ -69,6 +69,18 @@ def test_random_rotations_are_orthogonal_and_seeded(n, seed):
     assert torch.equal(q, hadamard.random_orthogonal(n, seed))
     s = hadamard.random_signs(n, seed)
     assert set(s.unique().tolist()) <= {-1.0, 1.0}
+
+
+@given(n=st.sampled_from([12, 36, 64, 576]), seed=st.integers(0, 99), kind=st.sampled_from(["hadamard", "random"]))
+@FAST
+def test_residual_rotations_are_orthogonal_and_applied_by_rows(n, seed, kind):
+    rot = ResidualRotation(n, kind, seed)
+    q = rot.matrix()
+    assert torch.allclose(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-10)
+    w = torch.randn(3, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    assert torch.allclose(rot.right(w), w @ q, atol=1e-10)
+    signs = hadamard.random_signs(n, seed)
+    assert torch.allclose(hadamard.hadamard_rows(w, signs), (w * signs.double()) @ hadamard.hadamard_matrix(n), atol=1e-10)
 
 
 # ----------------------------------------------------------------------------- the online rotation (twins)

@@ -39,7 +39,7 @@ from torch import nn
 from qe.errors import ConfigError, ModelError
 from qe.transforms import smoothing
 from qe.transforms.base import GroupContext, GroupScales, ModelContext, Transform
-from qe.transforms.hadamard import has_hadamard, hadamard_matrix, random_orthogonal, random_signs
+from qe.transforms.hadamard import hadamard_rows, has_hadamard, random_orthogonal, random_signs
 
 # --------------------------------------------------------------------------- online rotation
 
@@ -66,8 +66,7 @@ class RotatedLinear(nn.Linear):
         """``lin`` with its weight moved into the rotated basis (``W diag(r) H``)."""
         w = lin.weight
         new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
-        rot = torch.diag(signs.double()).to(w.device) @ hadamard_matrix(lin.in_features).to(w.device)
-        new.weight = nn.Parameter((w.detach().double() @ rot).to(w.dtype), requires_grad=w.requires_grad)
+        new.weight = nn.Parameter(hadamard_rows(w.detach(), signs).to(w.dtype), requires_grad=w.requires_grad)
         if lin.bias is not None:
             new.bias = lin.bias
         new.input_rotation = signs.to(device=w.device, dtype=torch.int8)
@@ -165,15 +164,34 @@ def _residual_plan(model: nn.Module, adapter) -> tuple[list[_Reader], list[nn.Li
     return readers, writers
 
 
-def residual_rotation(d: int, kind: str, seed: int) -> torch.Tensor:
-    """The ``(d, d)`` float64 orthogonal ``Q`` of the residual stream."""
-    if kind == "random":
-        return random_orthogonal(d, seed)
-    return torch.diag(random_signs(d, seed).double()) @ hadamard_matrix(d)
+class ResidualRotation:
+    """The residual stream's orthogonal ``Q`` (``d × d``): ``diag(r) H`` for ``kind=hadamard``
+    (applied by butterflies), a seeded Haar-random matrix for ``kind=random``."""
+
+    def __init__(self, d: int, kind: str, seed: int):
+        self.d, self.kind = d, kind
+        if kind == "random":
+            self.q: torch.Tensor | None = random_orthogonal(d, seed)
+            self.signs = None
+        else:
+            if not has_hadamard(d):
+                raise ConfigError(f"rotate: no Hadamard matrix of order {d} (the hidden size) is known to qe: "
+                                  "use rotate[kind=random]")
+            self.q, self.signs = None, random_signs(d, seed)
+
+    def matrix(self) -> torch.Tensor:
+        """``Q`` as a dense float64 matrix."""
+        return self.q if self.q is not None else hadamard_rows(torch.eye(self.d, dtype=torch.float64), self.signs)
+
+    def right(self, w: torch.Tensor) -> torch.Tensor:
+        """``w Q`` in float64 for ``w`` ``(r, d)``."""
+        if self.q is not None:
+            return w.double() @ self.q.to(w.device)
+        return hadamard_rows(w, self.signs)
 
 
 @torch.no_grad()
-def rotate_residual(model: nn.Module, adapter, q: torch.Tensor) -> None:
+def rotate_residual(model: nn.Module, adapter, q: ResidualRotation) -> None:
     """Rotate the residual stream of ``model`` by ``q`` in place (see the module docstring)."""
     plan = _residual_plan(model, adapter)
     if isinstance(plan, str):
@@ -186,27 +204,28 @@ def rotate_residual(model: nn.Module, adapter, q: torch.Tensor) -> None:
         for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
             config.tie_word_embeddings = False
 
-    def right(w: torch.Tensor, m: torch.Tensor) -> None:  # w ← w · m
-        w.copy_((w.double() @ m.to(w.device)).to(w.dtype))
+    def rows(w: torch.Tensor, gain: torch.Tensor | None = None) -> None:  # rows read the stream: w ← w diag(g) Q
+        x = w.double() if gain is None else w.double() * gain.to(w.device)
+        w.copy_(q.right(x).to(w.dtype))
 
-    def left_t(w: torch.Tensor) -> None:  # rows are outputs in the stream: w ← qᵀ w
-        w.copy_((q.T.to(w.device) @ w.double()).to(w.dtype))
+    def columns(w: torch.Tensor) -> None:  # rows are outputs in the stream: w ← Qᵀ w = (wᵀ Q)ᵀ
+        w.copy_(q.right(w.double().T).T.to(w.dtype))
 
-    right(emb.weight, q)
+    rows(emb.weight)
     for name in adapter.vision_output_vectors:
         try:
             vec = model.get_parameter(name)
         except AttributeError:
             continue
-        vec.copy_((vec.double() @ q.to(vec.device)).to(vec.dtype))
+        vec.copy_(q.right(vec.double()[None, :])[0].to(vec.dtype))
     for lin in [*adapter.vision_output_modules(model).values(), *writers]:
-        left_t(lin.weight)
+        columns(lin.weight)
         if lin.bias is not None:
-            lin.bias.copy_((lin.bias.double() @ q.to(lin.bias.device)).to(lin.bias.dtype))
+            lin.bias.copy_(q.right(lin.bias.double()[None, :])[0].to(lin.bias.dtype))
     for r in readers:
         gain = _gain(r.norm, r.kind)
         for lin in r.linears:
-            right(lin.weight, torch.diag(gain.to(q.device)) @ q)
+            rows(lin.weight, gain)
         _reset(r.norm, r.kind)
 
 
@@ -274,10 +293,7 @@ def rotate_model(ctx: ModelContext, *, kind: str = "hadamard", seed: int = 0, on
         warnings.append(f"rotate: the residual stream is not rotated ({plan}); only the online rotations apply")
     else:
         d = model.get_input_embeddings().weight.shape[1]
-        if kind == "hadamard" and not has_hadamard(d):
-            raise ConfigError(f"rotate: no Hadamard matrix of order {d} (the hidden size) is known to qe: "
-                              "use rotate[kind=random]")
-        rotate_residual(model, adapter, residual_rotation(d, kind, seed))
+        rotate_residual(model, adapter, ResidualRotation(d, kind, seed))
     if not online:
         return warnings
     blocks = adapter.decoder_blocks(model)
