@@ -257,6 +257,7 @@ def _encoded(loaded, n=3):
 @pytest.mark.parametrize("recipe", [
     dict(quantizer="rtn", compensator="none", transform="rotate"),  # data-free
     dict(quantizer="gptq", compensator="lowrank[rank=4]", transform="rotate[smooth=smoothquant]"),
+    dict(quantizer="rtn", compensator="none", transform="rotate[smooth=awq]"),
     dict(quantizer="gptq", compensator="qe[k=4;num_experts=2;shared_rank=4;expert_rank=2]", transform="rotate[kind=random]"),
 ])
 def test_rotated_w4a4_checkpoint_reloads_to_the_same_logits(tmp_path, recipe):
@@ -275,6 +276,8 @@ def test_rotated_w4a4_checkpoint_reloads_to_the_same_logits(tmp_path, recipe):
             assert torch.equal(loaded.model(**e.inputs).logits, back.model(**e.inputs).logits)
     qls = [m for m in back.model.modules() if isinstance(m, QuantLinear)]
     assert sum(m.input_rotation is not None for m in qls) == 4 and all(m.a_bits == 4 for m in qls)
+    if "smooth=awq" in recipe["transform"]:  # the smoothing ran per group, after the rotation
+        assert all("awq_ratio" in r["figures"] for r in manifest["layers"])
 
 
 def test_rotate_with_qe_runs_its_alpha_search_in_the_rotated_basis(tmp_path):
