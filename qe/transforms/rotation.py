@@ -139,11 +139,10 @@ def _residual_plan(model: nn.Module, adapter) -> tuple[list[_Reader], list[nn.Li
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         return "the model has no linear LM head"
-    for module, label in ((final, "the final norm"),):
-        kind = _norm_kind(module)
-        if kind is None:
-            return f"{label} ({type(module).__name__}) is not an RMSNorm whose gain can be folded"
-        readers.append(_Reader(module, kind, [head]))
+    kind = _norm_kind(final)
+    if kind is None:
+        return f"the final norm ({type(final).__name__}) is not an RMSNorm whose gain can be folded"
+    readers.append(_Reader(final, kind, [head]))
     for i, block in enumerate(adapter.decoder_blocks(model)):
         linears = adapter.block_linears(block)
         reading: set[str] = set()
