@@ -16,6 +16,7 @@ from qe.kernels.ops import (
     QELinearWeights,
     backend,
     forward_quant_linear,
+    hadamard_transform,
     qe_linear,
     qe_prologue,
     quantize_activations,
@@ -28,7 +29,7 @@ from qe.kernels.ops import (
 )
 
 __all__ = [
-    "BACKENDS", "KernelError", "QELinearWeights", "backend", "forward_quant_linear", "qe_linear", "qe_prologue", "quantize_activations",
+    "BACKENDS", "KernelError", "QELinearWeights", "backend", "forward_quant_linear", "hadamard_transform", "qe_linear", "qe_prologue", "quantize_activations",
     "quantized_linear", "routed_lowrank", "shared_down_and_route", "sort_by_expert", "triton_available",
     "weight_only_linear",
 ]

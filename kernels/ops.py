@@ -336,6 +336,34 @@ def routed_lowrank(
     return out if out is not None else y.reshape(*lead, -1)
 
 
+# --------------------------------------------------------------------------- online Hadamard
+
+
+@functools.lru_cache(maxsize=32)
+def _small_hadamard(m: int, device: str) -> torch.Tensor:
+    from qe.transforms.hadamard import small_hadamard
+
+    return small_hadamard(m).float().to(device)
+
+
+def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None) -> torch.Tensor:
+    """The online rotation ``((x ⊙ signs) H_n) / √n`` ``(..., n)`` in ``x.dtype`` (fp32 inside),
+    ``H_n = H_p ⊗ H_m`` (:mod:`qe.transforms.hadamard`): a fast Walsh–Hadamard transform over
+    the power-of-two factor, a dense ``(m, m)`` matmul for the small Paley factor."""
+    from qe.transforms.hadamard import factor_order
+
+    _check_float(x, "x")
+    x2, lead = _flatten(x)
+    n = x2.shape[1]
+    factors = factor_order(n)
+    _check(factors is not None, f"no Hadamard matrix of order {n} is known to qe (n = 2^k · m, m a Paley order)")
+    p, m = factors
+    _check_vector(signs, n, "signs", x.device)
+    small = _small_hadamard(m, str(x.device)) if m > 1 else None
+    y = _impl(x.device).hadamard_transform(x2, signs, p, small)
+    return y.reshape(*lead, n)
+
+
 # --------------------------------------------------------------------------- the whole layer
 
 

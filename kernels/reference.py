@@ -197,3 +197,28 @@ def routed_lowrank(
         return y.to(x.dtype)
     out.copy_(out.float() + y)  # the sum in fp32, rounded once, as the kernel does
     return out
+
+
+# --------------------------------------------------------------------------- online Hadamard
+
+
+def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None, p: int, small: torch.Tensor | None) -> torch.Tensor:
+    """``((x ⊙ signs) (H_p ⊗ H_m)) / √n`` ``(T, n)`` in ``x.dtype``, computed in fp32: the dense
+    ``H_m`` (``small``, ±1 ``(m, m)``, None when ``m = 1``) on the last axis of ``x`` seen as
+    ``(T, p, m)``, then the fast Walsh–Hadamard transform (Sylvester's ``H_p``) on the middle
+    axis, ``log2 p`` butterfly stages."""
+    t, n = x.shape
+    m = n // p
+    y = x.float()
+    if signs is not None:
+        y = y * signs.float()
+    y = y.reshape(t, p, m)
+    if small is not None:
+        y = y @ small.float()
+    h = 1
+    while h < p:
+        y = y.reshape(t, p // (2 * h), 2, h, m)
+        a, b = y[:, :, 0], y[:, :, 1]
+        y = torch.stack((a + b, a - b), dim=2)
+        h *= 2
+    return (y.reshape(t, n) * n ** -0.5).to(x.dtype)

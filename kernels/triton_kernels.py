@@ -576,3 +576,55 @@ def routed_lowrank(x, expert, routed_a, routed_b, input_scale=None, out=None):
         ACCUMULATE=accumulate, BM=bm, BN=bn, R_BLOCK=r_block, NE_BLOCK=ne_block,
     )
     return out
+
+
+# --------------------------------------------------------------------------- online Hadamard
+
+
+@triton.jit
+def _fwht_kernel(x_ptr, signs_ptr, out_ptr, n, M, scale, P: tl.constexpr, LOG_P: tl.constexpr, BM: tl.constexpr,
+                 HAS_SIGNS: tl.constexpr):
+    """One program per (token, block of BM columns of the m axis): the token's row seen as
+    ``(P, M)``; ``x ⊙ signs`` is written to the fp32 output, then ``LOG_P`` butterfly stages
+    along the P axis read each element's partner ``a ^ h`` back from the output (barriers
+    between the reads and the writes of a stage), and the result is scaled."""
+    t = tl.program_id(0)
+    a = tl.arange(0, P)[:, None]
+    b = tl.program_id(1) * BM + tl.arange(0, BM)[None, :]
+    ok = (b < M) & (a < P)
+    offs = a * M + b
+    row_in = x_ptr + t.to(tl.int64) * n
+    row_out = out_ptr + t.to(tl.int64) * n
+    v = tl.load(row_in + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_SIGNS:
+        v = v * tl.load(signs_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(row_out + offs, v, mask=ok)
+    for s in tl.static_range(LOG_P):
+        h = 1 << s
+        tl.debug_barrier()
+        partner = tl.load(row_out + (a ^ h) * M + b, mask=ok, other=0.0)
+        mine = tl.load(row_out + offs, mask=ok, other=0.0)
+        res = tl.where((a & h) == 0, mine + partner, partner - mine)
+        tl.debug_barrier()
+        tl.store(row_out + offs, res, mask=ok)
+    tl.debug_barrier()
+    res = tl.load(row_out + offs, mask=ok, other=0.0)
+    tl.store(row_out + offs, res * scale, mask=ok)
+
+
+def hadamard_transform(x, signs, p, small):
+    """The twin's contract (:func:`qe.kernels.reference.hadamard_transform`): the power-of-two
+    part in the kernel, the small dense ``H_m`` as a matmul on its output (the two commute)."""
+    x = x.contiguous()
+    t, n = x.shape
+    m = n // p
+    out = torch.empty(t, n, dtype=torch.float32, device=x.device)
+    if t == 0:
+        return out.to(x.dtype)
+    bm = min(triton.next_power_of_2(m), max(1, 4096 // p))
+    grid = (t, triton.cdiv(m, bm))
+    _fwht_kernel[grid](x, signs.contiguous() if signs is not None else x, out, n, m, n ** -0.5, P=p,
+                       LOG_P=int(math.log2(p)), BM=bm, HAS_SIGNS=signs is not None)
+    if small is not None:
+        out = (out.reshape(t, p, m) @ small.float()).reshape(t, n)
+    return out.to(x.dtype)

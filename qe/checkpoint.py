@@ -31,6 +31,7 @@ from torch import nn
 from qe.errors import ConfigError, ModelError, NumericalError
 from qe.plugins import QEPluginManager, default_manager
 from qe.quantizers.qlinear import QuantLinear
+from qe.transforms.hadamard import has_hadamard
 
 FORMAT = "qe-quantized"
 FORMAT_VERSION = 2  # 2: compensator modules recorded with the plugin that rebuilds them
@@ -381,7 +382,7 @@ def _tie(model: nn.Module, alias: str, target: str) -> None:
 
 
 _LINEAR_INTS = {"in_features", "out_features", "bits", "group_size", "a_bits"}
-_LINEAR_BOOLS = {"symmetric", "bias", "input_scale", "act_keep", "static_act_scale"}
+_LINEAR_BOOLS = {"symmetric", "bias", "input_scale", "act_keep", "static_act_scale", "input_rotation"}
 
 
 def _int_in(value: Any, lo: int, hi: int) -> bool:
@@ -441,6 +442,8 @@ def validate_layouts(model: nn.Module, layouts: Any, directory: Path | str = "",
         for key in _LINEAR_BOOLS & set(lin):
             if not isinstance(lin[key], bool):
                 raise bad(name, f"{key} must be true or false")
+        if lin.get("input_rotation") and not has_hadamard(target.in_features):
+            raise bad(name, f"an online rotation of width {target.in_features}, for which qe knows no Hadamard matrix")
         comp = layout.get("compensator")
         if comp is None:
             continue

@@ -283,7 +283,8 @@ def _quantize_arguments(p: argparse.ArgumentParser) -> None:
                    help="TOML recipe file with the same choices as these flags, plus per-layer overrides and skip "
                         "patterns; flags given here override it (format and example: docs/recipes.md)")
     p.add_argument("--transform", default=None,
-                   help="transform plugin applied before quantizing: none (default), 'smoothquant[alpha=0.5]', awq")
+                   help="transform plugin applied before quantizing: none (default), 'smoothquant[alpha=0.5]', awq, "
+                        "rotate, 'rotate[smooth=awq]'")
     p.add_argument("--quantizer", default=None, help="quantizer plugin: rtn (default), gptq, 'gptq[damp=0.01]'")
     p.add_argument("--compensator", default=None, help="compensator plugin, e.g. none, 'lowrank[rank=64]', qe")
     p.add_argument("--estimator", default=None, help="importance estimator plugin (default act-weight)")
@@ -338,7 +339,7 @@ def cmd_compare(args) -> int:
 
 
 def _compare_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--transforms", default="none", help="comma list of transform plugins, e.g. 'none,smoothquant,awq'")
+    p.add_argument("--transforms", default="none", help="comma list of transform plugins, e.g. 'none,smoothquant,awq,rotate'")
     p.add_argument("--quantizers", default="rtn,gptq", help="comma list of quantizer plugins")
     p.add_argument("--compensators", default="none,lowrank,qe", help="comma list of compensator plugins")
     p.add_argument("--settings", default="W4A8,W4A6,W3A16", help="comma list of settings")

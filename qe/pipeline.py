@@ -50,8 +50,9 @@ from qe.quantized import fake_quantize_activations
 from qe.quantizers.base import Quantizer
 from qe.quantizers.qlinear import QuantLinear
 from qe.transforms import smoothing
-from qe.transforms.base import GroupContext, Transform
+from qe.transforms.base import GroupContext, ModelContext, Transform
 from qe.transforms.builtin import AlphaSearch, AlphaSearchConfig
+from qe.transforms.rotation import online_rotation
 
 Propagation = Literal["quantized", "fp-inputs"]
 # The fewest calibration tokens a routed expert is calibrated from by default (below, a
@@ -146,6 +147,7 @@ class QuantizationPipeline:
         # (qe compare, fp-inputs): key (quantizer, setting, layer, smoothing, exemption).
         self.base_cache: dict | None = None
         self._spill: Path | None = None
+        self._prepared = False
         self._validate_layers()
 
     def plugins_for(self, full_name: str) -> tuple[Quantizer, Compensator]:
@@ -160,7 +162,7 @@ class QuantizationPipeline:
         the group's compensator asks for smoothing α candidates, the α search among them (a
         composition never smooths twice: on a smoothing transform, its scales are used)."""
         candidates = compensator.smoothing_candidates()
-        if self.composition.transform.entry.name != "none" or not candidates:
+        if self.transform.smooths() or not candidates:
             return self.transform
         key = tuple(candidates)
         if key not in self._alpha_searches:
@@ -215,6 +217,21 @@ class QuantizationPipeline:
         return self.transform.needs_hessian or any(p.needs_hessian for p in plugins)
 
     # ------------------------------------------------------------------ run
+    def prepare_model(self) -> bool:
+        """The transform's model-level step (once; a rotation, say), before any calibration
+        input is captured. Returns whether it changed the model now. ``qe quantize --resume``
+        calls it before restoring finished blocks, so they are restored into the changed model."""
+        if self._prepared or not self.transform.changes_model():
+            return False
+        linears = {f"{b.prefix}.{n}": b.module.get_submodule(n) for b in self.walker.blocks()
+                   if not any(isinstance(m, QuantLinear) for m in b.module.modules())
+                   for n in self.linear_names(b)}
+        warnings = self.transform.prepare_model(ModelContext(self.loaded.model, self.loaded.adapter, linears,
+                                                             self.setting, self.options.seed))
+        self.warnings.extend(w for w in warnings if w not in self.warnings)
+        self._prepared = True
+        return True
+
     def run(
         self,
         encoded: list[EncodedSample],
@@ -229,7 +246,9 @@ class QuantizationPipeline:
         quantized in the model: that is how ``--resume`` continues, passing the earlier
         ``result`` to extend). ``on_block_done`` runs after each block, before the
         ``qe_block_end`` event (a checkpointing caller saves there). ``inputs`` are block 0's
-        captured inputs when the caller already has them (``qe compare`` shares them).
+        captured inputs when the caller already has them (``qe compare`` shares them); a
+        transform that changes the model makes them stale, and they are captured again from
+        ``encoded``.
 
         A block that accelerate offloaded (CPU or disk offload) is onloaded for its own step
         only; once quantized it is offloaded again to the safetensors file of its state dict:
@@ -238,6 +257,11 @@ class QuantizationPipeline:
         block's weights beside the offloaded ones."""
         opts = self.options
         hook = self.manager.hook
+        if self.prepare_model() and inputs is not None:
+            if not encoded:
+                raise ConfigError(f"transform {self.transform.name!r} changes the model, so block 0's inputs must be "
+                                  "captured again: pass the calibration samples")
+            inputs = None
         result = result if result is not None else PipelineResult()
         result.warnings.extend(w for w in self.warnings if w not in result.warnings)
         t_start = time.perf_counter()
@@ -321,7 +345,8 @@ class QuantizationPipeline:
         t0 = time.perf_counter()
         q = quantizer.quantize(w, self.setting, layer_name=full)
         ql = QuantLinear.from_quantized(q, a_bits=self.setting.a_bits,
-                                        bias=lin.bias.detach().float() if lin.bias is not None else None)
+                                        bias=lin.bias.detach().float() if lin.bias is not None else None,
+                                        input_rotation=online_rotation(lin))
         block.module.set_submodule(n, ql.to(lin.weight.device))
         figures = {"quantize_seconds": time.perf_counter() - t0}
         if tokens is not None:
@@ -455,7 +480,7 @@ class QuantizationPipeline:
                 q, a_bits=self.setting.a_bits,
                 bias=lin.bias.detach().float() if lin.bias is not None else None,
                 input_scale=scale if mode == "explicit" else None,
-                act_exempt=plans[n].act_exempt, compensator=fitted,
+                act_exempt=plans[n].act_exempt, compensator=fitted, input_rotation=online_rotation(lin),
             ).to(lin.weight.device)
             nf = self.options.figure_tokens
             figures = layer_figures(tokens[:nf], token_modality[:nf], w, ql)

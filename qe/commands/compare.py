@@ -221,6 +221,11 @@ def run_compare(
         check_ray_options(options, loaded)
         probe_cluster()  # an unreachable cluster fails before any work
     cells = grid_cells(quantizers, compensators, settings, options.estimator, manager, transforms)  # validated before loading
+    if options.propagation == "fp-inputs":
+        changing = sorted({c.transform for c in cells if c.composition.transform.create().changes_model()})
+        if changing:
+            raise ConfigError(f"transform {changing[0]} changes the model, so its statistics cannot be shared with the "
+                              "other cells in fp-inputs mode: run it with --propagation quantized")
     out = Path(out)
     grid = {"model": model or "embedded-default", "cells": [c.label for c in cells], "options": options.describe()}
     check_output(out, kind="dir", allow_existing=True)
@@ -306,7 +311,7 @@ def run_cells(loaded: LoadedModel, cells: list[Cell], encoded, evaluator: Evalua
     if options.propagation == "fp-inputs":
         _run_fp_inputs(loaded, cells, pipeline_opts, inputs, evaluator, record, manager, options, shared)
     else:
-        _run_quantized(loaded, cells, pipeline_opts, inputs, evaluator, record, manager, options, shared)
+        _run_quantized(loaded, cells, pipeline_opts, inputs, evaluator, record, manager, options, shared, encoded)
 
 
 def _read_cell(path: Path) -> dict | None:
@@ -362,7 +367,7 @@ def _model_copy(loaded: LoadedModel) -> LoadedModel:
                        loaded.notes, loaded.card)
 
 
-def _run_quantized(loaded, cells, opts, inputs, evaluator, record, manager, options, shared) -> None:
+def _run_quantized(loaded, cells, opts, inputs, evaluator, record, manager, options, shared, encoded) -> None:
     bar = tqdm(cells, desc="compare", disable=not options.progress)
     for cell in bar:
         bar.set_postfix_str(cell.label)  # the progress plugin counts this cell's blocks below
@@ -370,7 +375,8 @@ def _run_quantized(loaded, cells, opts, inputs, evaluator, record, manager, opti
         try:
             work = _model_copy(loaded)
             pipe = QuantizationPipeline(work, cell.composition, opts, manager)
-            cell.result = pipe.run([], inputs=inputs, result=cell.result)
+            # a transform that changes the model (a rotation) captures its own block-0 inputs from `encoded`
+            cell.result = pipe.run(encoded, inputs=inputs, result=cell.result)
             seconds = time.perf_counter() - t0
             row = _cell_row(cell, work.model, evaluator(work.model), seconds)
             record(cell, {**row, **shared})

@@ -146,6 +146,9 @@ def run_quantize(
 
     manager = manager or default_manager()
     composition = recipe.validate(manager)  # before any model loads
+    if recipe.scope != "language" and composition.transform.create().changes_model():
+        raise ConfigError(f"transform {composition.transform.entry.name!r} rotates the language model's residual stream, "
+                          f"which --scope {recipe.scope} does not combine with yet: use --scope language")
     out = Path(out)
     work = partial_dir(out)
     check_output(out, kind="dir", force=force, expected_bytes=2 * _expected_bytes(model if loaded is None else None))
@@ -185,6 +188,8 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
     prefix = loaded.adapter.blocks_prefix(loaded.model)
     done = 0
     result = PipelineResult()
+    options = PipelineOptions(propagation=recipe.propagation, max_tokens=recipe.max_tokens, device=device,
+                              seed=recipe.seed, progress=progress, skip=recipe.skip, overrides=recipe.overrides)
     if resume:
         _check_identity(work, identity)
         if (work / checkpoint.MANIFEST).is_file():  # killed after the commit point: only the last steps are left
@@ -198,6 +203,9 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
         if state.get("run_hash") != run_hash:
             raise ConfigError(f"{work} holds an interrupted run of a different recipe, dtype, model or data: "
                               "rerun with the same options to --resume, or pass --force to start over")
+        pipeline = _pipeline(recipe, composition, loaded, options, manager, work)
+        if pipeline is not None:
+            pipeline.prepare_model()  # a rotation changes the model the saved blocks were quantized in
         done = _restore_blocks(loaded, work, state, manager)
         result.layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in state["layers"] if r["block"] < done]
         result.blocks = state["blocks"][:done]
@@ -209,15 +217,7 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
-
-    try:
-        options = PipelineOptions(propagation=recipe.propagation, max_tokens=recipe.max_tokens, device=device,
-                                  seed=recipe.seed, progress=progress, skip=recipe.skip, overrides=recipe.overrides)
-        # --scope vision leaves the language model as it is: its linears are not checked either.
-        pipeline = QuantizationPipeline(loaded, composition, options, manager) if recipe.scope != "vision" else None
-    except BaseException:
-        _drop_if_empty(work)
-        raise
+        pipeline = _pipeline(recipe, composition, loaded, options, manager, work)
 
     def save_block(i: int, res: PipelineResult) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in blocks[i].state_dict().items()}
@@ -282,6 +282,18 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
                       "every finished block is saved; fix the cause, then rerun with --resume") from None
     manager.hook.qe_run_end(command="quantize", output=str(out), figures=manifest["summary"])
     return out, manifest
+
+
+def _pipeline(recipe, composition, loaded, options, manager, work) -> QuantizationPipeline | None:
+    """The language model's pipeline; None for ``--scope vision``, which leaves the language
+    model as it is (its linears are not checked either)."""
+    if recipe.scope == "vision":
+        return None
+    try:
+        return QuantizationPipeline(loaded, composition, options, manager)
+    except BaseException:
+        _drop_if_empty(work)
+        raise
 
 
 def _drop_if_empty(work: Path) -> None:

@@ -176,6 +176,9 @@ def export_transformers(source: Path, out: Path, *, force: bool = False, manager
     ckpt_mod.verify_files(source, manifest["files"])
     modules = (manager or default_manager()).compensator_modules()
     for name, layout in manifest["layouts"].items():  # every compensator must be rebuildable at load
+        if (layout.get("linear") or {}).get("input_rotation"):
+            raise ConfigError(f"{name}: its input is rotated online (the rotate transform), which the transformers "
+                              "export does not carry: load the checkpoint with qe.load_quantized instead")
         if layout.get("compensator") is not None:
             ckpt_mod.compensator_module(name, layout["compensator"], modules)
     with atomic_directory(out, force=force) as tmp:

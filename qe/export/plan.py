@@ -33,6 +33,9 @@ PRODUCERS = {"self_attn.o_proj": "self_attn.v_proj", "mlp.down_proj": "mlp.up_pr
 
 def check_base(name: str, ql: QuantLinear) -> None:
     """Refuse, in one line, a linear whose quantization compressed-tensors cannot express."""
+    if ql.input_rotation is not None:
+        raise ConfigError(f"{name}: its input is rotated online (the rotate transform), which no export format "
+                          "expresses: export a checkpoint quantized without rotate, or load it with qe.load_quantized")
     problems = []
     if not 2 <= ql.bits <= 8:
         problems.append(f"W{ql.bits} weights")

@@ -89,6 +89,15 @@ class ModelAdapter(Plugin):
     # ``--scope vision|all`` (:mod:`qe.models.stacks`). Empty: the scope refuses the model.
     vision_blocks_paths: ClassVar[tuple[str, ...]] = ()
     projector_paths: ClassVar[tuple[str, ...]] = ()
+    # What a rotation of the residual stream (the ``rotate`` transform) needs to know beyond the
+    # blocks: the block linears that write into the residual stream (their outputs are rotated),
+    # the norm before the LM head, and, for VLMs, where vision features enter the residual stream:
+    # linears (fnmatch patterns of full names) whose outputs become language-model embeddings,
+    # and parameters that are such embeddings themselves (LLaVA-OneVision's image newline).
+    residual_output_linears: ClassVar[tuple[str, ...]] = ("self_attn.o_proj", "mlp.down_proj")
+    final_norm_name: ClassVar[str] = "norm"
+    vision_output_linears: ClassVar[tuple[str, ...]] = ()
+    vision_output_vectors: ClassVar[tuple[str, ...]] = ()
 
     # ------------------------------------------------------------------ recognition
     @classmethod
@@ -177,6 +186,33 @@ class ModelAdapter(Plugin):
                 out.append(SmoothingGroup(pair, None))
             if f"{e}.down_proj" in have:
                 out.append(SmoothingGroup([f"{e}.down_proj"], None))
+        return out
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The norm the language model applies before its LM head."""
+        try:
+            return self.language_model(model).get_submodule(self.final_norm_name)
+        except AttributeError:
+            raise ModelError(f"{type(model).__name__}: no final norm at {self.language_model_path}.{self.final_norm_name}") from None
+
+    def residual_rotation_issue(self, model: nn.Module) -> str | None:
+        """Why the residual stream of this model cannot be rotated offline (a norm between a
+        linear and the residual, vision features entering where the adapter does not say),
+        or None. The ``rotate`` transform then only rotates inside the blocks (online)."""
+        if self.image_token_id(model) is not None and not self.vision_output_modules(model):
+            return (f"adapter {self.name!r} does not name where vision features enter the residual stream "
+                    "(vision_output_linears)")
+        return None
+
+    def vision_output_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The linears and embedding vectors through which vision features enter the residual
+        stream, by full name (see :attr:`vision_output_linears`)."""
+        import fnmatch
+
+        out: dict[str, nn.Module] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and any(fnmatch.fnmatchcase(name, p) for p in self.vision_output_linears):
+                out[name] = module
         return out
 
     def blockwise_issue(self, model: nn.Module) -> str | None:

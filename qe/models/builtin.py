@@ -16,6 +16,8 @@ class LlavaAdapter(ModelAdapter):
     name = "llava"
     model_types = ("llava", "llava_next")
     language_model_path = "model.language_model"
+    vision_output_linears = ("model.multi_modal_projector.linear_2",)
+    vision_output_vectors = ("model.image_newline",)  # LLaVA-NeXT
     image_placeholder = "<image>"
     vision_blocks_paths = ("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers")
     projector_paths = ("model.multi_modal_projector",)
@@ -76,6 +78,9 @@ class GenericAdapter(ModelAdapter):
 
     def decoder_blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self._path(model))
+
+    def residual_rotation_issue(self, model: nn.Module) -> str | None:
+        return "the generic adapter does not know where this model's residual stream is read and written"
 
     def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}

@@ -66,6 +66,9 @@ class QwenVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
     name = "qwen-vl"
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
     language_model_path = "model.language_model"
+    # the merger's last linear (Qwen2/2.5-VL: mlp.2, Qwen3-VL: linear_fc2) and Qwen3-VL's deepstack mergers
+    vision_output_linears = ("model.visual.merger.mlp.2", "model.visual.merger.linear_fc2",
+                             "model.visual.deepstack_merger_list.*.linear_fc2")
     image_placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
     vision_blocks_paths = ("model.visual.blocks",)
     projector_paths = ("model.visual.merger",)  # Qwen3-VL's deepstack mergers stay in full precision
@@ -104,6 +107,7 @@ class Idefics3Adapter(ImageOnlyProcessorMixin, ModelAdapter):
     name = "idefics3"
     model_types = ("idefics3", "smolvlm")
     language_model_path = "model.text_model"
+    vision_output_linears = ("model.connector.modality_projection.proj",)
     image_placeholder = "<image>"
     vision_blocks_paths = ("model.vision_model.encoder.layers",)
     projector_paths = ("model.connector",)
@@ -125,6 +129,7 @@ class InternVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
     name = "internvl"
     model_types = ("internvl",)
     language_model_path = "model.language_model"
+    vision_output_linears = ("model.multi_modal_projector.linear_2",)
     image_placeholder = "<IMG_CONTEXT>"
     vision_blocks_paths = ("model.vision_tower.encoder.layer",)
     projector_paths = ("model.multi_modal_projector",)
@@ -154,6 +159,11 @@ class Gemma3Adapter(ModelAdapter):
     kwargs_differ_by_block = True
     mlp_input_norm = "pre_feedforward_layernorm"
 
+    def residual_rotation_issue(self, model) -> str | None:
+        return ("Gemma 3 normalises the attention and MLP outputs (post_attention_layernorm, "
+                "post_feedforward_layernorm) before adding them to the residual stream, so a rotation of that "
+                "stream cannot be folded into the weights")
+
 
 class LlavaOnevisionAdapter(ImageOnlyProcessorMixin, ModelAdapter):
     """LLaVA-OneVision: SigLIP tower, anyres tiling (a base view plus tiles, each row of tiles
@@ -164,6 +174,8 @@ class LlavaOnevisionAdapter(ImageOnlyProcessorMixin, ModelAdapter):
     name = "llava-onevision"
     model_types = ("llava_onevision",)
     language_model_path = "model.language_model"
+    vision_output_linears = ("model.multi_modal_projector.linear_2",)
+    vision_output_vectors = ("model.image_newline",)
     image_placeholder = "<image>"
     vision_blocks_paths = ("model.vision_tower.vision_model.encoder.layers", "model.vision_tower.encoder.layers")
     projector_paths = ("model.multi_modal_projector",)

@@ -1,5 +1,6 @@
 """The quantized linear module that replaces ``nn.Linear`` in a quantized model.
 
+    x ← ((x ⊙ r) H) / √n                      (online rotation; absent unless a rotation asked for one)
     x̃ = x / input_scale                       (explicit smoothing; absent when folded into a norm)
     y = Q_a(x̃ ⊙ act_keep) · Q_w(W̃)ᵀ + b + compensator(x̃)
 
@@ -7,7 +8,11 @@
 and zero points; ``Q_a`` is per-token dynamic symmetric (or static per-tensor) fake
 quantization; ``act_keep`` zeroes the exempt channels before ``Q_a`` so their outliers do not
 set the per-token scale (those channels reach the output only through the compensator,
-which reads the unquantized ``x̃``). The forward picks the Triton kernels on CUDA and their
+which reads the unquantized ``x̃``). The online rotation (``input_rotation`` holds the signs
+``r``; ``H`` is the Hadamard matrix of order ``in_features``, :mod:`qe.transforms.hadamard`)
+is what the ``rotate`` transform puts before o_proj and down_proj: ``Q_w(W̃)`` then holds the
+weight in the rotated basis, and everything after it (smoothing, the compensator) reads the
+rotated input. The forward picks the Triton kernels on CUDA and their
 torch twins elsewhere (``QE_KERNELS=torch|triton`` forces one, see :mod:`qe.kernels`).
 """
 
@@ -36,6 +41,7 @@ class QuantLinear(nn.Module):
         input_scale: bool = False,
         act_keep: bool = False,
         static_act_scale: bool = False,
+        input_rotation: bool = False,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -48,6 +54,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_scale", torch.ones(in_features) if input_scale else None)
         self.register_buffer("act_keep", torch.ones(in_features, dtype=torch.bool) if act_keep else None)
         self.register_buffer("static_act_scale", torch.ones(()) if static_act_scale else None)
+        # ±1 signs r of the online rotation (int8: exact in any dtype, and model.to(dtype) leaves them)
+        self.register_buffer("input_rotation", torch.ones(in_features, dtype=torch.int8) if input_rotation else None)
         self.compensator: nn.Module | None = None
         self._dequantized: torch.Tensor | None = None  # cache for the torch path
         # Off for offloaded modules: the cache would keep a float copy of every weight in memory.
@@ -65,12 +73,13 @@ class QuantLinear(nn.Module):
         act_exempt: torch.Tensor | None = None,
         static_act_scale: torch.Tensor | None = None,
         compensator: nn.Module | None = None,
+        input_rotation: torch.Tensor | None = None,
     ) -> QuantLinear:
         d_out, d_in = q.shape
         m = cls(
             d_in, d_out, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, a_bits=a_bits,
             bias=bias is not None, input_scale=input_scale is not None, act_keep=act_exempt is not None,
-            static_act_scale=static_act_scale is not None,
+            static_act_scale=static_act_scale is not None, input_rotation=input_rotation is not None,
         )
         codes = q.codes.clone()
         if q.exempt is not None:
@@ -88,6 +97,8 @@ class QuantLinear(nn.Module):
             m.act_keep.copy_(~act_exempt)
         if static_act_scale is not None:
             m.static_act_scale.copy_(static_act_scale.reshape(()))  # one per-tensor scale, whatever its shape
+        if input_rotation is not None:
+            m.input_rotation.copy_(input_rotation.to(torch.int8))
         m.compensator = compensator
         return m
 
@@ -98,6 +109,7 @@ class QuantLinear(nn.Module):
             "group_size": self.group_size, "symmetric": self.symmetric, "a_bits": self.a_bits,
             "bias": self.bias is not None, "input_scale": self.input_scale is not None,
             "act_keep": self.act_keep is not None, "static_act_scale": self.static_act_scale is not None,
+            **({"input_rotation": True} if self.input_rotation is not None else {}),
         }
 
     @classmethod
@@ -121,12 +133,21 @@ class QuantLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     # ------------------------------------------------------------------ forward
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The online rotation ``((x ⊙ r) H) / √n``, or ``x`` when the layer has none."""
+        if self.input_rotation is None:
+            return x
+        from qe.kernels.ops import hadamard_transform
+
+        return hadamard_transform(x, self.input_rotation.to(x.device))
+
     def smooth_input(self, x: torch.Tensor) -> torch.Tensor:
         return x / self.input_scale.to(x.dtype) if self.input_scale is not None else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from qe.kernels.ops import forward_quant_linear  # lazy: qe.kernels imports qe.quantizers
 
+        x = self.rotate_input(x)
         fused = forward_quant_linear(self, x)  # None unless the Triton backend covers this module
         if fused is not None:
             return fused
@@ -151,4 +172,5 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         gran = "ch" if self.group_size == 0 else f"g{self.group_size}"
         return (f"in={self.in_features}, out={self.out_features}, W{self.bits}A{self.a_bits}{gran}"
-                f"{'sym' if self.symmetric else 'asym'}, smoothed={self.input_scale is not None}")
+                f"{'sym' if self.symmetric else 'asym'}, smoothed={self.input_scale is not None}"
+                f"{', rotated' if self.input_rotation is not None else ''}")

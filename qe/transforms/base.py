@@ -9,15 +9,21 @@ pipeline calls :meth:`Transform.group_scales` with a :class:`GroupContext`. A tr
 folding ``1/s`` into the preceding norm where there is one and keeping an explicit input
 scale on the quantized linear where there is not. The quantizer and the compensator see
 only the transformed basis; neither knows which transform ran.
+
+A transform may also change the whole model once, before any calibration input is captured
+(:meth:`Transform.prepare_model`, declared by :meth:`Transform.changes_model`): the
+``rotate`` transform folds orthogonal rotations into the weights there. The per-group step
+then runs in the changed model's basis.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from qe.plugins import Plugin
 from qe.quantized import QuantizedWeight
@@ -56,6 +62,18 @@ class GroupScales:
     figures: dict[str, float] = field(default_factory=dict)  # added to each linear's figures
 
 
+@dataclass
+class ModelContext:
+    """What a transform's model-level step sees: the model, its adapter, and the decoder
+    linears this run quantizes (full name → module; skipped linears are not among them)."""
+
+    model: nn.Module
+    adapter: Any  # qe.models.base.ModelAdapter (not imported: the adapters import the transforms' users)
+    linears: dict[str, nn.Module]
+    setting: QuantSetting
+    seed: int = 0
+
+
 class Transform(Plugin):
     """Base class of transforms (plugins of kind ``transform``)."""
 
@@ -66,6 +84,23 @@ class Transform(Plugin):
     def needs_calibration(self) -> bool:
         """Whether the transform reads calibration data (all but the identity do)."""
         return True
+
+    def smooths(self) -> bool:
+        """Whether :meth:`group_scales` smooths (all but the identity and a rotation without
+        smoothing do). Where it does not, a compensator that asks for a per-group α search
+        gets one (a composition never smooths twice)."""
+        return True
+
+    def changes_model(self) -> bool:
+        """Whether :meth:`prepare_model` changes the model (block inputs captured before it
+        are then stale, and statistics streamed on the unchanged model do not apply)."""
+        return False
+
+    def prepare_model(self, model: ModelContext) -> list[str]:
+        """The model-level step, run once before calibration inputs are captured and any group
+        is smoothed; it changes ``model.model`` in place so that its full-precision outputs stay
+        the same. Returns warnings for the run's record. Nothing by default."""
+        return []
 
     def group_scales(self, group: GroupContext) -> GroupScales | None:
         """The scales of one smoothing group, or None to leave it unchanged."""

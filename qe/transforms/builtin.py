@@ -35,6 +35,9 @@ class NoTransform(Transform):
     def needs_calibration(self) -> bool:
         return False
 
+    def smooths(self) -> bool:
+        return False
+
 
 @dataclass(frozen=True)
 class SmoothQuantConfig:
@@ -144,4 +147,6 @@ def _union(masks: list[torch.Tensor | None]) -> torch.Tensor | None:
 
 @hookimpl
 def qe_transforms():
-    return [NoTransform, SmoothQuant, AWQ, AlphaSearch]
+    from qe.transforms.rotation import Rotate
+
+    return [NoTransform, SmoothQuant, AWQ, AlphaSearch, Rotate]
