@@ -199,6 +199,11 @@ class ModelAdapter(Plugin):
         """Why the residual stream of this model cannot be rotated offline (a norm between a
         linear and the residual, vision features entering where the adapter does not say),
         or None. The ``rotate`` transform then only rotates inside the blocks (online)."""
+        from qe.models.moe import RoutedExperts
+
+        if any(isinstance(m, RoutedExperts) for m in model.modules()):
+            return ("its decoder routes tokens to experts, whose down_proj outputs and router the rotation does not "
+                    "cover yet")
         if self.image_token_id(model) is not None and not self.vision_output_modules(model):
             return (f"adapter {self.name!r} does not name where vision features enter the residual stream "
                     "(vision_output_linears)")

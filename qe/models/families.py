@@ -201,6 +201,7 @@ class Mistral3Adapter(ModelAdapter):
     image_placeholder = "[IMG]"
     vision_blocks_paths = ("model.vision_tower.transformer.layers",)
     projector_paths = ("model.multi_modal_projector",)
+    vision_output_linears = ("model.multi_modal_projector.linear_2",)
 
     @classmethod
     def load_processor(cls, path: str | Path, config=None):
