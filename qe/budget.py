@@ -207,7 +207,7 @@ def base_bits_floor(loaded: LoadedModel, composition: Composition, skip: tuple[s
             if _matches(f"{block.prefix}.{name}", skip):
                 continue
             weights += lin.in_features * lin.out_features
-            bits += 8 * lin.out_features * packed_columns(lin.in_features, composition.setting.bits)
+            bits += 8 * lin.out_features * packed_columns(lin.in_features, composition.setting.w_bits)
     return bits, weights
 
 
