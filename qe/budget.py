@@ -206,8 +206,9 @@ def base_bits_floor(loaded: LoadedModel, composition: Composition, skip: tuple[s
         for name, lin in walker.linears(block).items():
             if _matches(f"{block.prefix}.{name}", skip):
                 continue
-            weights += lin.in_features * lin.out_features
-            bits += 8 * lin.out_features * packed_columns(lin.in_features, composition.setting.w_bits)
+            d_in, d_out = int(lin.in_features), int(lin.out_features)
+            weights += d_in * d_out
+            bits += 8 * d_out * packed_columns(d_in, composition.setting.w_bits)
     return bits, weights
 
 

@@ -352,6 +352,7 @@ class QuantizationPipeline:
         if scale is not None:
             tokens = smoothing.smooth_tokens(tokens, scale)
             hessian = smoothing.smooth_hessian(hessian, scale) if hessian is not None else None
+        nf = self.options.figure_tokens
         for n in names:
             name = full[n]
             hook.qe_layer_start(block_index=index, layer_name=name)
@@ -362,7 +363,6 @@ class QuantizationPipeline:
             t0 = time.perf_counter()
             q = self._base_quantize(quantizer, w, hessian, plans[n].exempt, name, scale, already.get(n))
             t1 = time.perf_counter()
-            nf = self.options.figure_tokens
 
             def build(fitted: CompensatorModule | None, q=q, lin=lin, act_exempt=plans[n].act_exempt) -> QuantLinear:
                 return QuantLinear.from_quantized(

@@ -96,7 +96,7 @@ def quantize_symmetric(w: torch.Tensor, bits: int, dim: int = -1) -> tuple[torch
 
 def dequantize_symmetric(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`quantize_symmetric` (float32)."""
-    return dequantize_codes(codes.float(), scale.float(), float(2 ** (bits - 1)))
+    return dequantize_codes(codes.float(), scale.float(), torch.tensor(float(2 ** (bits - 1)), device=codes.device))
 
 
 # --------------------------------------------------------------------------- activations

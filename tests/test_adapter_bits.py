@@ -43,7 +43,7 @@ def test_storage_bytes_are_exact_and_factors_round_trip(d_in, d_out, rank, exper
         assert torch.equal(stored, round_factor(v, bits, m._factors[n][1]))
     # Bits: codes packed along the last dimension (padded to 8 codes), float32 steps per rank component.
     expected = 0
-    for n, (shape, dim) in m._factors.items():
+    for shape, dim in m._factors.values():
         numel = torch.Size(shape).numel()
         if bits >= 16:
             expected += numel * bits // 8

@@ -34,8 +34,8 @@ import torch
 
 from qe.analysis.channels import check_split, split_channels
 from qe.compensators.base import Compensator, LayerContext, LayerPlan
-from qe.compensators.linalg import lqer_lowrank, svd_lowrank_plain, whitened_lowrank
 from qe.compensators.factor_bits import store_pair
+from qe.compensators.linalg import lqer_lowrank, svd_lowrank_plain, whitened_lowrank
 from qe.compensators.modules import LowRankAdapter, check_adapter_bits
 from qe.errors import ConfigError
 from qe.quantized import QuantizedWeight

@@ -57,6 +57,7 @@ from qe.analysis.channels import (
     token_expert_assignment,
 )
 from qe.compensators.base import Compensator, LayerContext, LayerPlan
+from qe.compensators.factor_bits import store_experts, store_pair
 from qe.compensators.linalg import (
     lowrank_from_input_cholesky,
     lowrank_from_output_gram,
@@ -70,7 +71,6 @@ from qe.compensators.lowrank import (
     importance_of,
     layer_hessian,
 )
-from qe.compensators.factor_bits import store_experts, store_pair
 from qe.compensators.modules import QuantExpertsAdapter, check_adapter_bits
 from qe.compensators.refinement import RefineSchedule, refine_experts
 from qe.errors import ConfigError, DataError
