@@ -206,7 +206,7 @@ def base_bits_floor(loaded: LoadedModel, composition: Composition, skip: tuple[s
         for name, lin in walker.linears(block).items():
             if _matches(f"{block.prefix}.{name}", skip):
                 continue
-            d_in, d_out = int(lin.in_features), int(lin.out_features)
+            d_out, d_in = lin.get_parameter("weight").shape
             weights += d_in * d_out
             bits += 8 * d_out * packed_columns(d_in, composition.setting.w_bits)
     return bits, weights
