@@ -86,9 +86,11 @@ EXPERT_EIG_DTYPE = torch.float32
 # (measured on a W4 576×1536 error; linalg's default 16 reaches 1e-7) and save ~0.15 s a layer.
 EXPERT_ITERATIONS: int | None = 8
 # The (shared rank, experts, expert rank) `qe quantize --budget` chooses among per layer: shared
-# experts alone (a rank on QE's base) and routed configurations around the default (32, 8, 32).
-BUDGET_SHAPES = ((16, 0, 16), (32, 0, 16), (64, 0, 16), (128, 0, 16),
-                 (16, 4, 16), (32, 8, 16), (32, 8, 32), (64, 8, 32))
+# experts alone (a rank on QE's base) and routed configurations from small expert ranks (each
+# expert stores its own factors, so at about one extra bit per weight only small ones fit) up
+# to the default (32, 8, 32).
+BUDGET_SHAPES = ((8, 0, 1), (16, 0, 1), (32, 0, 1), (64, 0, 1), (128, 0, 1),
+                 (16, 4, 4), (32, 4, 4), (32, 8, 4), (32, 4, 8), (32, 8, 32))
 
 
 @dataclass(frozen=True)
