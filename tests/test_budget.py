@@ -101,3 +101,28 @@ def test_impossible_budgets_and_compensators_are_refused_before_calibration(tiny
         _quantize(tiny_loaded, tmp_path, "none", 5.0)
     with pytest.raises(ConfigError, match="raise --budget to at least"):
         _quantize(tiny_loaded, tmp_path, "lowrank", 4.01)
+
+
+def test_qe_budget_allocates_ranks_and_experts_and_more_budget_lowers_the_planned_error(tiny_loaded, monkeypatch):
+    import copy
+
+    import qe.compensators.quant_experts as qe_module
+
+    # Four options of the menu's kinds (shared only; routed), one too wide for the 64-wide model.
+    monkeypatch.setattr(qe_module, "BUDGET_SHAPES", ((8, 0, 1), (16, 0, 1), (8, 2, 4), (128, 0, 1)))
+    from qe.budget import allocate, plan_budget
+    from qe.composition import resolve_composition
+    from qe.data.calibration import calibration_set
+    from qe.pipeline import PipelineOptions
+
+    loaded = copy.deepcopy(tiny_loaded)
+    composition = resolve_composition("rtn", "qe[k=4;adapter_bits=8]", "W4A8")
+    _, encoded = calibration_set(loaded, None, 2)
+    plan = plan_budget(loaded, composition, encoded, 9.0, PipelineOptions(progress=False))
+    assert all(len(layer.specs) == 3 for layer in plan.layers)  # rank 128 dropped on the 64-wide model
+    weights = sum(layer.weights for layer in plan.layers)
+    errors = [allocate(plan.layers, int(b * weights)).error for b in (7.5, 8.0, 9.0, 12.0)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0]
+    assert plan.allocation.bits <= 9.0 * weights
+    chosen = {plan.layers[i].specs[plan.allocation.choice[layer.name]] for i, layer in enumerate(plan.layers)}
+    assert all(s.startswith("qe[k=4;adapter_bits=8;shared_rank=") for s in chosen)
