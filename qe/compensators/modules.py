@@ -18,9 +18,9 @@ for ``load_state_dict``.
 * 32: float32 buffers named after the factor (``A``, ``B`` …); a checkpoint stores them in
   ``--adapter-dtype``;
 * 16: float16 buffers of the same names, stored as they are;
-* 8 or 4: symmetric integer codes (``A_codes``, uint8, packed) and one float32 step per rank
-  component (``A_scale``: a column of ``A``, a row of ``B``; a row of the router), stored as
-  they are; ``A`` is stored transposed so that each step's values form one packed row.
+* 8: symmetric integer codes (``A_codes``, uint8, one byte per value) and one float32 step per
+  rank component (``A_scale``: a column of ``A``, a row of ``B``; a row of the router), stored
+  as they are; ``A`` is stored transposed so that each step's values form one row.
 
 :meth:`FactorModule.factor` returns any factor as float32 whatever its storage; the fit writes a
 factor with :meth:`FactorModule.set_factor` and reads back what was stored, so that it refits
@@ -37,11 +37,10 @@ import torch
 from qe.compensators.base import CompensatorModule
 from qe.errors import ConfigError
 from qe.quantized import dequantize_symmetric, fake_quantize_activations, quantize_symmetric
-from qe.quantizers.packing import pack, packed_columns, unpack
 
 ROUTINGS = ("router", "random", "oracle")
 MAX_EXPERTS = 4096  # a layout asking for more is taken as damaged
-ADAPTER_BITS = (32, 16, 8, 4)
+ADAPTER_BITS = (32, 16, 8)
 
 
 def check_adapter_bits(bits: Any, owner: str = "adapter_bits") -> None:
@@ -51,7 +50,7 @@ def check_adapter_bits(bits: Any, owner: str = "adapter_bits") -> None:
 
 def round_factor(t: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """``t`` (float32) as a factor stored in ``bits`` holds it: itself (32), rounded to float16
-    (16), or quantized symmetrically with one step per slice along ``dim`` (8, 4)."""
+    (16), or quantized symmetrically with one step per slice along ``dim`` (8)."""
     if bits == 32:
         return t.float()
     if bits == 16:
@@ -83,7 +82,7 @@ def _branch_input(x: torch.Tensor, input_bits: int) -> torch.Tensor:
 
 def _stored_shape(shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
     """Integer factors are stored with their step dimension last (``A`` transposed), so that one
-    step serves one packed row and the packing pads the long dimension, not the rank."""
+    step serves one row of codes."""
     if dim not in (-1, -2):
         raise ValueError(f"a factor's step runs along dimension -1 or -2, not {dim}")
     return shape if dim == -1 else (*shape[:-2], shape[-1], shape[-2])
@@ -109,7 +108,7 @@ class FactorModule(CompensatorModule):
         rows = 1
         for n in stored[:-1]:
             rows *= n
-        self.register_buffer(f"{name}_codes", torch.zeros(rows, packed_columns(stored[-1], bits), dtype=torch.uint8))
+        self.register_buffer(f"{name}_codes", torch.zeros(rows, stored[-1], dtype=torch.uint8))
         self.register_buffer(f"{name}_scale", torch.ones(*stored[:-1], 1))
 
     def factor(self, name: str) -> torch.Tensor:
@@ -129,7 +128,7 @@ class FactorModule(CompensatorModule):
             if codes.numel() == 0:
                 value = scale.new_zeros(shape)
             else:
-                codes = unpack(codes, self.adapter_bits, stored[-1]).reshape(stored)
+                codes = codes.reshape(stored)
                 value = dequantize_symmetric(codes, scale, self.adapter_bits)
                 value = value if dim == -1 else value.transpose(-1, -2)
         self._cache[name] = value
@@ -146,7 +145,7 @@ class FactorModule(CompensatorModule):
         if value.numel():
             stored = value if dim == -1 else value.transpose(-1, -2)
             codes, scale = quantize_symmetric(stored, self.adapter_bits, -1)
-            self.get_buffer(f"{name}_codes").copy_(pack(codes.reshape(-1, stored.shape[-1]), self.adapter_bits))
+            self.get_buffer(f"{name}_codes").copy_(codes.reshape(-1, stored.shape[-1]))
             self.get_buffer(f"{name}_scale").copy_(scale)
         return self.factor(name)
 
