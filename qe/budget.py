@@ -216,8 +216,13 @@ def check_budget(budget: float, loaded: LoadedModel, composition: Composition, m
                  skip: tuple[str, ...] = ()) -> list[str]:
     """The menu's specs, after the checks that need no calibration: a compensator with a menu,
     and a budget above the base's packed codes alone."""
+    from qe.models.offload import is_offloaded
+
     if not (budget > 0 and math.isfinite(budget)):
         raise ConfigError(f"--budget {budget} must be a positive number of bits per weight, e.g. --budget 5.0")
+    if is_offloaded(loaded.model):
+        raise ConfigError("--budget plans on a copy of the model in memory, and this model is offloaded: "
+                          "drop --offload-folder/--max-memory or quantize without --budget")
     menu = composition.compensator.create().budget_menu()
     if not menu:
         raise ConfigError(f"--budget allocates a compensator's ranks per layer, and {composition.compensator.label} "

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -36,6 +37,7 @@ FORMAT_VERSION = 2  # 2: compensator modules recorded with the plugin that rebui
 READABLE_VERSIONS = (1, 2)
 MANIFEST = "qe_manifest.json"
 MAX_SHARD_BYTES = 2 * 1024**3
+OFFLOADED_SHARD_BYTES = 256 * 1024**2  # a model too large for memory is written in smaller pieces
 
 
 def sha256_file(path: Path) -> str:
@@ -80,7 +82,10 @@ def unique_tensors(state: dict[str, torch.Tensor | None]) -> tuple[dict[str, tor
     for key, tensor in state.items():
         if tensor is None:
             continue
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if tensor.device.type == "meta":  # no storage to compare: only the same tensor object is tied
+            ident: tuple = ("meta", id(tensor))
+        else:
+            ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
         if tensor.numel() > 0 and ident in seen:
             aliases[key] = seen[ident]
             continue
@@ -138,19 +143,42 @@ def save_tensors(model: nn.Module, directory: Path, max_shard_bytes: int = MAX_S
     """Write the model's tensors as safetensors shards; return file names and aliases.
 
     With ``adapter_dtype``, the compensators' floating-point tensors are stored in that dtype
-    (the model in memory is unchanged); loading casts them back into the modules' buffers."""
-    unique, aliases = unique_tensors(model.state_dict())
-    state = {k: t.detach().cpu().contiguous() for k, t in unique.items()}
-    if adapter_dtype is not None:
-        for key in adapter_keys(model) & state.keys():
-            if state[key].is_floating_point():
-                state[key] = state[key].to(adapter_dtype)
-    shards = split_into_shards(state, max_shard_bytes)
-    names = []
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_safetensors(shard, Path(directory) / name, metadata={"format": "pt"})
-        names.append(name)
+    (the model in memory is unchanged); loading casts them back into the modules' buffers.
+    A model with offloaded parts is read one module at a time and written one shard at a time
+    (shards of at most :data:`OFFLOADED_SHARD_BYTES`), so writing holds one shard in memory."""
+    from qe.models.offload import is_offloaded, real_state_items
+
+    adapters = adapter_keys(model)
+    if is_offloaded(model):
+        _, aliases = unique_tensors(model.state_dict(keep_vars=True))  # ties by identity: nothing is real yet
+        items = ((k, t) for k, t in real_state_items(model) if k not in aliases)
+        max_shard_bytes = min(max_shard_bytes, OFFLOADED_SHARD_BYTES)
+    else:
+        unique, aliases = unique_tensors(model.state_dict())
+        items = ((k, t.detach().cpu()) for k, t in unique.items())
+    pending: list[Path] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        path = Path(directory) / f".model-{len(pending) + 1:05d}.pending.tmp"
+        save_safetensors(shard, path, metadata={"format": "pt"})
+        pending.append(path)
+
+    for key, tensor in items:
+        tensor = tensor.contiguous()
+        if adapter_dtype is not None and key in adapters and tensor.is_floating_point():
+            tensor = tensor.to(adapter_dtype)
+        n = tensor.numel() * tensor.element_size()
+        if shard and size + n > max_shard_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[key] = tensor
+        size += n
+    flush()
+    names = [f"model-{i:05d}-of-{len(pending):05d}.safetensors" for i in range(1, len(pending) + 1)]
+    for path, name in zip(pending, names):  # named once their count is known
+        os.replace(path, Path(directory) / name)
     return names, aliases
 
 
@@ -273,11 +301,12 @@ def compensator_module(layer: str, record: dict[str, Any], modules: dict[str, tu
 
 
 def load_tensors(model: nn.Module, directory: Path, shard_names: list[str], aliases: dict[str, str],
-                 files: dict[str, dict[str, Any]] | None = None) -> None:
+                 files: dict[str, dict[str, Any]] | None = None, only: set[str] | None = None) -> None:
     """Fill ``model`` shard by shard: one shard's tensors in memory at a time, assigned in place
     of the model's (so a model built on the meta device is materialised by the loading itself).
     With ``files`` (the manifest's hashed file records), every shard must be one of them: a
-    shard left out of ``files`` is refused, not read."""
+    shard left out of ``files`` is refused, not read. With ``only``, just those state-dict keys
+    are read (the rest of the model stays where it is, e.g. offloaded)."""
     directory = Path(directory)
     if not isinstance(shard_names, list) or not shard_names:
         raise ModelError(f"checkpoint {directory}: the manifest's \"shards\" must be a list of file names: "
@@ -294,15 +323,15 @@ def load_tensors(model: nn.Module, directory: Path, shard_names: list[str], alia
                              "it cannot be checked: the manifest is damaged or hostile; re-quantize")
         paths.append((name, path))
     current = model.state_dict()  # persistent tensors (rotary caches rebuild themselves); meta ones cost nothing
-    expected = set(current)
+    expected = set(current) if only is None else set(current) & only
     loaded: set[str] = set()
     for name, path in paths:
-        shard = load_file(str(path))
+        shard = _read_shard(path, None if only is None else only | {aliases[k] for k in only if k in aliases})
         for key, tensor in shard.items():  # adapters stored in a smaller dtype come back in the model's
             if key in current and tensor.is_floating_point() and tensor.dtype != current[key].dtype:
                 shard[key] = tensor.to(current[key].dtype)
         for alias, target in aliases.items():
-            if target in shard:
+            if target in shard and (only is None or alias in only):
                 shard[alias] = shard[target]
         try:
             _, unexpected = model.load_state_dict(shard, strict=False, assign=True)
@@ -315,18 +344,46 @@ def load_tensors(model: nn.Module, directory: Path, shard_names: list[str], alia
         loaded.update(shard)
         del shard
     for alias, target in aliases.items():
-        if target not in loaded:
+        if target not in loaded and (only is None or alias in only):
             raise ModelError(f"checkpoint {directory}: tied tensor {alias} points to {target}, which no shard holds: "
                              "the manifest is damaged; re-quantize")
     missing = sorted(expected - loaded)
     if missing:
         raise ModelError(f"checkpoint {directory} does not fit its model: missing {missing[:3]}")
     for alias, target in aliases.items():  # re-tie: point the alias at the target's parameter
+        if only is not None and not {alias, target} <= only:
+            continue
         try:
             _tie(model, alias, target)
         except AttributeError:
             raise ModelError(f"checkpoint {directory}: tied tensor {alias} or {target} is not in the model: "
                              "the manifest is damaged; re-quantize") from None
+
+
+def _read_shard(path: Path, keys: set[str] | None) -> dict[str, torch.Tensor]:
+    if keys is None:
+        return load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k in keys}
+
+
+def shard_index(directory: Path, shard_names: list[str], aliases: dict[str, str],
+                dtypes: dict[str, torch.dtype]) -> dict[str, dict[str, str]]:
+    """Where each tensor lies in the shards, as accelerate's offload index (``safetensors_file``,
+    ``weight_name``, ``dtype``): offloaded modules then read their tensors straight from the
+    checkpoint, and nothing is copied into an offload folder."""
+    index: dict[str, dict[str, str]] = {}
+    for name in shard_names:
+        path = confined_file(Path(directory), name)
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if key in dtypes:
+                    index[key] = {"safetensors_file": str(path), "weight_name": key,
+                                  "dtype": str(dtypes[key]).removeprefix("torch.")}
+    for alias, target in aliases.items():
+        if target in index:
+            index[alias] = {**index[target], "dtype": str(dtypes.get(alias, dtypes[target])).removeprefix("torch.")}
+    return index
 
 
 def _tie(model: nn.Module, alias: str, target: str) -> None:

@@ -41,6 +41,22 @@ def _shared_options(command: str = "") -> argparse.ArgumentParser:
     return p
 
 
+def _placement_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models larger than memory")
+    g.add_argument("--offload-folder", default=None,
+                   help="offload what does not fit in --max-memory to this folder (accelerate disk offload); "
+                        "decoder blocks are then onloaded one at a time")
+    g.add_argument("--max-memory", default=None,
+                   help="memory per device for the model, e.g. cpu=4GiB or 0=20GiB,cpu=60GiB; the rest is "
+                        "offloaded (to --offload-folder, or a temporary folder)")
+
+
+def _placement(args):
+    from qe.models.loading import Placement, parse_max_memory
+
+    return Placement(offload_folder=args.offload_folder, max_memory=parse_max_memory(args.max_memory))
+
+
 def _seed(args) -> int:
     return 0 if args.seed is None else args.seed
 
@@ -124,7 +140,7 @@ def cmd_analyze(args) -> int:
         args.model, calib=args.calib, samples=args.samples or 32, out=args.out, estimator=args.estimator, k=args.k,
         num_experts=args.num_experts, layers=args.layers, plot_blocks=_plot_blocks(args.plot_layers), seed=_seed(args),
         device=_device(args), dtype=_dtype(args), progress=not args.quiet, force=args.force,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, placement=_placement(args),
     )
     run = summary["run"]
     layers = summary["layers"]
@@ -178,7 +194,7 @@ def cmd_quantize(args) -> int:
     path, manifest = run_quantize(recipe, args.model, out=out, resume=args.resume, force=args.force,
                                   progress=not args.quiet, device=_device(args), dtype=_dtype(args),
                                   trust_remote_code=args.trust_remote_code, adapter_dtype=args.adapter_dtype,
-                                  check_heldout=not args.no_eval, budget=args.budget)
+                                  check_heldout=not args.no_eval, placement=_placement(args), budget=args.budget)
     table = render_layer_table(manifest)
     if table and not args.quiet:
         print(table)
@@ -304,6 +320,7 @@ def cmd_compare(args) -> int:
         eval_tokens=None if args.eval_tokens == 0 else args.eval_tokens, caption_nll=not args.no_caption_nll,
         calib=args.calib, samples=args.samples or 32, estimator=args.estimator or "act-weight", seed=_seed(args),
         device=_device(args), dtype=_dtype(args), progress=not args.quiet, trust_remote_code=args.trust_remote_code,
+        placement=_placement(args),
     )
     out = args.out or f"reports/compare-{(args.model or 'embedded-default').replace('/', '_')}"
     path, rows = run_compare(args.model, args.quantizers, args.compensators, args.settings, out=out,
@@ -338,7 +355,7 @@ def cmd_eval(args) -> int:
     results = run_eval(args.model, metric=args.metric, text_file=args.text_file, window=args.window,
                        stride=args.stride, reference=args.reference, samples=args.samples, calib=args.calib,
                        eval_tokens=args.eval_tokens or None, out=args.out, device=_device(args), dtype=_dtype(args),
-                       progress=not args.quiet, trust_remote_code=args.trust_remote_code)
+                       progress=not args.quiet, trust_remote_code=args.trust_remote_code, placement=_placement(args))
     print(results["table"])
     for note in results.get("notes", []):
         print(f"note: {note}")
@@ -384,7 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
         extra = EXTRA_ARGUMENTS.get(name)
         if extra:
             extra(sp)
+        if name in PLACED_COMMANDS:
+            _placement_options(sp)
     return parser
+
+
+PLACED_COMMANDS = ("analyze", "quantize", "compare", "eval")  # the commands that run a model larger than memory
 
 
 EXTRA_ARGUMENTS: dict = {"analyze": _analyze_arguments, "quantize": _quantize_arguments,

@@ -18,11 +18,16 @@ plugins can watch without touching this code.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -30,12 +35,14 @@ from tqdm.auto import tqdm
 
 from qe.analysis.statistics import LinearStats, choose_sample_positions
 from qe.capture import Block, BlockInputs, BlockStep, BlockWalker, StreamContext, attach_stats
+from qe.checkpoint import save_safetensors
 from qe.compensators.base import Compensator, CompensatorModule, LayerContext, LayerPlan
 from qe.composition import Composition
-from qe.errors import ConfigError, ModelError, NumericalError
+from qe.errors import ConfigError, NumericalError
 from qe.modality import MODALITIES, Modality
 from qe.models.base import EncodedSample
 from qe.models.loading import LoadedModel
+from qe.models.offload import execution_device, is_offloaded, offload_to_file, onloaded
 from qe.plugins import QEPluginManager, default_manager
 from qe.quantized import fake_quantize_activations
 from qe.quantizers.base import Quantizer
@@ -129,6 +136,7 @@ class QuantizationPipeline:
         # Optional cache of base quantizations shared between pipelines on the same statistics
         # (qe compare, fp-inputs): key (quantizer, setting, layer, smoothing, exemption).
         self.base_cache: dict | None = None
+        self._spill: Path | None = None
         self._validate_layers()
 
     def plugins_for(self, full_name: str) -> tuple[Quantizer, Compensator]:
@@ -158,9 +166,6 @@ class QuantizationPipeline:
 
     # ------------------------------------------------------------------ checks
     def _validate_layers(self) -> None:
-        if self.walker.offloaded():
-            raise ModelError("quantizing a model whose decoder blocks are offloaded (device_map with disk or CPU "
-                             "offload) is not supported yet: load it on one device; `qe analyze` reads offloaded models")
         for block in self.walker.blocks():
             if any(isinstance(m, QuantLinear) for m in block.module.modules()):
                 continue  # quantized by an earlier run (resume)
@@ -209,12 +214,19 @@ class QuantizationPipeline:
         on_block_done: Callable[[int, PipelineResult], None] | None = None,
         result: PipelineResult | None = None,
         inputs: BlockInputs | None = None,
+        block_file: Callable[[int], Path] | None = None,
     ) -> PipelineResult:
         """Quantize every decoder block from ``start_block`` on (earlier ones must already be
         quantized in the model: that is how ``--resume`` continues, passing the earlier
         ``result`` to extend). ``on_block_done`` runs after each block, before the
         ``qe_block_end`` event (a checkpointing caller saves there). ``inputs`` are block 0's
-        captured inputs when the caller already has them (``qe compare`` shares them)."""
+        captured inputs when the caller already has them (``qe compare`` shares them).
+
+        A block that accelerate offloaded (CPU or disk offload) is onloaded for its own step
+        only; once quantized it is offloaded again to the safetensors file of its state dict:
+        ``block_file(i)`` when the caller's ``on_block_done`` writes one there, otherwise a file
+        the pipeline writes in a temporary folder. The model then never holds more than one
+        block's weights beside the offloaded ones."""
         opts = self.options
         hook = self.manager.hook
         result = result if result is not None else PipelineResult()
@@ -222,7 +234,7 @@ class QuantizationPipeline:
         t_start = time.perf_counter()
         num_blocks = self.walker.num_blocks
         if not self.needs_calibration:
-            return self._run_data_free(start_block, on_block_done, result, t_start)
+            return self._run_data_free(start_block, on_block_done, result, t_start, block_file)
         if start_block and opts.propagation != "quantized":
             raise ConfigError("resume is supported in quantized propagation only")
         walker = BlockWalker(self.loaded, encoded, device=opts.device, batch_size=opts.batch_size,
@@ -233,10 +245,11 @@ class QuantizationPipeline:
         # Blocks finished by an earlier run are replayed, quantized, to give start_block's inputs.
         for step in walker.walk(start_block, desc=f"quantize {self.composition.label}"):
             hook.qe_block_start(block_index=step.index, num_blocks=num_blocks)
-            block_figures = self._quantize_block(step, sample_positions, result)
-            result.blocks.append(block_figures)
-            if on_block_done is not None:
-                on_block_done(step.index, result)
+            with self._block_onloaded(step.block, on_block_done, block_file):
+                block_figures = self._quantize_block(step, sample_positions, result)
+                result.blocks.append(block_figures)
+                if on_block_done is not None:
+                    on_block_done(step.index, result)
             hook.qe_block_end(block_index=step.index, num_blocks=num_blocks, figures=block_figures)
         result.seconds += time.perf_counter() - t_start
         return result
@@ -251,7 +264,7 @@ class QuantizationPipeline:
                 if message not in result.warnings:
                     result.warnings.append(message)
 
-    def _run_data_free(self, start_block, on_block_done, result, t_start) -> PipelineResult:
+    def _run_data_free(self, start_block, on_block_done, result, t_start, block_file=None) -> PipelineResult:
         """Quantize weights directly: nothing in the composition reads calibration data."""
         hook = self.manager.hook
         num_blocks = self.walker.num_blocks
@@ -259,26 +272,58 @@ class QuantizationPipeline:
                           disable=not self.options.progress):
             i = block.index
             hook.qe_block_start(block_index=i, num_blocks=num_blocks)
-            for n in sorted(self.linear_names(block)):
-                full = f"{block.prefix}.{n}"
-                hook.qe_layer_start(block_index=i, layer_name=full)
-                lin = block.module.get_submodule(n)
-                w = _float_weight(lin, full)
-                quantizer, _ = self.plugins_for(full)
-                t0 = time.perf_counter()
-                q = quantizer.quantize(w, self.setting, layer_name=full)
-                ql = QuantLinear.from_quantized(q, a_bits=self.setting.a_bits,
-                                                bias=lin.bias.detach().float() if lin.bias is not None else None)
-                block.module.set_submodule(n, ql.to(lin.weight.device))
-                figures = {"quantize_seconds": time.perf_counter() - t0}
-                result.layers.append(LayerRecord(full, i, (lin.out_features, lin.in_features), figures))
-                hook.qe_layer_end(block_index=i, layer_name=full, figures=figures)
-            result.blocks.append({})
-            if on_block_done is not None:
-                on_block_done(i, result)
+            with self._block_onloaded(block, on_block_done, block_file):
+                self._quantize_data_free(block, result)
+                result.blocks.append({})
+                if on_block_done is not None:
+                    on_block_done(i, result)
             hook.qe_block_end(block_index=i, num_blocks=num_blocks, figures={})
         result.seconds += time.perf_counter() - t_start
         return result
+
+    def _quantize_data_free(self, block: Block, result: PipelineResult) -> None:
+        hook = self.manager.hook
+        i = block.index
+        for n in sorted(self.linear_names(block)):
+            full = f"{block.prefix}.{n}"
+            hook.qe_layer_start(block_index=i, layer_name=full)
+            lin = block.module.get_submodule(n)
+            w = _float_weight(lin, full)
+            quantizer, _ = self.plugins_for(full)
+            t0 = time.perf_counter()
+            q = quantizer.quantize(w, self.setting, layer_name=full)
+            ql = QuantLinear.from_quantized(q, a_bits=self.setting.a_bits,
+                                            bias=lin.bias.detach().float() if lin.bias is not None else None)
+            block.module.set_submodule(n, ql.to(lin.weight.device))
+            figures = {"quantize_seconds": time.perf_counter() - t0}
+            result.layers.append(LayerRecord(full, i, (lin.out_features, lin.in_features), figures))
+            hook.qe_layer_end(block_index=i, layer_name=full, figures=figures)
+
+    @contextlib.contextmanager
+    def _block_onloaded(self, block: Block, on_block_done, block_file) -> Iterator[None]:
+        """An offloaded block real for the length of its step, then offloaded again to the file
+        of its quantized state dict (see :meth:`run`); a plain block is left alone."""
+        if not is_offloaded(block.module):
+            yield
+            return
+        device = execution_device(block.module) or torch.device(self.options.device)
+        with onloaded(block.module, self.options.device):
+            yield
+            if on_block_done is not None and block_file is not None:
+                path = block_file(block.index)
+            else:
+                path = self._spill_folder() / f"block-{block.index:05d}.safetensors"
+                save_safetensors({k: v.detach().cpu().contiguous() for k, v in block.module.state_dict().items()}, path)
+        offload_to_file(block.module, path, device)
+
+    def _spill_folder(self) -> Path:
+        """Where quantized offloaded blocks go when the caller writes no block files; removed
+        with the model."""
+        if self._spill is None:
+            folder = Path(tempfile.mkdtemp(prefix="qe-offloaded-blocks-"))
+            weakref.finalize(self.loaded.model, shutil.rmtree, folder, True)
+            self._spill = folder
+        return self._spill
 
     def linear_names(self, block: Block) -> set[str]:
         """The block's linears this pipeline quantizes (all but the skipped ones)."""

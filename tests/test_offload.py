@@ -130,13 +130,3 @@ def test_streamed_statistics_equal_without_offload(pair):
     assert [r["f_all"] for r in a.channel_rows] == [r["f_all"] for r in b.channel_rows]
     # the blocks went back to disk
     assert all(p.device.type == "meta" for block in off.blocks for p in block.parameters())
-
-
-def test_quantizing_an_offloaded_model_is_refused_clearly(pair):
-    from qe.composition import resolve_composition
-    from qe.errors import ModelError
-    from qe.pipeline import QuantizationPipeline
-
-    _, off = pair
-    with pytest.raises(ModelError, match="offloaded"):
-        QuantizationPipeline(off, resolve_composition("rtn", "none", "W4A8"))

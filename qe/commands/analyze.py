@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from qe.data.calibration import calibration_set, data_hash, token_counts
-from qe.models.loading import LoadedModel, load_model
+from qe.models.loading import LoadedModel, Placement, load_model
 from qe.paths import atomic_directory, check_output, output_lock
 
 REPORTS_DIR = Path("reports")
@@ -40,6 +40,7 @@ def analyze(
     force: bool = False,
     loaded: LoadedModel | None = None,
     trust_remote_code: bool = False,
+    placement: Placement | None = None,
 ) -> tuple[Path, dict]:
     """Run ``qe analyze``; return the report directory and the summary."""
     from qe.analysis.analyze import AnalyzeOptions
@@ -57,15 +58,16 @@ def analyze(
         if out:
             stack.enter_context(output_lock(out))
         return _analyze(model, loaded, calib, samples, out, estimator, k, num_experts, layers, seed, device, dtype,
-                        progress, force, trust_remote_code, options, manager)
+                        progress, force, trust_remote_code, options, manager, placement)
 
 
 def _analyze(model, loaded, calib, samples, out, estimator, k, num_experts, layers, seed, device, dtype, progress,
-             force, trust_remote_code, options, manager) -> tuple[Path, dict]:
+             force, trust_remote_code, options, manager, placement=None) -> tuple[Path, dict]:
     from qe.analysis.analyze import check_widths, run_analysis, select_layers
     from qe.analysis.report import write_report
 
-    loaded = loaded or load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    loaded = loaded or load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                  placement=placement)
     selected = select_layers(loaded, layers)
     check_widths(loaded, selected, k, num_experts)
     source, encoded = calibration_set(loaded, calib, samples, progress)

@@ -37,7 +37,8 @@ from qe.composition import Composition, resolve_composition
 from qe.data.calibration import calibration_set, data_hash, encode_samples, token_counts
 from qe.data.sources import check_source
 from qe.errors import ConfigError, QEError
-from qe.models.loading import LoadedModel, load_model
+from qe.models.loading import LoadedModel, Placement, load_model
+from qe.models.offload import in_memory_copy, onloaded
 from qe.paths import atomic_write_json, check_output, output_lock
 from qe.pipeline import PipelineOptions, PipelineResult, QuantizationPipeline
 from qe.plugins import default_manager, split_plugin_list
@@ -61,6 +62,7 @@ class CompareOptions:
     progress: bool = True
     dtype: str = "float32"
     trust_remote_code: bool = False
+    placement: Placement | None = None  # where the model goes; not part of a cell's identity
 
     def describe(self) -> dict:
         d = {k: getattr(self, k) for k in ("propagation", "eval_tokens", "caption_nll", "calib", "samples",
@@ -226,7 +228,7 @@ def _run_grid(model, cells, grid, out, options, force, loaded, manager) -> tuple
 
     t_start = time.perf_counter()
     loaded = loaded or load_model(model, device=options.device, dtype=options.dtype,
-                                  trust_remote_code=options.trust_remote_code)
+                                  trust_remote_code=options.trust_remote_code, placement=options.placement)
     source, encoded = calibration_set(loaded, options.calib, options.samples, options.progress)
     dhash = data_hash(encoded)
     model_id = str(loaded.path or loaded.name)
@@ -379,19 +381,20 @@ def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, cells_dir, manager, o
                           hessian=need_hessian, moments=False, estimator=estimator if k else None, k=k or 32) as stats:
             step.next_hidden = step.run(context)
         stream_seconds += time.perf_counter() - t_stream
-        for cell, pipe in live:
-            if cell.error:
-                continue
-            t0 = time.perf_counter()
-            try:
-                qblock = copy.deepcopy(block.module)
-                pipe.quantize_block_with_stats(Block(block.index, qblock, block.prefix), stats, cell.result)
-                cell.blocks.append(qblock)
-            except (Exception, QEError) as exc:
-                cell.error = "failed"
-                _record_failure(cells_dir, cell, exc)
-                cell.blocks = []
-            seconds[cell.key] += time.perf_counter() - t0
+        with onloaded(block.module, opts.device):  # an offloaded block: its copies hold real weights
+            for cell, pipe in live:
+                if cell.error:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    qblock = in_memory_copy(block.module)
+                    pipe.quantize_block_with_stats(Block(block.index, qblock, block.prefix), stats, cell.result)
+                    cell.blocks.append(qblock)
+                except (Exception, QEError) as exc:
+                    cell.error = "failed"
+                    _record_failure(cells_dir, cell, exc)
+                    cell.blocks = []
+                seconds[cell.key] += time.perf_counter() - t0
         shared_cache.clear()  # keys are per layer: nothing is reused across blocks
         del stats
     for cell, _ in tqdm(live, desc="evaluate", disable=not options.progress):

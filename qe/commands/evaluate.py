@@ -7,14 +7,14 @@ from pathlib import Path
 
 from qe.data.calibration import calibration_set, encode_samples
 from qe.errors import ConfigError
-from qe.models.loading import load_model
+from qe.models.loading import Placement, load_model
 from qe.paths import atomic_write_text
 
 
 def run_eval(model: str | None, *, metric: str = "ppl", text_file: str | None = None, window: int = 512,
              stride: int = 512, reference: str | None = None, samples: int | None = None, calib: str | None = None,
              eval_tokens: int | None = None, out: str | None = None, device: str = "cpu", progress: bool = True,
-             dtype: str = "float32", trust_remote_code: bool = False) -> dict:
+             dtype: str = "float32", trust_remote_code: bool = False, placement: Placement | None = None) -> dict:
     from qe.data.sources import check_source
     from qe.models.loading import check_model_name, parse_dtype
     from qe.paths import check_output
@@ -30,7 +30,7 @@ def run_eval(model: str | None, *, metric: str = "ppl", text_file: str | None = 
         check_source(calib)
     if reference:
         check_model_name(reference)
-    loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, placement=placement)
     result: dict = {"model": loaded.name, "metric": metric, "notes": loaded.notes}
     if metric == "ppl":
         from qe.evaluation.perplexity import perplexity, perplexity_of_text_file
@@ -63,7 +63,8 @@ def run_eval(model: str | None, *, metric: str = "ppl", text_file: str | None = 
             raise ConfigError("layer-error needs --reference (the full-precision model) for a model that is not a qe checkpoint")
         # The checkpoint's recorded reference is used only after its files match the recorded hashes.
         ref_name = reference or verified_reference(loaded.manifest, loaded.path)
-        ref = load_model(ref_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        ref = load_model(ref_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                         placement=placement)
         _, encoded = calibration_set(loaded, calib or "images", samples or 8, progress, split="eval")
         rows = layer_errors(ref, loaded, encoded)
         result["layers"] = rows

@@ -31,7 +31,8 @@ from qe import checkpoint
 from qe.data.calibration import calibration_set, data_hash, token_counts, tokens_by_source
 from qe.errors import ConfigError, QEError
 from qe.evaluation import before_after
-from qe.models.loading import LoadedModel, load_model, parse_dtype
+from qe.models.loading import LoadedModel, Placement, load_model, parse_dtype
+from qe.models.offload import execution_device, is_offloaded, offload_to_file
 from qe.paths import atomic_write_json, check_output, json_safe, output_lock
 from qe.pipeline import LayerRecord, PipelineOptions, PipelineResult, QuantizationPipeline
 from qe.plugins import default_manager
@@ -130,6 +131,7 @@ def run_quantize(
     trust_remote_code: bool = False,
     adapter_dtype: str | torch.dtype = "model",
     check_heldout: bool = True,
+    placement: Placement | None = None,
     budget: float | None = None,
 ) -> tuple[Path, dict]:
     """Quantize with ``recipe`` and write the checkpoint to ``out``; return it and its manifest.
@@ -139,6 +141,8 @@ def run_quantize(
     half-size adapters. Only the stored copy changes: the model in memory is left as it is.
     ``check_heldout`` measures the model before and after (:mod:`qe.evaluation.before_after`):
     held-out perplexity and the calibration vs held-out error, recorded as ``heldout_check``.
+    ``placement`` offloads what does not fit in memory (:class:`~qe.models.loading.Placement`):
+    blocks are then quantized one at a time and written as they finish.
     ``budget`` (bits per weight, everything stored): allocate the compensator's options per layer
     within it (:mod:`qe.budget`); the recipe's overrides become the allocation."""
     from qe.data.sources import check_source
@@ -161,7 +165,8 @@ def run_quantize(
             _check_identity(work, {"recipe": recipe.to_dict(), "dtype": dtype_name})  # before the model loads
         elif resume:
             log.warning("qe quantize: nothing to resume for %s (no partial run in %s): starting from block 0", out, work)
-        loaded = loaded or load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        loaded = loaded or load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                      placement=placement)
         model_dtype = model_float_dtype(loaded.model)
         sizes = {"model_bytes": state_bytes(loaded.model), "model_dtype": str(model_dtype).removeprefix("torch.")}
         adapter_dtype = model_dtype if adapter_dtype == "model" else adapter_dtype
@@ -249,7 +254,8 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
     try:
         if done < len(blocks):
             try:
-                result = pipeline.run(encoded, start_block=done, on_block_done=save_block, result=result)
+                result = pipeline.run(encoded, start_block=done, on_block_done=save_block, result=result,
+                                      block_file=lambda i: work / f"block-{i:05d}.safetensors")
             except BaseException:
                 _drop_if_empty(work)  # failed before its first block: nothing to resume from
                 raise
@@ -281,7 +287,7 @@ def model_float_dtype(model: torch.nn.Module) -> torch.dtype:
 
 def state_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's tensors as stored (tensors sharing storage counted once)."""
-    unique, _ = checkpoint.unique_tensors(model.state_dict())
+    unique, _ = checkpoint.unique_tensors(model.state_dict(keep_vars=True))  # ties also found offloaded
     return sum(t.numel() * t.element_size() for t in unique.values())
 
 
@@ -297,8 +303,13 @@ def _restore_blocks(loaded: LoadedModel, work: Path, state: dict, manager) -> in
             log.warning("qe quantize: saved block %d is unreadable (%s): quantizing it again", i,
                         str(e).splitlines()[0] if str(e) else type(e).__name__)
             return i
+        offloaded = is_offloaded(blocks[i])
         checkpoint.install_quantized_modules(blocks[i], state["layouts"][str(i)], manager)
-        blocks[i].load_state_dict(tensors, strict=True)
+        if offloaded:  # read from its block file from now on, like a block this run quantized
+            offload_to_file(blocks[i], work / f"block-{i:05d}.safetensors",
+                            execution_device(blocks[i]) or torch.device("cpu"))
+        else:
+            blocks[i].load_state_dict(tensors, strict=True)
     return done
 
 

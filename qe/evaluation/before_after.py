@@ -63,7 +63,9 @@ def _window_inputs(window: np.ndarray, device) -> dict:
 
 
 def _device(model: nn.Module):
-    return next(model.parameters()).device
+    from qe.evaluation.perplexity import input_device
+
+    return input_device(model)
 
 
 def _to(inputs: dict, device) -> dict:

@@ -67,7 +67,7 @@ def _model_and_tokenizer(model_or_loaded):
     raise ConfigError(f"perplexity needs a LoadedModel or an nn.Module, not {type(model_or_loaded).__name__}")
 
 
-def _input_device(model: nn.Module) -> torch.device:
+def input_device(model: nn.Module) -> torch.device:
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embeddings is not None and embeddings.weight.device.type != "meta":
         return embeddings.weight.device
@@ -104,7 +104,7 @@ def score_windows(
                             f"(got length {len(w.ids)}, first_target {w.first_target})")
     was_training = model.training
     model.eval()
-    device = _input_device(model)
+    device = input_device(model)
     nll_sum = 0.0  # float64 accumulator over all windows
     n_tokens = 0
     t0 = time.perf_counter()

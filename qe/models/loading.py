@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qe.errors import ModelError
+from qe.errors import ConfigError, ModelError
 from qe.models.base import ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,54 @@ def load_processor(path: str, adapter: ModelAdapter, config=None, trust_remote_c
             raise ModelError(f"cannot load a processor or tokenizer from {path}: {str(e).splitlines()[0]}") from None
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a model larger than memory goes: accelerate's ``device_map="auto"`` within
+    ``max_memory`` (``{"cpu": "2GiB", 0: "20GiB"}``), the rest offloaded to ``offload_folder``
+    (a temporary folder when only ``max_memory`` is given). Inactive when both are None."""
+
+    offload_folder: str | None = None
+    max_memory: dict | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.offload_folder is not None or self.max_memory is not None
+
+    def load_kwargs(self) -> dict[str, Any]:
+        if not self.active:
+            return {}
+        folder = self.offload_folder
+        if folder is None:
+            import atexit
+            import shutil
+            import tempfile
+
+            folder = tempfile.mkdtemp(prefix="qe-offload-")
+            atexit.register(shutil.rmtree, folder, True)
+        return {"device_map": "auto", "max_memory": self.max_memory, "offload_folder": folder}
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """``cpu=2GiB,0=20GiB`` (or ``cuda:0=20GiB``) as accelerate's ``max_memory`` dict."""
+    if not text:
+        return None
+    from accelerate.utils import convert_file_size_to_int
+
+    limits: dict[Any, str] = {}
+    for part in text.split(","):
+        device, sep, size = part.strip().partition("=")
+        device = device.strip().removeprefix("cuda:")
+        try:
+            if not sep or not device:
+                raise ValueError
+            convert_file_size_to_int(size.strip())
+        except ValueError:
+            raise ConfigError(f"--max-memory {text!r}: give DEVICE=SIZE pairs separated by commas, e.g. "
+                              "cpu=4GiB or 0=20GiB,cpu=60GiB") from None
+        limits[int(device) if device.isdigit() else device] = size.strip()
+    return limits
+
+
 def load_model(
     name_or_path: str | None = None,
     *,
@@ -166,6 +215,7 @@ def load_model(
     offload_folder: str | None = None,
     manager=None,
     trust_remote_code: bool = False,
+    placement: Placement | None = None,
 ) -> LoadedModel:
     """Load a VLM (or text LM) from a local path or hub id; ``None`` means the embedded default.
 
@@ -184,9 +234,13 @@ def load_model(
     if device is not None:
         check_device(device)
     check_model_name(name_or_path)
+    if placement is not None and placement.active:
+        placed = placement.load_kwargs()
+        device_map, max_memory = placed["device_map"], placed["max_memory"]
+        offload_folder = placed["offload_folder"]
     if isinstance(name_or_path, (str, Path)) and checkpoint.is_checkpoint(name_or_path):
         return load_quantized(name_or_path, device=device, manager=manager, dtype=dtype,
-                              trust_remote_code=trust_remote_code)
+                              trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory)
     torch_dtype = parse_dtype(dtype)
     notes: list[str] = []
     tiny_spec = tiny.parse_tiny_name(name_or_path) if isinstance(name_or_path, str) else None
@@ -246,7 +300,7 @@ def load_model(
 
 
 def load_quantized(directory: str | Path, *, device: str | None = None, manager=None, dtype=None,
-                   trust_remote_code: bool = False):
+                   trust_remote_code: bool = False, device_map: Any = None, max_memory: dict | None = None):
     """Load a checkpoint written by ``qe quantize`` as a :class:`LoadedModel`.
 
     The model's outputs equal those of the in-memory quantized model that was saved. Every
@@ -255,6 +309,11 @@ def load_quantized(directory: str | Path, *, device: str | None = None, manager=
     ``trust_remote_code``. Compensator modules are rebuilt only by installed plugins. The
     model is built with its parameters on the meta device and filled shard by shard, so
     loading holds one shard beside the model, never the whole checkpoint twice.
+
+    With ``device_map`` (``"auto"`` with ``max_memory``, or an explicit map), modules placed
+    on ``"disk"`` are never loaded: accelerate reads their tensors straight from the
+    checkpoint's shards for each forward, so loading needs no more memory than the modules
+    kept on devices (see :func:`_dispatch_from_shards`).
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
@@ -287,17 +346,25 @@ def load_quantized(directory: str | Path, *, device: str | None = None, manager=
         except ValueError:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     checkpoint.validate_layouts(model, manifest["layouts"], directory, manager)
+    placed = device_map is not None or max_memory is not None
     try:
-        checkpoint.install_quantized_modules(model, manifest["layouts"], manager)
+        # Placed models build their quantized modules on the meta device too: the parts that
+        # stay offloaded are never allocated.
+        with init_empty_weights(include_buffers=True) if placed else contextlib.nullcontext():
+            checkpoint.install_quantized_modules(model, manifest["layouts"], manager)
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"checkpoint {directory}: a module layout cannot be built ({str(e).splitlines()[0][:200]}): "
                          "the manifest is damaged; re-quantize") from None
-    checkpoint.load_tensors(model, directory, manifest["shards"], manifest.get("tied", {}), files=manifest["files"])
+    if placed:
+        _dispatch_from_shards(model, directory, manifest, device_map or "auto", max_memory, dtype, device)
+    else:
+        checkpoint.load_tensors(model, directory, manifest["shards"], manifest.get("tied", {}),
+                                files=manifest["files"])
+        if dtype is not None and parse_dtype(dtype) != torch.float32:
+            model.to(parse_dtype(dtype))
+        if device is not None:
+            model.to(device)
     model.eval()
-    if dtype is not None and parse_dtype(dtype) != torch.float32:
-        model.to(parse_dtype(dtype))
-    if device is not None:
-        model.to(device)
     adapter = select_adapter(model, manager)
     processor = load_processor(str(directory), adapter, config)
     info = manifest["model"]
@@ -305,6 +372,38 @@ def load_quantized(directory: str | Path, *, device: str | None = None, manager=
                                            f"{manifest['composition']['compensator']} at {manifest['composition']['setting']}"]
     card = {"synthetic_vision_tower": info.get("synthetic_vision_tower", False)}
     return LoadedModel(model, processor, adapter, f"{info['name']}-quantized", str(directory), notes, card, manifest)
+
+
+def _dispatch_from_shards(model, directory: Path, manifest: dict, device_map: Any, max_memory: dict | None,
+                          dtype, device: str | None) -> None:
+    """Place a meta-device model built from a checkpoint: modules mapped to a device are
+    loaded from the shards, modules mapped to ``"disk"`` read the shards on each forward."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    from qe import checkpoint
+
+    if dtype is not None and parse_dtype(dtype) != torch.float32:
+        model.to(parse_dtype(dtype))  # on the meta device: only the dtypes change
+    if device_map == "auto":
+        device_map = infer_auto_device_map(model, max_memory=max_memory,
+                                           no_split_module_classes=list(model._no_split_modules or []))
+    state = model.state_dict()
+    on_disk = {k for k in state if _placement(device_map, k) == "disk"}
+    aliases = manifest.get("tied", {})
+    checkpoint.load_tensors(model, directory, manifest["shards"], aliases, files=manifest["files"],
+                            only=set(state) - on_disk)
+    index = checkpoint.shard_index(directory, manifest["shards"], aliases, {k: state[k].dtype for k in on_disk})
+    main = device or next((d for d in device_map.values() if d not in ("cpu", "disk")), "cpu")
+    dispatch_model(model, device_map, main_device=main, offload_index=index, offload_buffers=True)
+
+
+def _placement(device_map: dict, key: str) -> Any:
+    """The device ``device_map`` gives the module holding ``key`` (its longest matching prefix)."""
+    best, where = -1, None
+    for name, place in device_map.items():
+        if (name == "" or key == name or key.startswith(name + ".")) and len(name) > best:
+            best, where = len(name), place
+    return where
 
 
 def check_device(device: str) -> str:

@@ -15,7 +15,8 @@ offloaded tree or write them back itself.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -77,3 +78,104 @@ def onloaded(module: nn.Module, device: str | torch.device | None = None) -> Ite
             hook.offload = True
             hook.post_forward(m, None)  # back to the meta device
             hook.execution_device = original_device
+
+
+class SafetensorsMap(Mapping):
+    """The tensors of one safetensors file, read on access (the file stays open, memory-mapped),
+    as the lazy weights map accelerate's offload hooks read from."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self._file = safe_open(str(path), framework="pt")
+        self._keys = list(self._file.keys())
+        self._key_set = set(self._keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._key_set:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def offload_to_file(module: nn.Module, path: str | Path, execution_device: str | torch.device) -> None:
+    """Offload ``module`` (a finished, quantized block) to the safetensors file of its state dict.
+
+    The module's earlier offload hooks (if any) are replaced: they point at its weights before
+    quantization and smoothing. Afterwards every persistent tensor of the module is on the meta
+    device and forwards read them from ``path``, one submodule at a time, as accelerate does for
+    a model loaded with disk offload (:func:`onloaded` keeps them real for longer).
+    """
+    from accelerate.hooks import (
+        AlignDevicesHook,
+        add_hook_to_module,
+        attach_align_device_hook,
+        remove_hook_from_module,
+    )
+
+    from qe.quantizers.qlinear import QuantLinear
+
+    remove_hook_from_module(module, recurse=True)
+    for m in module.modules():
+        if isinstance(m, QuantLinear):
+            m.keep_dequantized = False  # a cached float weight would hold what offloading frees
+    attach_align_device_hook(module, execution_device=execution_device, offload=True,
+                             weights_map=SafetensorsMap(path), offload_buffers=True)
+    # Inputs reach the execution device even though the block itself holds no tensors.
+    add_hook_to_module(module, AlignDevicesHook(execution_device=execution_device), append=True)
+
+
+def real_state_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(key, tensor)`` for every persistent tensor of ``model``, on the CPU and real: modules
+    whose weights are offloaded are onloaded one at a time, so at most one module's offloaded
+    weights are in memory at once. Keys follow ``model.state_dict()``; tied keys repeat."""
+    owners: dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))
+    keys = list(model.state_dict(keep_vars=True))
+    by_module: dict[str, list[str]] = {}
+    for key in keys:
+        by_module.setdefault(key.rpartition(".")[0], []).append(key)
+    for module_name, module_keys in by_module.items():
+        module = owners[module_name] if module_name else model
+        hooks = _align_hooks(module)
+        with _onloaded_direct(module, hooks):
+            for key in module_keys:
+                local = key.rpartition(".")[2]
+                tensor = module._parameters.get(local)
+                if tensor is None:
+                    tensor = module._buffers[local]
+                yield key, tensor.detach().to("cpu")
+
+
+@contextlib.contextmanager
+def _onloaded_direct(module: nn.Module, hooks: list) -> Iterator[None]:
+    """One module's own offloaded tensors real (on the CPU) inside the ``with``."""
+    changed = []
+    try:
+        for hook in hooks:
+            device = hook.execution_device
+            hook.execution_device = torch.device("cpu")
+            hook.pre_forward(module)
+            changed.append((hook, device))
+        yield
+    finally:
+        for hook, device in reversed(changed):
+            hook.post_forward(module, None)
+            hook.execution_device = device
+
+
+def in_memory_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` that holds its tensors itself: for an offloaded module, call it
+    inside :func:`onloaded` (the copy keeps the real tensors and drops accelerate's hooks)."""
+    import copy
+
+    from accelerate.hooks import remove_hook_from_module
+
+    clone = copy.deepcopy(module)
+    remove_hook_from_module(clone, recurse=True)  # nothing to remove on a plain module
+    return clone

@@ -50,6 +50,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("static_act_scale", torch.ones(()) if static_act_scale else None)
         self.compensator: nn.Module | None = None
         self._dequantized: torch.Tensor | None = None  # cache for the torch path
+        # Off for offloaded modules: the cache would keep a float copy of every weight in memory.
+        self.keep_dequantized = True
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -131,9 +133,11 @@ class QuantLinear(nn.Module):
         xs = self.smooth_input(x)
         xq = xs if self.act_keep is None else xs * self.act_keep.to(xs.dtype)
         xq = fake_quantize_activations(xq, self.a_bits, self.static_act_scale)
-        if self._dequantized is None or self._dequantized.dtype != x.dtype:
-            self._dequantized = self.dequantized_weight(x.dtype)
-        y = torch.nn.functional.linear(xq, self._dequantized, self.bias.to(x.dtype) if self.bias is not None else None)
+        weight = self._dequantized
+        if weight is None or weight.dtype != x.dtype:
+            weight = self.dequantized_weight(x.dtype)
+            self._dequantized = weight if self.keep_dequantized else None
+        y = torch.nn.functional.linear(xq, weight, self.bias.to(x.dtype) if self.bias is not None else None)
         if self.compensator is not None:
             y = y + self.compensator(xs).to(y.dtype)
         return y

@@ -1,0 +1,165 @@
+"""Quantizing models larger than memory: peak RSS and wall time, in memory and with disk offload.
+
+Models: the SmolLM2 family's real configurations (135M, 360M, 1.7B) with **random weights**
+(seeded; no real weights of the larger sizes can be installed offline), the embedded default's
+tokenizer, written once under ``$QE_CACHE_DIR/bench-smollm2-<size>-random``. Each run is a fresh
+process (so its peak RSS is its own) that quantizes with GPTQ + QE at W4A8 from a few pydoc
+calibration windows, without the before/after check:
+
+* ``memory``: the model loaded in memory, as by default;
+* ``offload``: ``--max-memory cpu=<limit> --offload-folder <dir>``: accelerate places what does
+  not fit on disk and qe onloads one decoder block at a time, writing each as it finishes.
+
+Both modes of one size must give the same checkpoint tensors (a SHA-256 over every tensor).
+Resumable: rows already in the JSON are kept; ``--sizes``/``--modes`` run subsets.
+
+    python benchmarks/memory.py --sizes 135M,360M
+    python benchmarks/memory.py --sizes 1.7B --modes offload
+
+Writes benchmarks/results/memory.json and .csv and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, peak_rss_gb, print_table
+
+# The published SmolLM2 configurations (hidden size, MLP width, blocks, heads, KV heads).
+SIZES = {
+    "135M": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, rope_theta=100000.0),
+    "360M": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                 num_key_value_heads=5, rope_theta=100000.0),
+    "1.7B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                 num_key_value_heads=32, rope_theta=130000.0),
+}
+MODES = ("memory", "offload")
+COMPENSATOR = "qe[k=16;num_experts=4;shared_rank=16;expert_rank=8]"
+OFFLOAD_MAX_MEMORY = "cpu=64MB"  # below one decoder block of every size: everything goes to disk
+RESULTS = Path(__file__).resolve().parent / "results" / "memory"
+
+
+def model_dir(size: str) -> Path:
+    """Write (once) a random-weight SmolLM2-``size`` checkpoint with the default model's tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qe.models import default_model
+    from qe.paths import cache_dir
+
+    out = cache_dir() / f"bench-smollm2-{size}-random"
+    if (out / "config.json").is_file():
+        return out
+    default = default_model.ensure_default_model()
+    config = LlamaConfig(vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, **SIZES[size])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp / name).write_bytes((Path(default) / name).read_bytes())
+    (tmp / "qe_model_card.json").write_text(json.dumps(
+        {"note": f"SmolLM2-{size} configuration with RANDOM weights (benchmarks/memory.py): figures mean nothing"}))
+    tmp.rename(out)
+    return out
+
+
+def tensor_digest(directory: Path) -> str:
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    for f in sorted(directory.glob("model-*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            for key in sorted(fh.keys()):
+                h.update(key.encode())
+                h.update(fh.get_tensor(key).contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_one(size: str, mode: str, samples: int, out_json: Path) -> None:
+    """One quantization in this process; writes its row (peak RSS is this process's own)."""
+    from qe.commands.quantize import run_quantize
+    from qe.models.loading import Placement, parse_max_memory
+    from qe.recipe import Recipe
+
+    path = model_dir(size)
+    with tempfile.TemporaryDirectory() as tmp:
+        placement = Placement(offload_folder=str(Path(tmp) / "offload"),
+                              max_memory=parse_max_memory(OFFLOAD_MAX_MEMORY)) if mode == "offload" else None
+        recipe = Recipe(quantizer="gptq", compensator=COMPENSATOR, setting="W4A8", calib="pydoc", samples=samples)
+        t0 = time.perf_counter()
+        ckpt, manifest = run_quantize(recipe, str(path), out=Path(tmp) / "ckpt", progress=False, check_heldout=False,
+                                      placement=placement)
+        wall = time.perf_counter() - t0
+        row = {"size": size, "mode": mode, "samples": samples, "wall_s": round(wall, 1),
+               "peak_rss_GB": round(peak_rss_gb(), 3), "model_GB": round(manifest["size"]["model_bytes"] / 1e9, 3),
+               "checkpoint_GB": round(manifest["size"]["checkpoint_bytes"] / 1e9, 3),
+               "tensors_sha256": tensor_digest(ckpt)[:16], "load_avg": round(os.getloadavg()[0], 2)}
+    out_json.write_text(json.dumps(row))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="135M,360M,1.7B")
+    ap.add_argument("--modes", default="memory,offload")
+    ap.add_argument("--samples", type=int, default=2, help="pydoc calibration windows of 512 tokens")
+    ap.add_argument("--redo", action="store_true", help="rerun cells already in the results")
+    ap.add_argument("--one", nargs=2, metavar=("SIZE", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--row", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        run_one(*args.one, args.samples, Path(args.row))
+        return
+    results = RESULTS.with_suffix(".json")
+    data = json.loads(results.read_text()) if results.is_file() else {"rows": []}
+    rows = {(r["size"], r["mode"]): r for r in data["rows"]}
+    for size in args.sizes.split(","):
+        for mode in args.modes.split(","):
+            if size not in SIZES or mode not in MODES:
+                sys.exit(f"unknown size {size!r} or mode {mode!r}: sizes {', '.join(SIZES)}; modes {', '.join(MODES)}")
+            if (size, mode) in rows and not args.redo:
+                continue
+            model_dir(size)  # written outside the measured process
+            with tempfile.NamedTemporaryFile(suffix=".json") as row_file:
+                subprocess.run([sys.executable, __file__, "--one", size, mode, "--samples", str(args.samples),
+                                "--row", row_file.name], check=True)
+                rows[(size, mode)] = json.loads(Path(row_file.name).read_text())
+            print(f"{size} {mode}: {rows[(size, mode)]}", file=sys.stderr)
+            _write(results, rows)
+    _write(results, rows)
+
+
+def _write(results: Path, rows: dict) -> None:
+    ordered = [rows[k] for k in sorted(rows, key=lambda k: (list(SIZES).index(k[0]), MODES.index(k[1])))]
+    for r in ordered:  # the ratios the issue asks for, measured between rows of this file
+        mem = rows.get((r["size"], "memory"))
+        r["offload_vs_memory_wall"] = round(r["wall_s"] / mem["wall_s"], 3) if mem and r["mode"] == "offload" else None
+        r["same_tensors_as_memory"] = (r["tensors_sha256"] == mem["tensors_sha256"]) if mem and r["mode"] == "offload" else None
+        first = rows.get(("135M", r["mode"]))
+        r["rss_vs_135M"] = round(r["peak_rss_GB"] / first["peak_rss_GB"], 3) if first else None
+    columns = ["size", "mode", "samples", "wall_s", "peak_rss_GB", "model_GB", "checkpoint_GB", "rss_vs_135M",
+               "offload_vs_memory_wall", "same_tensors_as_memory", "load_avg"]
+    print_table(ordered, columns)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"compensator": COMPENSATOR, "offload_max_memory": OFFLOAD_MAX_MEMORY,
+                                   "machine": machine(), "rows": ordered}, indent=1))
+    with results.with_suffix(".csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns + ["tensors_sha256"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(ordered)
+
+
+if __name__ == "__main__":
+    main()

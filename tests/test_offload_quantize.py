@@ -1,0 +1,188 @@
+"""Quantizing a model whose decoder blocks accelerate offloaded to disk: one block onloaded
+at a time, each quantized block offloaded again to its block file, and the same checkpoint
+tensors as the run on the model held in memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import qe
+from qe.commands.quantize import run_quantize
+from qe.models import tiny
+from qe.models.loading import Placement, load_model, load_quantized
+from qe.models.offload import is_offloaded
+from qe.plugins import QEPluginManager
+from qe.quantizers.qlinear import QuantLinear
+from qe.recipe import Recipe
+
+DISK_MAP = {
+    "model.vision_tower": "cpu",
+    "model.multi_modal_projector": "cpu",
+    "model.language_model.embed_tokens": "cpu",
+    "model.language_model.layers.0": "disk",
+    "model.language_model.layers.1": "disk",
+    "model.language_model.norm": "cpu",
+    "model.language_model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}
+
+# RTN alone is data-free; QE smooths (scales folded into the offloaded blocks' norms) and fits.
+RECIPES = {
+    "rtn+none": Recipe(quantizer="rtn", compensator="none", setting="W4A8", samples=3),
+    "gptq+qe": Recipe(quantizer="gptq", compensator="qe[k=4;num_experts=2;shared_rank=4;expert_rank=2]",
+                      setting="W4A8", samples=3),
+}
+
+
+def _checkpoint_tensors(directory):
+    tensors = {}
+    for f in sorted(directory.glob("model-*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+@pytest.mark.parametrize("name,placed", [("gptq+qe", "blocks on disk"), ("rtn+none", "max-memory")])
+def test_offloaded_quantization_equals_in_memory(name, placed, tmp_path):
+    """Blocks offloaded by an explicit map, or by ``--max-memory`` (accelerate's automatic map,
+    which offloads the whole language model of this tiny model, embeddings included)."""
+    path = tiny.tiny_model_dir("llava")
+    recipe = RECIPES[name]
+    ref_dir, _ = run_quantize(recipe, str(path), out=tmp_path / "ref", progress=False)
+    if placed == "max-memory":
+        off = load_model(str(path), placement=Placement(offload_folder=str(tmp_path / "offload"),
+                                                        max_memory={"cpu": "300KB"}))
+    else:
+        off = load_model(str(path), device_map=DISK_MAP, offload_folder=tmp_path / "offload")
+    assert is_offloaded(off.adapter.decoder_blocks(off.model)[0])
+    off_dir, manifest = run_quantize(recipe, out=tmp_path / "off", progress=False, loaded=off)
+    ref, got = _checkpoint_tensors(ref_dir), _checkpoint_tensors(off_dir)
+    assert ref.keys() == got.keys()
+    for key in ref:
+        assert torch.equal(ref[key], got[key]), key
+    # The quantized blocks stay offloaded: nothing but meta tensors in the model's blocks.
+    for block in off.adapter.decoder_blocks(off.model):
+        assert any(isinstance(m, QuantLinear) for m in block.modules())
+        assert all(t.device.type == "meta" for t in block.state_dict().values())
+    # ... and the offloaded quantized model computes what the reloaded checkpoint computes.
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    with torch.no_grad():
+        want = load_quantized(ref_dir).model(input_ids=ids).logits
+        have = off.model(input_ids=ids).logits
+    torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+    assert manifest["heldout_check"]["ppl_quantized"] > 0
+
+
+class _Interrupt:
+    @qe.hookimpl
+    def qe_block_end(self, block_index, num_blocks, figures):
+        if block_index == 0:
+            raise KeyboardInterrupt
+
+
+def test_offloaded_run_resumes_to_the_same_tensors(tmp_path):
+    path = tiny.tiny_model_dir("llava")
+    recipe = RECIPES["gptq+qe"]
+    ref_dir, _ = run_quantize(recipe, str(path), out=tmp_path / "ref", progress=False)
+    out = tmp_path / "resumed"
+    manager = QEPluginManager(load_entry_points=False, extra_plugins=[_Interrupt()])
+    first = load_model(str(path), device_map=DISK_MAP, offload_folder=tmp_path / "offload-1")
+    with pytest.raises(KeyboardInterrupt):
+        run_quantize(recipe, out=out, progress=False, loaded=first, manager=manager)
+    again = load_model(str(path), device_map=DISK_MAP, offload_folder=tmp_path / "offload-2")
+    run_quantize(recipe, out=out, resume=True, progress=False, loaded=again)
+    ref, got = _checkpoint_tensors(ref_dir), _checkpoint_tensors(out)
+    assert ref.keys() == got.keys()
+    for key in ref:
+        assert torch.equal(ref[key], got[key]), key
+
+
+def test_offloaded_checkpoint_is_written_in_small_shards(tmp_path, monkeypatch):
+    """Writing an offloaded model holds one shard at a time: with a tiny shard limit every
+    shard stays under it (or holds a single larger tensor), and the checkpoint still loads."""
+    from qe import checkpoint
+
+    monkeypatch.setattr(checkpoint, "OFFLOADED_SHARD_BYTES", 20_000)
+    path = tiny.tiny_model_dir("llava")
+    off = load_model(str(path), device_map=DISK_MAP, offload_folder=tmp_path / "offload")
+    out, manifest = run_quantize(RECIPES["rtn+none"], out=tmp_path / "ckpt", progress=False, loaded=off,
+                                 check_heldout=False)
+    assert len(manifest["shards"]) > 3
+    for name in manifest["shards"]:
+        tensors = load_file(str(out / name))
+        sizes = [t.numel() * t.element_size() for t in tensors.values()]
+        assert sum(sizes) <= 20_000 or len(sizes) == 1
+    ref_dir, _ = run_quantize(RECIPES["rtn+none"], str(path), out=tmp_path / "ref", progress=False,
+                              check_heldout=False)
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(load_quantized(out).model(input_ids=ids).logits,
+                                   load_quantized(ref_dir).model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def qe_checkpoint(tmp_path_factory):
+    path = tiny.tiny_model_dir("llava")
+    ckpt, _ = run_quantize(RECIPES["gptq+qe"], str(path), out=tmp_path_factory.mktemp("ckpt") / "qe",
+                           progress=False, check_heldout=False)
+    return ckpt
+
+
+def test_checkpoint_loads_with_its_blocks_left_on_disk(qe_checkpoint):
+    """load_quantized with a device map: blocks mapped to disk are read from the shards on
+    each forward (nothing copied, never allocated); the outputs equal a full load."""
+    ckpt = qe_checkpoint
+    full = load_quantized(ckpt)
+    placed = load_quantized(ckpt, device_map=DISK_MAP)
+    blocks = placed.adapter.decoder_blocks(placed.model)
+    assert all(is_offloaded(b) for b in blocks)
+    assert all(t.device.type == "meta" for b in blocks for t in b.state_dict().values())
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(placed.model(input_ids=ids).logits, full.model(input_ids=ids).logits,
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("propagation", ["quantized", "fp-inputs"])
+def test_compare_on_an_offloaded_model_gives_the_same_table(propagation, tmp_path):
+    from qe.cli import main
+
+    args = ["compare", "--model", "tiny:llava", "--quantizers", "rtn", "--compensators", "none,lowrank[rank=4]",
+            "--settings", "W4A8", "--samples", "3", "--eval-tokens", "1024", "--propagation", propagation, "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "memory")]) == 0
+    assert main([*args, "--out", str(tmp_path / "offloaded"), "--max-memory", "cpu=300KB",
+                 "--offload-folder", str(tmp_path / "offload")]) == 0
+    import csv
+
+    columns = ("setting", "quantizer", "compensator", "status", "ppl", "caption_nll", "mean_rel_error")
+
+    def rows(d):
+        with (d / "results.csv").open() as fh:
+            return [{k: r[k] for k in columns} for r in csv.DictReader(fh)]
+
+    assert len(rows(tmp_path / "memory")) == 3
+    assert rows(tmp_path / "memory") == rows(tmp_path / "offloaded")
+
+
+def test_max_memory_is_checked_before_loading(capsys):
+    from qe.cli import main
+
+    assert main(["eval", "--model", "tiny:llava", "--max-memory", "cpu:4G"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--max-memory" in err and "cpu=4GiB" in err
+
+
+def test_eval_of_a_checkpoint_within_max_memory_scores_the_same(qe_checkpoint, capsys):
+    from qe.cli import main
+
+    args = ["eval", "--model", str(qe_checkpoint), "--eval-tokens", "1024", "--quiet"]
+    assert main(args) == 0
+    in_memory = capsys.readouterr().out
+    assert main([*args, "--max-memory", "cpu=100KB"]) == 0
+    placed = capsys.readouterr().out
+
+    def figure(out: str) -> str:  # "perplexity 1022.0580 over 1022 tokens" without the time
+        return next(ln for ln in out.splitlines() if ln.startswith("perplexity")).split(" in ")[0]
+
+    assert figure(in_memory) == figure(placed)
