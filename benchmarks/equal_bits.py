@@ -171,23 +171,35 @@ def run_cell(label: str, loaded, encoded, evaluator, args) -> dict:
     }
 
 
-def advisor_check(store: ResultStore, cell: str, loaded, encoded) -> dict:
+def advisor_check(store: ResultStore, cell: str, loaded, encoded, out: Path) -> dict | None:
     """Spearman correlation between the advisor's predicted gain and the measured per-layer
-    relative error reduction ``1 − rel_error / rel_error_base`` of a finished cell."""
+    relative error reduction ``1 − rel_error / rel_error_base`` of a finished cell. The advice
+    (one ``qe analyze`` pass) is kept in ``<out>/advice.json``; None while the cell is not done."""
+    import json
+
     from qe.analysis.advisor import spearman
     from qe.analysis.analyze import AnalyzeOptions, run_analysis
 
+    cache = out / "advice.json"
+    if cache.is_file():
+        advice = json.loads(cache.read_text())
+    else:
+        analysis = run_analysis(loaded, encoded, AnalyzeOptions(progress=False, plot_blocks=()))
+        advice = {s["name"]: s["advice"] for s in analysis.layers}
+        out.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(advice, indent=1))
+    if not store.has(cell):
+        return None
     layers = store.rows[cell]["layers"]
-    analysis = run_analysis(loaded, encoded, AnalyzeOptions(progress=False, plot_blocks=()))
     predicted, measured, names = [], [], []
-    for s in analysis.layers:
-        m = layers.get(s["name"])
+    for name, a in advice.items():
+        m = layers.get(name)
         if m and m["rel_error_base"]:
-            predicted.append(s["advice"]["predicted_gain"])
+            predicted.append(a["predicted_gain"])
             measured.append(1 - m["rel_error"] / m["rel_error_base"])
-            names.append(s["name"])
+            names.append(name)
     rho = spearman(predicted, measured)
-    energy32 = [s["advice"]["energy"]["32"] for s in analysis.layers if s["name"] in names]
+    energy32 = [advice[n]["energy"]["32"] for n in names]
     return {"cell": cell, "layers": len(names), "spearman_predicted_gain": rho,
             "spearman_energy32": spearman(energy32, measured),
             "per_layer": [{"name": n, "predicted": p, "measured": m} for n, p, m in zip(names, predicted, measured)]}
@@ -220,7 +232,10 @@ def main() -> None:
     loaded = load_model(args.model)
     _, encoded = calibration_set(loaded, "pydoc", args.samples)
     if args.advisor:
-        report = advisor_check(store, args.advisor, loaded, encoded)
+        report = advisor_check(store, args.advisor, loaded, encoded, out)
+        if report is None:
+            print(f"advice written to {out / 'advice.json'}; {args.advisor} is not done yet: rerun when it is")
+            return
         report["machine"] = machine()
         import json
 
