@@ -25,6 +25,7 @@ from qe.analysis.statistics import ImportanceStats, InputStats, LinearStats
 from qe.errors import ModelError, NumericalError
 from qe.models.base import EncodedSample, ModelAdapter
 from qe.models.loading import LoadedModel
+from qe.models.moe import ExpertMLP, routed_owner
 
 
 class _StopForward(Exception):
@@ -146,12 +147,16 @@ def capture_block_inputs(
 
     def grabber(index: int):
         def grab(module, args, kwargs):
+            if captured.get("stopped"):  # the block run again after the capture (a dry run): let it
+                return None
             hidden = args[0] if args else kwargs.pop("hidden_states")
+            kwargs = {**_positional_as_keywords(module, args[1:]), **kwargs}
             kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "cache", "use_cache")}
             if index == 0:
                 captured["hidden"], captured["block_kwargs"] = hidden, []
             captured["block_kwargs"].append(kw)
             if index == last:
+                captured["stopped"] = True
                 raise _StopForward
 
         return grab
@@ -163,14 +168,16 @@ def capture_block_inputs(
     try:
         for group in tqdm(_batches(encoded, batch_size), desc="capture", disable=not progress, leave=False):
             inputs = _collate(group, device)
+            captured["stopped"] = False
             try:
                 loaded.model(**inputs, use_cache=False)
             except _StopForward:
                 pass
             else:  # pragma: no cover - the hook always fires
                 raise RuntimeError("the first decoder block was never called")
-            modality = torch.cat([g.modality for g in group])
             hidden = captured["hidden"].detach()
+            modality = adapter.capture_modality(torch.cat([g.modality for g in group]), hidden,
+                                                captured["block_kwargs"][0])
             if not torch.isfinite(hidden).all():
                 raise NumericalError("NaN or Inf in the inputs of decoder block 0: check the model's dtype and the data")
             memo: dict[int, torch.Tensor] = {}
@@ -183,6 +190,21 @@ def capture_block_inputs(
         for handle in handles:
             handle.remove()
     return out
+
+
+def _positional_as_keywords(module: nn.Module, args: tuple) -> dict[str, Any]:
+    """A block's positional arguments after the hidden states, by parameter name (vision
+    encoders pass their attention mask positionally), so a captured call can be replayed."""
+    if not args:
+        return {}
+    import inspect
+
+    params = [p for p in inspect.signature(module.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+    if len(params) < len(args):
+        raise ModelError(f"{type(module).__name__} is called with {len(args) + 1} positional arguments, more than "
+                         "its forward names: the block walker cannot replay it")
+    return {p.name: a for p, a in zip(params, args)}
 
 
 def block_output(result: Any) -> torch.Tensor:
@@ -265,10 +287,12 @@ def attach_stats(
             importance = None
             if estimator is not None:
                 importance = ImportanceStats(d_in, k, None, estimator, keep_topk=keep_topk, where=f"{prefix}.{name}")
-                importance.record_range = record_range
+                # A routed expert's rows are not the batch's: no per-token score record (plots).
+                importance.record_range = record_range if routed_owner(block, name) is None else None
             st = LinearStats(f"{prefix}.{name}", shared, importance)
             stats[name] = st
-            handles.append(lin.register_forward_pre_hook(_make_hook(st, lin, context, update_input=(pos == 0))))
+            handles.append(lin.register_forward_pre_hook(_make_hook(st, lin, context, update_input=(pos == 0),
+                                                                    expert=routed_owner(block, name))))
     try:
         yield stats
     finally:
@@ -276,19 +300,24 @@ def attach_stats(
             h.remove()
 
 
-def _make_hook(st: LinearStats, lin: nn.Linear, context: StreamContext, update_input: bool) -> Callable:
+def _make_hook(st: LinearStats, lin: nn.Linear, context: StreamContext, update_input: bool,
+               expert: ExpertMLP | None = None) -> Callable:
     def hook(module, args):
         x = args[0]
         x2 = x.reshape(-1, x.shape[-1])
+        modality, rows = context.modality, None
+        if expert is not None:  # a routed expert reads only its tokens: these rows of the batch
+            rows = expert.routed
+            modality = modality[rows.to(modality.device)] if rows is not None else modality
         if update_input:
-            st.input.update(x2, context.modality, context.offset)
+            st.input.update(x2, modality, context.offset, rows=rows)
         if st.importance is not None:
             if not st.importance.prepared:
                 # Read the weight inside the forward: with accelerate offload it is real only now.
                 factor = st.importance.estimator.prepare(module.weight.detach().float())
                 st.importance.channel_factor = None if factor is None else factor.to(x2.device)
                 st.importance.prepared = True
-            st.importance.update(x2, context.modality, context.offset)
+            st.importance.update(x2, modality, context.offset)
 
     return hook
 
@@ -351,7 +380,7 @@ class BlockWalker:
         return len(self.modules)
 
     def block(self, index: int) -> Block:
-        return Block(index, self.modules[index], f"{self.prefix}.{index}")
+        return Block(index, self.modules[index], self.loaded.adapter.block_prefix(self.loaded.model, index))
 
     def blocks(self) -> list[Block]:
         return [self.block(i) for i in range(self.num_blocks)]

@@ -330,6 +330,11 @@ def load_tensors(model: nn.Module, directory: Path, shard_names: list[str], alia
         for key, tensor in shard.items():  # adapters stored in a smaller dtype come back in the model's
             if key in current and tensor.is_floating_point() and tensor.dtype != current[key].dtype:
                 shard[key] = tensor.to(current[key].dtype)
+            elif tensor.data_ptr() % _ALIGNMENT:
+                # safetensors places tensors at any byte offset; a matmul kernel may take another
+                # path for an unaligned operand and round differently, so the reloaded model
+                # would not give the saved one's outputs bit for bit: realign.
+                shard[key] = tensor.clone()
         for alias, target in aliases.items():
             if target in shard and (only is None or alias in only):
                 shard[alias] = shard[target]
@@ -358,6 +363,9 @@ def load_tensors(model: nn.Module, directory: Path, shard_names: list[str], alia
         except AttributeError:
             raise ModelError(f"checkpoint {directory}: tied tensor {alias} or {target} is not in the model: "
                              "the manifest is damaged; re-quantize") from None
+
+
+_ALIGNMENT = 64  # bytes: what torch's CPU allocator gives every tensor
 
 
 def _read_shard(path: Path, keys: set[str] | None) -> dict[str, torch.Tensor]:

@@ -140,7 +140,7 @@ def cmd_analyze(args) -> int:
         args.model, calib=args.calib, samples=args.samples or 32, out=args.out, estimator=args.estimator, k=args.k,
         num_experts=args.num_experts, layers=args.layers, plot_blocks=_plot_blocks(args.plot_layers), seed=_seed(args),
         device=_device(args), dtype=_dtype(args), progress=not args.quiet, force=args.force,
-        trust_remote_code=args.trust_remote_code, placement=_placement(args),
+        trust_remote_code=args.trust_remote_code, placement=_placement(args), scope=args.scope,
     )
     run = summary["run"]
     layers = summary["layers"]
@@ -165,6 +165,9 @@ def _analyze_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=32, help="top-k channels per token (default 32)")
     p.add_argument("--num-experts", type=int, default=8, help="N_r: token-dependent channels are the next N_r·k (default 8)")
     p.add_argument("--plot-layers", default=None, help="blocks with per-layer plots, e.g. 0,15,29 (default: first, middle, last)")
+    p.add_argument("--scope", choices=["language", "vision", "all"], default="language",
+                   help="which blocks to report: language (default: the language model's decoder blocks), vision "
+                        "(the vision tower's blocks and the projector), all (both)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
@@ -180,7 +183,7 @@ def recipe_from_args(args):
     return recipe.replace(
         transform=args.transform, quantizer=args.quantizer, compensator=args.compensator, estimator=args.estimator,
         setting=setting, calib=args.calib, samples=args.samples, propagation=args.propagation, seed=args.seed,
-        max_tokens=args.max_tokens,
+        max_tokens=args.max_tokens, scope=args.scope,
     )
 
 
@@ -308,19 +311,27 @@ def _quantize_arguments(p: argparse.ArgumentParser) -> None:
                    help="bits per weight for everything stored (codes, scales, zero points, adapters, routers): "
                         "fit the compensator's options (ranks, experts) at every layer and allocate them within "
                         "the budget by calibration error (a planning pass first; qe or lowrank compensators)")
+    p.add_argument("--scope", choices=["language", "vision", "all"], default=None,
+                   help="which linears to quantize: language (default: the language model's decoder blocks), "
+                        "vision (the vision tower's blocks and the projector), all (both)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
 def cmd_compare(args) -> int:
     from qe.commands.compare import CompareOptions, run_compare
+    from qe.errors import ConfigError
 
+    if args.executor != "ray" and (args.cell_cpus is not None or args.cell_gpus is not None):
+        raise ConfigError("--cell-cpus and --cell-gpus reserve resources for Ray tasks: add --executor ray")
     options = CompareOptions(
         propagation=args.propagation or "quantized",
         eval_tokens=None if args.eval_tokens == 0 else args.eval_tokens, caption_nll=not args.no_caption_nll,
         calib=args.calib, samples=args.samples or 32, estimator=args.estimator or "act-weight", seed=_seed(args),
         device=_device(args), dtype=_dtype(args), progress=not args.quiet, trust_remote_code=args.trust_remote_code,
         placement=_placement(args),
+        executor=args.executor, cell_cpus=1.0 if args.cell_cpus is None else args.cell_cpus,
+        cell_gpus=0.0 if args.cell_gpus is None else args.cell_gpus,
     )
     out = args.out or f"reports/compare-{(args.model or 'embedded-default').replace('/', '_')}"
     path, rows = run_compare(args.model, args.quantizers, args.compensators, args.settings, out=out,
@@ -347,6 +358,15 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-caption-nll", action="store_true", help="skip the caption NLL metric")
     p.add_argument("--propagation", choices=["quantized", "fp-inputs"], default=None, help=PROPAGATION_HELP)
     p.add_argument("--force", action="store_true", help="reuse an output directory that holds a different grid")
+    p.add_argument("--executor", choices=["serial", "ray"], default="serial",
+                   help="serial (default): the cells one after another in this process; ray: each cell as a Ray "
+                        "task on the cluster at RAY_ADDRESS (else on this machine), written into the same "
+                        "grid directory under the same keys (needs pip install 'qe-quant[ray]')")
+    p.add_argument("--cell-cpus", type=float, default=None,
+                   help="with --executor ray: CPUs each cell's task reserves, and its torch threads (default 1)")
+    p.add_argument("--cell-gpus", type=float, default=None,
+                   help="with --executor ray: GPUs each cell's task reserves (default 0); above 0 the cell computes "
+                        "on its GPU, else on the CPU (--device is then the driver's: the full-precision reference)")
 
 
 def cmd_eval(args) -> int:

@@ -19,6 +19,7 @@ plugins can watch without touching this code.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import re
 import shutil
@@ -42,6 +43,7 @@ from qe.errors import ConfigError, NumericalError
 from qe.modality import MODALITIES, Modality
 from qe.models.base import EncodedSample
 from qe.models.loading import LoadedModel
+from qe.models.moe import routed_owner
 from qe.models.offload import execution_device, is_offloaded, offload_to_file, onloaded
 from qe.plugins import QEPluginManager, default_manager
 from qe.quantized import fake_quantize_activations
@@ -52,6 +54,9 @@ from qe.transforms.base import GroupContext, Transform
 from qe.transforms.builtin import AlphaSearch, AlphaSearchConfig
 
 Propagation = Literal["quantized", "fp-inputs"]
+# The fewest calibration tokens a routed expert is calibrated from by default (below, a
+# Hessian or a low-rank fit on its tokens says more about them than about the expert).
+MIN_EXPERT_TOKENS = 32
 
 
 @dataclass
@@ -66,6 +71,9 @@ class PipelineOptions:
     progress: bool = True
     skip: tuple[str, ...] = ()  # fnmatch patterns of full linear names left in full precision
     overrides: tuple = ()  # qe.recipe.LayerOverride: per-layer quantizer / compensator, first match wins
+    # A routed expert that receives fewer calibration tokens than this is quantized data-free
+    # (RTN, uncompensated); None: 32, or its compensator's tokens_wanted() where that is more.
+    min_expert_tokens: int | None = None
 
     def __post_init__(self):
         if self.propagation not in ("quantized", "fp-inputs"):
@@ -133,6 +141,7 @@ class QuantizationPipeline:
         self.walker = BlockWalker(loaded, device=self.options.device, batch_size=self.options.batch_size,
                                   progress=self.options.progress)
         self.warnings: list[str] = []
+        self.starved: dict[str, tuple[int, int]] = {}  # routed expert -> (tokens it received, tokens wanted)
         # Optional cache of base quantizations shared between pipelines on the same statistics
         # (qe compare, fp-inputs): key (quantizer, setting, layer, smoothing, exemption).
         self.base_cache: dict | None = None
@@ -251,8 +260,24 @@ class QuantizationPipeline:
                 if on_block_done is not None:
                     on_block_done(step.index, result)
             hook.qe_block_end(block_index=step.index, num_blocks=num_blocks, figures=block_figures)
+        self._warn_starved(result)
         result.seconds += time.perf_counter() - t_start
         return result
+
+    def min_tokens(self, full: str) -> int:
+        """The fewest calibration tokens a routed expert's linear is compensated from."""
+        if self.options.min_expert_tokens is not None:
+            return self.options.min_expert_tokens
+        return max(MIN_EXPERT_TOKENS, self.plugins_for(full)[1].tokens_wanted() or 0)
+
+    def _warn_starved(self, result: PipelineResult) -> None:
+        if not self.starved:
+            return
+        shown = ", ".join(f"{n} ({t} of {w} tokens)" for n, (t, w) in list(self.starved.items())[:8])
+        more = f" and {len(self.starved) - 8} more" if len(self.starved) > 8 else ""
+        result.warnings.append(
+            f"{len(self.starved)} routed expert(s) received too few calibration tokens and were quantized "
+            f"data-free (RTN, no compensation): {shown}{more}; pass more --samples to calibrate them")
 
     def _warn_few_tokens(self, total_tokens: int, result: PipelineResult) -> None:
         for c in self._all_compensators():
@@ -273,7 +298,8 @@ class QuantizationPipeline:
             i = block.index
             hook.qe_block_start(block_index=i, num_blocks=num_blocks)
             with self._block_onloaded(block, on_block_done, block_file):
-                self._quantize_data_free(block, result)
+                for n in sorted(self.linear_names(block)):
+                    self._quantize_data_free(block, n, result)
                 result.blocks.append({})
                 if on_block_done is not None:
                     on_block_done(i, result)
@@ -281,23 +307,27 @@ class QuantizationPipeline:
         result.seconds += time.perf_counter() - t_start
         return result
 
-    def _quantize_data_free(self, block: Block, result: PipelineResult) -> None:
+    def _quantize_data_free(self, block: Block, n: str, result: PipelineResult, tokens: int | None = None) -> None:
+        """Quantize one linear from its weight alone: its own quantizer where that reads no
+        data, else RTN; no smoothing, no compensation."""
         hook = self.manager.hook
-        i = block.index
-        for n in sorted(self.linear_names(block)):
-            full = f"{block.prefix}.{n}"
-            hook.qe_layer_start(block_index=i, layer_name=full)
-            lin = block.module.get_submodule(n)
-            w = _float_weight(lin, full)
-            quantizer, _ = self.plugins_for(full)
-            t0 = time.perf_counter()
-            q = quantizer.quantize(w, self.setting, layer_name=full)
-            ql = QuantLinear.from_quantized(q, a_bits=self.setting.a_bits,
-                                            bias=lin.bias.detach().float() if lin.bias is not None else None)
-            block.module.set_submodule(n, ql.to(lin.weight.device))
-            figures = {"quantize_seconds": time.perf_counter() - t0}
-            result.layers.append(LayerRecord(full, i, (lin.out_features, lin.in_features), figures))
-            hook.qe_layer_end(block_index=i, layer_name=full, figures=figures)
+        i, full = block.index, f"{block.prefix}.{n}"
+        hook.qe_layer_start(block_index=i, layer_name=full)
+        lin = block.module.get_submodule(n)
+        w = _float_weight(lin, full)
+        quantizer, _ = self.plugins_for(full)
+        if quantizer.needs_calibration():
+            quantizer = self.manager.create("quantizer", "rtn")
+        t0 = time.perf_counter()
+        q = quantizer.quantize(w, self.setting, layer_name=full)
+        ql = QuantLinear.from_quantized(q, a_bits=self.setting.a_bits,
+                                        bias=lin.bias.detach().float() if lin.bias is not None else None)
+        block.module.set_submodule(n, ql.to(lin.weight.device))
+        figures = {"quantize_seconds": time.perf_counter() - t0}
+        if tokens is not None:
+            figures["tokens"] = float(tokens)
+        result.layers.append(LayerRecord(full, i, (lin.out_features, lin.in_features), figures))
+        hook.qe_layer_end(block_index=i, layer_name=full, figures=figures)
 
     @contextlib.contextmanager
     def _block_onloaded(self, block: Block, on_block_done, block_file) -> Iterator[None]:
@@ -364,6 +394,17 @@ class QuantizationPipeline:
         """plan → transform → quantize → fit, for the linears of one smoothing group."""
         hook = self.manager.hook
         index, module = block.index, block.module
+        # Routed experts: each is calibrated on the tokens routed to it; too few, and it is
+        # quantized from its weights alone (and named in one warning).
+        routed = {n: stats[n].input.n_tokens for n in names if routed_owner(module, n) is not None}
+        wanted = {n: self.min_tokens(f"{block.prefix}.{n}") for n in routed}
+        starved = [n for n, t in routed.items() if t < wanted[n]]
+        for n in starved:
+            self.starved.setdefault(f"{block.prefix}.{n.rsplit('.', 1)[0]}", (routed[n], wanted[n]))
+            self._quantize_data_free(block, n, result, tokens=routed[n])
+        names = [n for n in names if n not in starved]
+        if not names:
+            return
         full = {n: f"{block.prefix}.{n}" for n in names}
         _, group_compensator = self.plugins_for(full[names[0]])
         linears = {n: module.get_submodule(n) for n in names}
@@ -426,6 +467,8 @@ class QuantizationPipeline:
             t2 = time.perf_counter()
             ql, figures = measure(fitted)
             figures.update(quantize_seconds=t1 - t0, fit_seconds=t2 - t1)
+            if n in routed:
+                figures["tokens"] = float(routed[n])
             if fitted is not None:
                 figures.update({k: float(v) for k, v in fitted.fit_figures.items() if isinstance(v, (int, float))})
             if scales is not None:
@@ -556,3 +599,26 @@ def quantize_model(
 ) -> PipelineResult:
     """Quantize ``loaded.model`` in place with ``composition``; return per-layer figures."""
     return QuantizationPipeline(loaded, composition, options, manager).run(encoded, **run_kwargs)
+
+
+def quantize_vision_stacks(
+    loaded: LoadedModel,
+    composition: Composition,
+    encoded: list[EncodedSample],
+    scope: str,
+    options: PipelineOptions | None = None,
+    manager: QEPluginManager | None = None,
+) -> PipelineResult:
+    """Quantize the vision tower's blocks, then the projector (``--scope vision|all``), with
+    the same pipeline as the language model, over the image samples of ``encoded``. The
+    language model is left to the caller (it runs after these, on their outputs)."""
+    from qe.models.stacks import scope_adapters, vision_samples
+
+    result = PipelineResult()
+    for adapter in scope_adapters(loaded.adapter, loaded.model, scope):
+        if adapter is loaded.adapter:
+            continue
+        pipeline = QuantizationPipeline(dataclasses.replace(loaded, adapter=adapter), composition, options, manager)
+        samples = vision_samples(adapter, encoded, scope) if pipeline.needs_calibration else []
+        pipeline.run(samples, result=result)
+    return result

@@ -272,6 +272,7 @@ class QEPluginManager:
     """Registers built-ins and entry points and answers "which plugin is NAME"."""
 
     def __init__(self, load_entry_points: bool = True, extra_plugins: Sequence[object] = ()):
+        self._arguments = (load_entry_points, tuple(extra_plugins))
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         for modname in BUILTIN_MODULES:
@@ -288,6 +289,11 @@ class QEPluginManager:
 
         self.pm.register(ProgressReporter(), name=PLUGIN_NAME)  # event hooks only; idle unless a run asks
         self._registry: dict[str, dict[str, PluginEntry]] | None = None
+
+    def __reduce__(self):
+        # Pickled as the arguments that build it (a Ray task gets a manager made in code, with
+        # its extra plugins, rebuilt in the worker): pluggy's own state does not pickle.
+        return (QEPluginManager, self._arguments)
 
     @property
     def hook(self):

@@ -12,6 +12,7 @@ A recipe file holds the same things as the flags, plus per-layer overrides and s
     propagation = "quantized"        # or "fp-inputs"
     seed = 0
     skip = ["*.layers.0.*"]          # fnmatch patterns (or regular expressions) of full linear names
+    scope = "language"               # or "vision" (vision tower + projector), "all"
 
     [[override]]                     # first matching override wins
     pattern = "*.mlp.down_proj"
@@ -39,7 +40,7 @@ from qe.plugins import QEPluginManager, default_manager
 from qe.settings import QuantSetting, parse_setting
 
 _KEYS = {"transform", "quantizer", "compensator", "estimator", "setting", "calib", "samples", "propagation", "seed",
-         "skip", "override", "max_tokens"}
+         "skip", "override", "max_tokens", "scope"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Recipe:
     propagation: str = "quantized"
     seed: int = 0
     max_tokens: int = 16384
+    scope: str = "language"
     skip: tuple[str, ...] = ()
     overrides: tuple[LayerOverride, ...] = field(default_factory=tuple)
 
@@ -88,6 +90,9 @@ class Recipe:
         """Check everything that can be checked without a model."""
         manager = manager or default_manager()
         comp = self.composition(manager)
+        from qe.models.stacks import check_scope
+
+        check_scope(self.scope)
         if self.propagation not in ("quantized", "fp-inputs"):
             raise ConfigError(f"propagation {self.propagation!r} unknown: use quantized or fp-inputs")
         if self.samples is not None and self.samples < 1:

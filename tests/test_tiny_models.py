@@ -20,10 +20,12 @@ EXPECTED_ADAPTER = {
     "qwen2_vl": "qwen-vl",
     "qwen2_5_vl": "qwen-vl",
     "qwen3_vl": "qwen-vl",
+    "qwen3_vl_moe": "qwen-vl",
     "idefics3": "idefics3",
     "internvl": "internvl",
     "gemma3": "gemma3",
     "llava_onevision": "llava-onevision",
+    "mistral3": "mistral3",
 }
 # The norm each smoothing group folds into (Gemma 3's MLP reads its pre-feedforward norm).
 EXPECTED_NORMS = {"gemma3": ["input_layernorm", None, "pre_feedforward_layernorm", None]}
@@ -60,8 +62,16 @@ def test_structure(family, loaded):
     assert lm.adapter.blocks_prefix(lm.model) == EXPECTED_BLOCKS_PATH.get(family, "model.language_model.layers")
     blocks = lm.blocks
     assert len(blocks) == 2
-    for block in blocks:
+    for i, block in enumerate(blocks):
         linears = lm.adapter.block_linears(block)
+        if family == "qwen3_vl_moe" and i == 1:  # the sparse block: 4 routed experts, unfused
+            experts = [f"mlp.experts.{e}.{p}" for e in range(4) for p in ("gate_proj", "up_proj", "down_proj")]
+            assert list(linears) == list(LLAMA_LINEARS[:4]) + experts
+            groups = lm.adapter.smoothing_groups(block)
+            assert [g.linears for g in groups][2:4] == [["mlp.experts.0.gate_proj", "mlp.experts.0.up_proj"],
+                                                       ["mlp.experts.0.down_proj"]]
+            assert all(g.norm is None for g in groups[2:])  # the router reads that norm too: never folded
+            continue
         assert list(linears) == list(LLAMA_LINEARS)
         assert linears["self_attn.q_proj"].in_features == 64
         assert linears["mlp.down_proj"].in_features == 128

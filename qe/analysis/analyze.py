@@ -13,6 +13,7 @@ statistics are dropped. Writing the report is :mod:`qe.analysis.report`'s job.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
@@ -117,6 +118,7 @@ def run_analysis(
     selected = select_layers(loaded, opts.layers)
     check_widths(loaded, selected, opts.k, opts.num_experts)
     adapter = loaded.adapter
+    stack = stack_name(adapter)
     walker = BlockWalker(loaded, encoded, device=opts.device, batch_size=opts.batch_size, progress=opts.progress)
     num_blocks = walker.num_blocks
     plot_blocks = set(opts.plot_blocks if opts.plot_blocks is not None else default_plot_blocks(num_blocks))
@@ -144,6 +146,7 @@ def run_analysis(
                 if name in stats:
                     summary, rows, plot = summarize_linear(stats[name], i, name, opts, want_plot=i in plot_blocks,
                                                            energy_cache=energy_cache)
+                    summary["stack"] = stack
                     result.layers.append(summary)
                     hook.qe_layer_end(block_index=i, layer_name=summary["name"], figures={
                         "token_dependent_share": summary["token_dependent_share"],
@@ -304,3 +307,58 @@ def finding(s: dict, k: int) -> str:
         parts.append(f"routed clusters have mean within-cluster NPMI {sum(within) / len(within):.2f}")
     text = "; ".join(parts)
     return text[0].upper() + text[1:] + "."
+
+
+def stack_name(adapter) -> str:
+    """``language`` for a model adapter, ``vision`` / ``projector`` for a vision stack's."""
+    from qe.models.stacks import VisionStackAdapter
+
+    return adapter.stack if isinstance(adapter, VisionStackAdapter) else "language"
+
+
+def scoped_views(loaded: LoadedModel, scope: str, pattern: str | None) -> list[LoadedModel]:
+    """The model as seen by each stack ``scope`` covers (vision tower, projector, language
+    model), keeping those with a linear that ``pattern`` matches; one line when none has."""
+    from qe.models.stacks import scope_adapters
+
+    views = [loaded if a is loaded.adapter else dataclasses.replace(loaded, adapter=a)
+             for a in scope_adapters(loaded.adapter, loaded.model, scope)]
+    kept, first_error = [], None
+    for view in views:
+        try:
+            select_layers(view, pattern)
+        except ConfigError as e:
+            first_error = first_error or e
+            continue
+        kept.append(view)
+    if not kept:
+        assert first_error is not None
+        raise first_error
+    return kept
+
+
+def run_scoped_analysis(
+    loaded: LoadedModel,
+    encoded: list[EncodedSample],
+    scope: str = "language",
+    options: AnalyzeOptions | None = None,
+    manager: QEPluginManager | None = None,
+) -> AnalysisResult:
+    """:func:`run_analysis` over every stack ``scope`` covers, in the model's order; each
+    layer summary says its ``stack``. Vision stacks read the image samples only, and plot
+    their first, middle and last blocks (``plot_blocks`` names language blocks; empty, no
+    stack is plotted)."""
+    from qe.models.stacks import vision_samples
+
+    opts = options or AnalyzeOptions()
+    merged = AnalysisResult()
+    for view in scoped_views(loaded, scope, opts.layers):
+        language = view is loaded
+        samples = encoded if language else vision_samples(view.adapter, encoded, scope)
+        plots = opts.plot_blocks if language or opts.plot_blocks == () else None
+        r = run_analysis(view, samples, dataclasses.replace(opts, plot_blocks=plots), manager)
+        merged.layers.extend(r.layers)
+        merged.channel_rows.extend(r.channel_rows)
+        merged.plots.update(r.plots)
+        merged.statistics_seconds += r.statistics_seconds
+    return merged

@@ -379,22 +379,26 @@ def write_report(out_dir: Path, result: AnalysisResult, k: int) -> dict:
     write_channels_csv(out_dir / "channels.csv", result.channel_rows)
     cross = []
     layers = summary["layers"]
-    img = plot_depth(out_dir / "overlap_vs_depth.png", layers,
+    # Depth plots follow one stack's blocks: the language model's where it was analysed.
+    language = [s for s in layers if s.get("stack", "language") == "language"]
+    depth_layers = language or layers
+    img = plot_depth(out_dir / "overlap_vs_depth.png", depth_layers,
                      lambda s: s["overlap"]["vision_text"]["jaccard"] if s["overlap"].get("vision_text") else None,
                      "Jaccard(vision top-k, text top-k)", "Vision/text overlap of top channels vs depth")
     if img:
         cross.append(("Vision/text overlap of the top-k channel sets", img))
-    img = plot_depth(out_dir / "dependent_share_vs_depth.png", layers, lambda s: s["token_dependent_share"],
+    img = plot_depth(out_dir / "dependent_share_vs_depth.png", depth_layers, lambda s: s["token_dependent_share"],
                      "share of top-k memberships outside C_s", "Token-dependent importance vs depth")
     if img:
         cross.append(("Share of token-dependent importance", img))
-    img = plot_stray_depth(out_dir / "stray_vs_depth.png", layers)
+    img = plot_stray_depth(out_dir / "stray_vs_depth.png", depth_layers)
     if img:
         cross.append(("How far tokens stray from C_s, by modality", img))
     layer_plots: dict[str, list[str]] = {}
     for name, data in result.plots.items():
         s = next(x for x in layers if x["name"] == name)
-        base = _safe(_short(name))
+        stack = s.get("stack", "language")
+        base = _safe(_short(name) if stack == "language" else f"{stack}-{_short(name)}")
         images = [plot_frequencies(out_dir / f"freq_{base}.png", name, s, data, k)]
         tm = plot_token_map(out_dir / f"tokens_{base}.png", name, s, data)
         if tm:

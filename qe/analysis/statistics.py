@@ -61,8 +61,10 @@ class InputStats:
         self._sample_chunks: list[torch.Tensor] = []
         self._sample_mod_chunks: list[torch.Tensor] = []
 
-    def update(self, x: torch.Tensor, modality: torch.Tensor, offset: int) -> None:
-        """Add tokens ``x`` ``(T, d_in)`` whose global positions start at ``offset``."""
+    def update(self, x: torch.Tensor, modality: torch.Tensor, offset: int, rows: torch.Tensor | None = None) -> None:
+        """Add tokens ``x`` ``(T, d_in)`` whose global positions start at ``offset``; with
+        ``rows``, ``x`` holds only those rows of the batch (a routed expert's tokens) and
+        ``modality`` is theirs."""
         x = x.detach().reshape(-1, self.d_in).float()
         T = x.shape[0]
         batch_absmax = x.abs().amax(0)
@@ -79,7 +81,12 @@ class InputStats:
         if self.moments is not None:
             x2 = x * x
             self.moments += torch.stack([x.sum(0), x2.sum(0), (x2 * x).sum(0), (x2 * x2).sum(0)]).double().cpu()
-        if self.sample_positions is not None:
+        if self.sample_positions is not None and rows is not None:
+            keep = torch.isin(rows.cpu() + offset, self.sample_positions)
+            if bool(keep.any()):
+                self._sample_chunks.append(x[keep.to(x.device)].cpu())
+                self._sample_mod_chunks.append(modality[keep.to(modality.device)].cpu())
+        elif self.sample_positions is not None:
             pos = self.sample_positions
             lo = torch.searchsorted(pos, offset)
             hi = torch.searchsorted(pos, offset + T)

@@ -41,12 +41,16 @@ def analyze(
     loaded: LoadedModel | None = None,
     trust_remote_code: bool = False,
     placement: Placement | None = None,
+    scope: str = "language",
 ) -> tuple[Path, dict]:
-    """Run ``qe analyze``; return the report directory and the summary."""
+    """Run ``qe analyze``; return the report directory and the summary. ``scope``: the
+    language model's blocks, the vision tower's and the projector (``vision``), or both."""
     from qe.analysis.analyze import AnalyzeOptions
     from qe.data.sources import check_source
+    from qe.models.stacks import check_scope
     from qe.plugins import default_manager
 
+    check_scope(scope)
     manager = default_manager()
     manager.resolve("estimator", estimator)  # fail on a bad name before loading anything
     options = AnalyzeOptions(estimator=estimator, k=k, num_experts=num_experts, layers=layers, plot_blocks=plot_blocks,
@@ -58,28 +62,31 @@ def analyze(
         if out:
             stack.enter_context(output_lock(out))
         return _analyze(model, loaded, calib, samples, out, estimator, k, num_experts, layers, seed, device, dtype,
-                        progress, force, trust_remote_code, options, manager, placement)
+                        progress, force, trust_remote_code, options, manager, placement, scope)
 
 
 def _analyze(model, loaded, calib, samples, out, estimator, k, num_experts, layers, seed, device, dtype, progress,
-             force, trust_remote_code, options, manager, placement=None) -> tuple[Path, dict]:
-    from qe.analysis.analyze import check_widths, run_analysis, select_layers
+             force, trust_remote_code, options, manager, placement=None, scope="language") -> tuple[Path, dict]:
+    from qe.analysis.analyze import check_widths, run_scoped_analysis, scoped_views, select_layers
     from qe.analysis.report import write_report
 
     loaded = loaded or load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                                   placement=placement)
-    selected = select_layers(loaded, layers)
-    check_widths(loaded, selected, k, num_experts)
+    num_blocks = 0
+    for view in scoped_views(loaded, scope, layers):  # every width checked before the calibration set is built
+        selected = select_layers(view, layers)
+        check_widths(view, selected, k, num_experts)
+        num_blocks += max(selected) + 1
     source, encoded = calibration_set(loaded, calib, samples, progress)
     manager.hook.qe_run_start(command="analyze", info={"model": loaded.name, "samples": len(encoded),
-                                                      "blocks": max(selected) + 1, "progress": progress})
+                                                      "blocks": num_blocks, "progress": progress})
     out_dir = Path(out) if out else default_report_dir(loaded.name)
     check_output(out_dir, kind="dir", force=force)
-    result = run_analysis(loaded, encoded, options, manager)
+    result = run_scoped_analysis(loaded, encoded, scope, options, manager)
     result.run = {
         "model": loaded.name, "model_path": loaded.path, "adapter": loaded.adapter.name,
         "synthetic_vision_tower": loaded.synthetic_vision, "notes": loaded.notes,
-        "estimator": estimator, "k": k, "num_experts": num_experts, "seed": seed, "layers_pattern": layers,
+        "estimator": estimator, "k": k, "num_experts": num_experts, "seed": seed, "layers_pattern": layers, "scope": scope,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "calibration": {"source": source, "samples": len(encoded), "tokens": token_counts(encoded),
                         "data_hash": data_hash(encoded)},

@@ -15,6 +15,9 @@ error and the grid goes on, and the next run retries it (its record keeps every 
 plots and ``index.html`` are rewritten from those cells only at the end of every run: a cell
 file of other options or data is never reported as current. A lock beside the directory
 keeps two runs from writing it at once.
+
+With ``executor="ray"`` (``qe compare --executor ray``, :mod:`qe.commands.compare_ray`) each
+pending cell runs as a Ray task and this process writes the rows it returns, under the same keys.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import hashlib
 import json
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,7 @@ from qe.settings import QuantSetting, parse_setting, parse_settings
 
 DEFAULT_EVAL_TOKENS = 8192  # 16 windows of 512 from the start of the held-out text
 GRID_FILE = "grid.json"
+EXECUTORS = ("serial", "ray")
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,10 @@ class CompareOptions:
     dtype: str = "float32"
     trust_remote_code: bool = False
     placement: Placement | None = None  # where the model goes; not part of a cell's identity
+    # Where the cells run (not part of a cell's key: a grid started serially finishes on Ray).
+    executor: str = "serial"  # serial | ray
+    cell_cpus: float = 1.0  # ray: CPUs and GPUs each cell's task reserves
+    cell_gpus: float = 0.0
 
     def describe(self) -> dict:
         d = {k: getattr(self, k) for k in ("propagation", "eval_tokens", "caption_nll", "calib", "samples",
@@ -204,6 +213,13 @@ def run_compare(
     manager = manager or default_manager()
     if options.propagation not in ("quantized", "fp-inputs"):
         raise ConfigError(f"propagation {options.propagation!r} unknown: use quantized or fp-inputs")
+    if options.executor not in EXECUTORS:
+        raise ConfigError(f"executor {options.executor!r} unknown: use {' or '.join(EXECUTORS)}")
+    if options.executor == "ray":
+        from qe.commands.compare_ray import check_ray_options, probe_cluster
+
+        check_ray_options(options, loaded)
+        probe_cluster()  # an unreachable cluster fails before any work
     cells = grid_cells(quantizers, compensators, settings, options.estimator, manager, transforms)  # validated before loading
     out = Path(out)
     grid = {"model": model or "embedded-default", "cells": [c.label for c in cells], "options": options.describe()}
@@ -249,21 +265,21 @@ def _run_grid(model, cells, grid, out, options, force, loaded, manager) -> tuple
                "added_params": 0, "added_flops_per_token": 0}
         atomic_write_json(fp_file, row, default=_json_default)
 
+    def record(cell: Cell, row: dict) -> None:
+        atomic_write_json(cells_dir / f"{cell.key}.json", row, default=_json_default)
+
     pending = [c for c in cells if not _done(cells_dir, c)]
     manager.hook.qe_run_start(command="compare", info={"model": loaded.name, "cells": [c.label for c in pending],
                                                       "num_blocks": len(loaded.adapter.decoder_blocks(loaded.model)),
                                                       "progress": options.progress})
     if pending:
         earlier_errors = {c.key: _errors_of(cells_dir, c) for c in pending}
-        pipeline_opts = PipelineOptions(propagation=options.propagation, max_tokens=options.max_tokens,
-                                        device=options.device, seed=options.seed, progress=False)
-        t_capture = time.perf_counter()
-        inputs = BlockWalker(loaded, encoded, device=options.device, progress=options.progress).inputs()
-        shared = {"shared_capture_seconds": time.perf_counter() - t_capture, "cells_in_run": len(pending)}
-        if options.propagation == "fp-inputs":
-            _run_fp_inputs(loaded, pending, pipeline_opts, inputs, evaluator, cells_dir, manager, options, shared)
+        if options.executor == "ray":
+            from qe.commands.compare_ray import run_on_ray
+
+            run_on_ray(model, pending, options, dhash, record, manager)
         else:
-            _run_quantized(loaded, pending, pipeline_opts, inputs, evaluator, cells_dir, manager, options, shared)
+            run_cells(loaded, pending, encoded, evaluator, record, manager, options)
         _keep_error_history(cells_dir, pending, earlier_errors)
 
     rows = collect_rows(out)
@@ -275,6 +291,22 @@ def _run_grid(model, cells, grid, out, options, force, loaded, manager) -> tuple
                                      "created": _dt.datetime.now(_dt.timezone.utc).isoformat()})
     manager.hook.qe_run_end(command="compare", output=str(out), figures={"cells": float(len(rows) - 1)})
     return out, rows
+
+
+def run_cells(loaded: LoadedModel, cells: list[Cell], encoded, evaluator: Evaluator,
+              record: Callable[[Cell, dict], None], manager, options: CompareOptions) -> None:
+    """Quantize and evaluate ``cells`` on ``loaded`` (left unchanged), sharing block 0's inputs
+    (and in fp-inputs mode every block's statistics); ``record(cell, row)`` receives each cell's
+    row, or its error row when it fails."""
+    pipeline_opts = PipelineOptions(propagation=options.propagation, max_tokens=options.max_tokens,
+                                    device=options.device, seed=options.seed, progress=False)
+    t_capture = time.perf_counter()
+    inputs = BlockWalker(loaded, encoded, device=options.device, progress=options.progress).inputs()
+    shared = {"shared_capture_seconds": time.perf_counter() - t_capture, "cells_in_run": len(cells)}
+    if options.propagation == "fp-inputs":
+        _run_fp_inputs(loaded, cells, pipeline_opts, inputs, evaluator, record, manager, options, shared)
+    else:
+        _run_quantized(loaded, cells, pipeline_opts, inputs, evaluator, record, manager, options, shared)
 
 
 def _read_cell(path: Path) -> dict | None:
@@ -317,12 +349,12 @@ def _done(cells_dir: Path, cell: Cell) -> bool:
     return bool(row) and row.get("status") == "ok"
 
 
-def _record_failure(cells_dir: Path, cell: Cell, exc: BaseException) -> None:
+def failure_row(cell: Cell, exc: BaseException, tb: str | None = None) -> dict:
+    """The record of a failed cell: the error's first line and the end of its traceback."""
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    row = {"quantizer": cell.quantizer, "compensator": cell.compensator, "setting": cell.setting.short_name,
-           "label": cell.label, "status": "error", "error": f"{type(exc).__name__}: {message}",
-           "traceback": traceback.format_exc(limit=4)}
-    atomic_write_json(cells_dir / f"{cell.key}.json", row, default=_json_default)
+    return {"quantizer": cell.quantizer, "compensator": cell.compensator, "setting": cell.setting.short_name,
+            "label": cell.label, "status": "error", "error": f"{type(exc).__name__}: {message}",
+            "traceback": traceback.format_exc(limit=4) if tb is None else tb}
 
 
 def _model_copy(loaded: LoadedModel) -> LoadedModel:
@@ -330,7 +362,7 @@ def _model_copy(loaded: LoadedModel) -> LoadedModel:
                        loaded.notes, loaded.card)
 
 
-def _run_quantized(loaded, cells, opts, inputs, evaluator, cells_dir, manager, options, shared) -> None:
+def _run_quantized(loaded, cells, opts, inputs, evaluator, record, manager, options, shared) -> None:
     bar = tqdm(cells, desc="compare", disable=not options.progress)
     for cell in bar:
         bar.set_postfix_str(cell.label)  # the progress plugin counts this cell's blocks below
@@ -341,14 +373,14 @@ def _run_quantized(loaded, cells, opts, inputs, evaluator, cells_dir, manager, o
             cell.result = pipe.run([], inputs=inputs, result=cell.result)
             seconds = time.perf_counter() - t0
             row = _cell_row(cell, work.model, evaluator(work.model), seconds)
-            atomic_write_json(cells_dir / f"{cell.key}.json", {**row, **shared}, default=_json_default)
+            record(cell, {**row, **shared})
         except (Exception, QEError) as exc:  # a failing cell is recorded; the grid goes on
-            _record_failure(cells_dir, cell, exc)
+            record(cell, failure_row(cell, exc))
         finally:
             work = None
 
 
-def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, cells_dir, manager, options, shared) -> None:
+def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, record, manager, options, shared) -> None:
     """Block-major: each block's statistics once for every cell. A cell's ``quantize_seconds``
     is its own quantization work; the shared streaming is ``shared_stream_seconds``."""
     adapter, model = loaded.adapter, loaded.model
@@ -362,7 +394,7 @@ def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, cells_dir, manager, o
             cell.result.warnings.extend(pipe.warnings)
             live.append((cell, pipe))
         except (Exception, QEError) as exc:
-            _record_failure(cells_dir, cell, exc)
+            record(cell, failure_row(cell, exc))
     ks = {pipe.importance_k(walker.block(0)) for _, pipe in live} - {None}
     if len(ks) > 1:
         raise ConfigError(f"fp-inputs compare streams one importance top-k for the whole grid, and these cells ask "
@@ -392,7 +424,7 @@ def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, cells_dir, manager, o
                     cell.blocks.append(qblock)
                 except (Exception, QEError) as exc:
                     cell.error = "failed"
-                    _record_failure(cells_dir, cell, exc)
+                    record(cell, failure_row(cell, exc))
                     cell.blocks = []
                 seconds[cell.key] += time.perf_counter() - t0
         shared_cache.clear()  # keys are per layer: nothing is reused across blocks
@@ -407,9 +439,9 @@ def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, cells_dir, manager, o
                 target[i] = qblock
             cell.blocks = []
             row = _cell_row(cell, work, evaluator(work), seconds[cell.key])
-            atomic_write_json(cells_dir / f"{cell.key}.json", {**row, **shared, "shared_stream_seconds": stream_seconds}, default=_json_default)
+            record(cell, {**row, **shared, "shared_stream_seconds": stream_seconds})
         except (Exception, QEError) as exc:
-            _record_failure(cells_dir, cell, exc)
+            record(cell, failure_row(cell, exc))
 
 
 def collect_rows(out: Path, all_cells: bool = False) -> list[dict]:

@@ -29,6 +29,20 @@ def model_info(model_name: str | None = None, *, calib: str | None = None, dtype
             "linears": {n: [m.in_features, m.out_features] for n, m in linears.items()},
             "smoothing_groups": [{"linears": g.linears, "norm": g.norm} for g in adapter.smoothing_groups(block)],
         })
+    vision = []
+    if adapter.vision_blocks_paths:  # what --scope vision would quantize
+        from qe.errors import ConfigError
+        from qe.models.stacks import VisionStackAdapter, scope_adapters
+
+        try:
+            stacks = [a for a in scope_adapters(adapter, model, "vision") if isinstance(a, VisionStackAdapter)]
+        except ConfigError:
+            stacks = []
+        for a in stacks:
+            stack_blocks = a.decoder_blocks(model)
+            linears = [m for b in stack_blocks for m in a.block_linears(b).values()]
+            vision.append({"stack": a.stack, "path": a.path, "num_blocks": len(stack_blocks), "linears": len(linears),
+                           "linear_parameters": sum(m.in_features * m.out_features for m in linears)})
     source = resolve_source(calib)
     sample = take_samples(source.samples(loaded.tokenizer, "calib"), 1, source.describe())[0]
     encoded = adapter.encode(loaded.processor, sample, default_prompt(), model)
@@ -43,6 +57,7 @@ def model_info(model_name: str | None = None, *, calib: str | None = None, dtype
         "blocks": block_rows,
         "parameters": sum(p.numel() for p in model.parameters()),
         "decoder_linear_parameters": sum(m.in_features * m.out_features for b in blocks for m in adapter.block_linears(b).values()),
+        "vision_stacks": vision,
         "calibration_sample": {"source": source.describe(), "origin": sample.origin, "tokens": encoded.num_tokens,
                                "modality_tokens": encoded.modality_counts()},
         "notes": loaded.notes,
@@ -69,16 +84,21 @@ def render_info(info: dict) -> str:
         f"blocks    {info['num_blocks']} at {info['blocks_path']}  "
         f"({info['decoder_linear_parameters'] / 1e6:.1f} M parameters in decoder linears)",
     ]
+    for v in info.get("vision_stacks", []):
+        where = f"{v['num_blocks']} blocks at {v['path']}" if v["stack"] == "vision" else v["path"]
+        lines.append(f"{v['stack']:<10}{where}  ({v['linears']} linears, "
+                     f"{v['linear_parameters'] / 1e6:.2f} M parameters; quantized with --scope vision or all)")
     for first, last, key in _runs(info["blocks"]):
         span = f"block {first}" if first == last else f"blocks {first}-{last}"
         lines.append(f"\n{span} ({key['type']})")
-        lines.append(f"  {'linear':<22}{'d_in':>7}{'d_out':>7}  smoothing group (norm)")
+        width = max(22, *(len(n) + 2 for n in key["linears"]))
+        lines.append(f"  {'linear':<{width}}{'d_in':>7}{'d_out':>7}  smoothing group (norm)")
         group_of = {}
         for g in key["smoothing_groups"]:
             for n in g["linears"]:
                 group_of[n] = f"{'+'.join(x.split('.')[-1] for x in g['linears'])} ({g['norm'] or 'explicit scale'})"
         for name, (d_in, d_out) in key["linears"].items():
-            lines.append(f"  {name:<22}{d_in:>7}{d_out:>7}  {group_of.get(name, '-')}")
+            lines.append(f"  {name:<{width}}{d_in:>7}{d_out:>7}  {group_of.get(name, '-')}")
     cs = info["calibration_sample"]
     counts = ", ".join(f"{k} {v}" for k, v in cs["modality_tokens"].items())
     lines.append(f"\ncalibration sample {cs['origin']} from {cs['source']}: {cs['tokens']} tokens ({counts})")

@@ -34,12 +34,13 @@ from qe.evaluation import before_after
 from qe.models.loading import LoadedModel, Placement, load_model, parse_dtype
 from qe.models.offload import execution_device, is_offloaded, offload_to_file
 from qe.paths import atomic_write_json, check_output, json_safe, output_lock
-from qe.pipeline import LayerRecord, PipelineOptions, PipelineResult, QuantizationPipeline
+from qe.pipeline import LayerRecord, PipelineOptions, PipelineResult, QuantizationPipeline, quantize_vision_stacks
 from qe.plugins import default_manager
 from qe.recipe import Recipe
 
 PROGRESS = "progress.json"
 BLOCK_FILES = "block-*.safetensors"
+VISION_FILE = "block-vision.safetensors"  # the vision stacks (--scope vision|all), saved before the language model
 
 log = logging.getLogger("qe")
 
@@ -173,6 +174,9 @@ def run_quantize(
         if budget is not None:
             if recipe.overrides:
                 raise ConfigError("--budget chooses every layer's compensator itself: drop the recipe's per-layer overrides")
+            if recipe.scope != "language":
+                raise ConfigError(f"--budget allocates over the language model's linears, not --scope {recipe.scope}: "
+                                  "use --scope language (the default)")
             qe_budget.check_budget(budget, loaded, composition, manager, recipe.skip)  # before calibration
         source, encoded = calibration_set(loaded, recipe.calib, recipe.samples, progress)
         reference = before_after.measure_reference(loaded, encoded) if check_heldout else None
@@ -231,7 +235,8 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
 
     try:
         options = _options(recipe, device, progress)
-        pipeline = QuantizationPipeline(loaded, composition, options, manager)
+        # --scope vision leaves the language model as it is: its linears are not checked either.
+        pipeline = QuantizationPipeline(loaded, composition, options, manager) if recipe.scope != "vision" else None
     except BaseException:
         _drop_if_empty(work)
         raise
@@ -248,11 +253,36 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
                      blocks=res.blocks, seconds=res.seconds, warnings=res.warnings)
         atomic_write_json(work / PROGRESS, state)
 
+    def save_vision(res: PipelineResult) -> None:
+        prefixes = tuple(f"{p}." for p in _vision_prefixes(loaded, recipe.scope))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()
+                   if k.startswith(prefixes)}
+        checkpoint.check_finite_tensors(tensors)
+        checkpoint.save_safetensors(tensors, work / VISION_FILE)
+        layouts = {k: v for k, v in checkpoint.module_layouts(loaded.model, manager).items() if k.startswith(prefixes)}
+        state = json.loads((work / PROGRESS).read_text()) if (work / PROGRESS).is_file() else {
+            "layouts": {}, "finished": 0, "layers": [], "blocks": [], "seconds": 0.0, "warnings": []}
+        state.update(run_hash=run_hash, identity=identity, vision={
+            "layouts": layouts, "layers": [{**asdict(r), "shape": list(r.shape)} for r in res.layers],
+            "blocks": res.blocks, "seconds": res.seconds, "warnings": res.warnings})
+        atomic_write_json(work / PROGRESS, state)
+
+    vision: PipelineResult | None = None
+    if recipe.scope != "language":
+        if resume:
+            vision = _restore_vision(loaded, work, manager)
+        if vision is None:
+            try:
+                vision = quantize_vision_stacks(loaded, composition, encoded, recipe.scope, options, manager)
+            except BaseException:
+                _drop_if_empty(work)
+                raise
+            save_vision(vision)
     manager.hook.qe_run_start(command="quantize", info={"model": loaded.name, "composition": composition.label,
                                                        "num_blocks": len(blocks), "resumed_at": done,
                                                        "progress": progress})
     try:
-        if done < len(blocks):
+        if pipeline is not None and done < len(blocks):
             try:
                 result = pipeline.run(encoded, start_block=done, on_block_done=save_block, result=result,
                                       block_file=lambda i: work / f"block-{i:05d}.safetensors")
@@ -260,10 +290,16 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
                 _drop_if_empty(work)  # failed before its first block: nothing to resume from
                 raise
         heldout = before_after.compare_with(reference, loaded.model) if reference is not None else None
+        if vision is not None:
+            result = PipelineResult(layers=vision.layers + result.layers, blocks=result.blocks,
+                                    seconds=vision.seconds + result.seconds,
+                                    warnings=vision.warnings + [w for w in result.warnings if w not in vision.warnings])
         manifest = _finish(loaded, work, out, recipe, composition, result, source, len(encoded),
                            token_counts(encoded), dhash, prefix, force, identity, manager,
                            adapter_dtype=adapter_dtype, sizes=sizes, heldout=heldout,
-                           by_source=tokens_by_source(encoded), budget_plan=budget_plan)
+                           by_source=tokens_by_source(encoded),
+                           stacks={"vision": {"blocks": vision.blocks}} if vision is not None else {},
+                           budget_plan=budget_plan)
     except OSError as e:  # a full disk or a vanished folder: every finished block is still saved
         raise QEError(f"writing the checkpoint failed ({e.strerror or e}{': ' + str(e.filename) if e.filename else ''}): "
                       "every finished block is saved; fix the cause, then rerun with --resume") from None
@@ -313,6 +349,38 @@ def _restore_blocks(loaded: LoadedModel, work: Path, state: dict, manager) -> in
     return done
 
 
+def _vision_prefixes(loaded: LoadedModel, scope: str) -> list[str]:
+    """The full names of the vision stacks' blocks (--scope vision|all)."""
+    from qe.models.stacks import scope_adapters
+
+    out = []
+    for adapter in scope_adapters(loaded.adapter, loaded.model, scope):
+        if adapter is not loaded.adapter:
+            out.extend(adapter.block_prefix(loaded.model, i) for i in range(len(adapter.decoder_blocks(loaded.model))))
+    return out
+
+
+def _restore_vision(loaded: LoadedModel, work: Path, manager) -> PipelineResult | None:
+    """Put the saved vision stacks back into the model; None when the run saved none (or the
+    file is unreadable: they are quantized again)."""
+    state = json.loads((work / PROGRESS).read_text()) if (work / PROGRESS).is_file() else {}
+    saved = state.get("vision")
+    if not saved:
+        return None
+    try:
+        tensors = load_file(str(work / VISION_FILE))
+    except Exception as e:  # missing (OSError) or damaged (safetensors' own error type)
+        log.warning("qe quantize: the saved vision stacks are unreadable (%s): quantizing them again",
+                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return None
+    checkpoint.install_quantized_modules(loaded.model, saved["layouts"], manager)
+    _, unexpected = loaded.model.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise QEError(f"{work / VISION_FILE} does not fit the model ({unexpected[:3]}): pass --force to start over")
+    layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in saved["layers"]]
+    return PipelineResult(layers=layers, blocks=saved["blocks"], seconds=saved["seconds"], warnings=saved["warnings"])
+
+
 def _summary(result: PipelineResult) -> dict[str, float]:
     def mean(key):
         vals = [r.figures[key] for r in result.layers if key in r.figures]
@@ -325,7 +393,8 @@ def _summary(result: PipelineResult) -> dict[str, float]:
 
 def _finish(loaded, work, out, recipe, composition, result, source, n_samples, tokens, dhash, prefix, force,
             identity, manager, *, adapter_dtype: torch.dtype | None = None, sizes: dict | None = None,
-            heldout: dict | None = None, by_source: dict | None = None, budget_plan=None) -> dict:
+            heldout: dict | None = None, by_source: dict | None = None, stacks: dict | None = None,
+            budget_plan=None) -> dict:
     """Write the checkpoint files into ``work`` while the block files and progress stay, then
     the manifest (the commit point), then remove the block files and rename ``work`` to ``out``.
     Every step can be interrupted: ``--resume`` redoes or completes it."""
@@ -372,6 +441,8 @@ def _finish(loaded, work, out, recipe, composition, result, source, n_samples, t
         "warnings": result.warnings,
         "layers": [{**asdict(r), "shape": list(r.shape)} for r in result.layers],
         "blocks": result.blocks,
+        "scope": recipe.scope,
+        "stacks": stacks or {},
         "layouts": layouts,
         "tied": aliases,
         "shards": shard_names,

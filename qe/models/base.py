@@ -84,6 +84,11 @@ class ModelAdapter(Plugin):
     # The norms whose outputs the attention and the MLP read (smoothing folds into them).
     attention_input_norm: ClassVar[str] = "input_layernorm"
     mlp_input_norm: ClassVar[str] = "post_attention_layernorm"
+    # Where the vision tower's ModuleList of encoder blocks and the projector after it may be
+    # (attribute paths from the top-level model; the first that exists is read), for
+    # ``--scope vision|all`` (:mod:`qe.models.stacks`). Empty: the scope refuses the model.
+    vision_blocks_paths: ClassVar[tuple[str, ...]] = ()
+    projector_paths: ClassVar[tuple[str, ...]] = ()
 
     # ------------------------------------------------------------------ recognition
     @classmethod
@@ -109,14 +114,30 @@ class ModelAdapter(Plugin):
     def blocks_prefix(self, model: nn.Module) -> str:
         return f"{self.language_model_path}.{self.blocks_attr}"
 
+    def block_prefix(self, model: nn.Module, index: int) -> str:
+        """The full name of block ``index`` (``model.language_model.layers.3``)."""
+        return f"{self.blocks_prefix(model)}.{index}"
+
     def decoder_blocks(self, model: nn.Module) -> nn.ModuleList:
         blocks = getattr(self.language_model(model), self.blocks_attr, None)
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             raise ModelError(f"{type(model).__name__}: no decoder blocks at {self.blocks_prefix(model)!r}")
         return blocks
 
+    def prepare_model(self, model: nn.Module) -> None:
+        """Restructure a freshly built model before qe reads it, the same way whether it was
+        loaded for quantizing or rebuilt (on the meta device) from a checkpoint: fused
+        mixture-of-experts modules become one set of linears per expert
+        (:func:`qe.models.moe.unfuse_experts`)."""
+        from qe.models.moe import unfuse_experts
+
+        unfuse_experts(model)
+
     def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
-        """The quantizable linears of one decoder block, by name relative to the block."""
+        """The quantizable linears of one decoder block, by name relative to the block: the
+        Llama layout's, and each routed expert's ``gate/up/down_proj`` in a sparse block."""
+        from qe.models.moe import expert_linears
+
         out = {}
         for name in LLAMA_LINEARS:
             try:
@@ -125,6 +146,7 @@ class ModelAdapter(Plugin):
                 continue
             if isinstance(mod, nn.Linear):
                 out[name] = mod
+        out.update(expert_linears(block))
         if not out:
             raise ModelError(f"block {type(block).__name__} has none of the linears {', '.join(LLAMA_LINEARS)}")
         return out
@@ -145,6 +167,16 @@ class ModelAdapter(Plugin):
                 continue
             norm = g.norm if g.norm and _has_submodule(block, g.norm) else None
             out.append(SmoothingGroup(linears, norm))
+        # A routed expert's gate/up read the MLP norm's output, which the router and the other
+        # experts read too: its smoothing stays an explicit input scale, never folded.
+        experts = sorted({n.rsplit(".", 1)[0] for n in have if n.endswith((".gate_proj", ".up_proj", ".down_proj"))
+                          and n not in LLAMA_LINEARS}, key=_natural)
+        for e in experts:
+            pair = [f"{e}.{p}" for p in ("gate_proj", "up_proj") if f"{e}.{p}" in have]
+            if pair:
+                out.append(SmoothingGroup(pair, None))
+            if f"{e}.down_proj" in have:
+                out.append(SmoothingGroup([f"{e}.down_proj"], None))
         return out
 
     def blockwise_issue(self, model: nn.Module) -> str | None:
@@ -161,6 +193,16 @@ class ModelAdapter(Plugin):
         output itself unless the model adds something between blocks (see
         :meth:`between_blocks_inputs`)."""
         return hidden
+
+    def capture_modality(self, modality: torch.Tensor, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The per-token modality of a captured batch of first-block inputs (``hidden`` and the
+        block's keyword arguments), from the batch's samples' modality masks (the language
+        model: those masks themselves)."""
+        return modality
+
+    def calibration_samples(self, encoded: list[EncodedSample]) -> list[EncodedSample]:
+        """The calibration samples that reach this adapter's blocks (all, for the language model)."""
+        return encoded
 
     def image_token_id(self, model: nn.Module) -> int | None:
         cfg = model.config
@@ -236,6 +278,13 @@ class ModelAdapter(Plugin):
         if not bool((modality == int(Modality.VISION)).any()):
             raise DataError(f"{sample.origin}: the processor produced no image tokens (id {image_id}) for this image")
         return EncodedSample(inputs, modality, sample.origin)
+
+
+def _natural(name: str) -> list:
+    """Sort key putting ``experts.2`` before ``experts.10``."""
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def _has_submodule(module: nn.Module, name: str) -> bool:

@@ -17,6 +17,8 @@ class LlavaAdapter(ModelAdapter):
     model_types = ("llava", "llava_next")
     language_model_path = "model.language_model"
     image_placeholder = "<image>"
+    vision_blocks_paths = ("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers")
+    projector_paths = ("model.multi_modal_projector",)
 
 
 class CausalLMAdapter(ModelAdapter):

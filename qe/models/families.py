@@ -48,7 +48,10 @@ class ImageOnlyProcessorMixin:
 
 
 class QwenVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
-    """Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense): M-RoPE decoder at ``model.language_model``.
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE: M-RoPE decoder at ``model.language_model``.
+
+    Qwen3-VL-MoE's sparse blocks hold fused experts; :meth:`ModelAdapter.prepare_model`
+    presents each expert as its own ``gate/up/down_proj`` linears (:mod:`qe.models.moe`).
 
     Their processors emit ``mm_token_type_ids`` (0 text, 1 image, 2 video) beside
     ``image_grid_thw``; the model needs both to place image tokens in its 3-D rotary
@@ -61,9 +64,11 @@ class QwenVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
     """
 
     name = "qwen-vl"
-    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
     language_model_path = "model.language_model"
     image_placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+    vision_blocks_paths = ("model.visual.blocks",)
+    projector_paths = ("model.visual.merger",)  # Qwen3-VL's deepstack mergers stay in full precision
 
     def between_blocks_inputs(self, language_model_kwargs: dict[str, Any]) -> dict[str, Any]:
         # Qwen3-VL's deepstack: after decoder block i < len(embeds), the i-th visual feature map
@@ -100,6 +105,8 @@ class Idefics3Adapter(ImageOnlyProcessorMixin, ModelAdapter):
     model_types = ("idefics3", "smolvlm")
     language_model_path = "model.text_model"
     image_placeholder = "<image>"
+    vision_blocks_paths = ("model.vision_model.encoder.layers",)
+    projector_paths = ("model.connector",)
 
     @classmethod
     def load_processor(cls, path: str | Path, config=None):
@@ -119,6 +126,8 @@ class InternVLAdapter(ImageOnlyProcessorMixin, ModelAdapter):
     model_types = ("internvl",)
     language_model_path = "model.language_model"
     image_placeholder = "<IMG_CONTEXT>"
+    vision_blocks_paths = ("model.vision_tower.encoder.layer",)
+    projector_paths = ("model.multi_modal_projector",)
 
     @classmethod
     def processor_init_kwargs(cls, config) -> dict[str, Any]:
@@ -140,6 +149,8 @@ class Gemma3Adapter(ModelAdapter):
     model_types = ("gemma3",)
     language_model_path = "model.language_model"
     image_placeholder = "<start_of_image>"
+    vision_blocks_paths = ("model.vision_tower.vision_model.encoder.layers", "model.vision_tower.encoder.layers")
+    projector_paths = ("model.multi_modal_projector",)  # a weight matrix, no nn.Linear: stays as it is
     kwargs_differ_by_block = True
     mlp_input_norm = "pre_feedforward_layernorm"
 
@@ -154,6 +165,8 @@ class LlavaOnevisionAdapter(ImageOnlyProcessorMixin, ModelAdapter):
     model_types = ("llava_onevision",)
     language_model_path = "model.language_model"
     image_placeholder = "<image>"
+    vision_blocks_paths = ("model.vision_tower.vision_model.encoder.layers", "model.vision_tower.encoder.layers")
+    projector_paths = ("model.multi_modal_projector",)
 
     @classmethod
     def processor_init_kwargs(cls, config) -> dict[str, Any]:
@@ -162,4 +175,46 @@ class LlavaOnevisionAdapter(ImageOnlyProcessorMixin, ModelAdapter):
                 "vision_feature_select_strategy": config.vision_feature_select_strategy}
 
 
-FAMILY_ADAPTERS = [QwenVLAdapter, Idefics3Adapter, InternVLAdapter, Gemma3Adapter, LlavaOnevisionAdapter]
+class Mistral3Adapter(ModelAdapter):
+    """Mistral 3 (Mistral-Small-3.x): Pixtral tower, a projector that merges 2 x 2 patches, and
+    a Mistral decoder at ``model.language_model``. The processor writes each image row's
+    ``[IMG]`` tokens followed by ``[IMG_BREAK]`` (the last row by ``[IMG_END]``); only ``[IMG]``
+    tokens count as vision. transformers' ``PixtralProcessor`` is declared to need torchvision,
+    so the processor is rebuilt on the PIL image processor
+    (:func:`qe.models.processors.pixtral_processor_class`)."""
+
+    name = "mistral3"
+    model_types = ("mistral3",)
+    language_model_path = "model.language_model"
+    image_placeholder = "[IMG]"
+    vision_blocks_paths = ("model.vision_tower.transformer.layers",)
+    projector_paths = ("model.multi_modal_projector",)
+
+    @classmethod
+    def load_processor(cls, path: str | Path, config=None):
+        import json
+
+        from transformers import AutoTokenizer, PixtralImageProcessorPil
+
+        from qe.models.processors import pixtral_processor_class
+
+        path = Path(path)
+        settings: dict[str, Any] = {}
+        f = path / "processor_config.json"
+        if f.is_file():
+            saved = json.loads(f.read_text())
+            settings = {k: saved[k] for k in ("patch_size", "spatial_merge_size", "image_token", "image_break_token",
+                                              "image_end_token") if k in saved}
+        if config is not None:
+            settings.setdefault("patch_size", config.vision_config.patch_size)
+            settings.setdefault("spatial_merge_size", config.spatial_merge_size)
+        try:
+            return pixtral_processor_class()(image_processor=PixtralImageProcessorPil.from_pretrained(str(path)),
+                                             tokenizer=AutoTokenizer.from_pretrained(str(path)), **settings)
+        except (OSError, ValueError, TypeError) as e:
+            raise ModelError(f"cannot build the mistral3 processor from {path}: {str(e).splitlines()[0]}; the folder "
+                             "needs the tokenizer files and preprocessor_config.json") from None
+
+
+FAMILY_ADAPTERS = [QwenVLAdapter, Idefics3Adapter, InternVLAdapter, Gemma3Adapter, LlavaOnevisionAdapter,
+                   Mistral3Adapter]

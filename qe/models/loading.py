@@ -295,6 +295,7 @@ def load_model(
     if device is not None and device_map is None:
         model.to(device)
     adapter = select_adapter(model, manager)
+    adapter.prepare_model(model)
     processor = load_processor(path, adapter, config, trust_remote_code=trust_remote_code)
     return LoadedModel(model, processor, adapter, name, path, notes, card)
 
@@ -345,6 +346,10 @@ def load_quantized(directory: str | Path, *, device: str | None = None, manager=
                                                             trust_remote_code=trust_remote_code)
         except ValueError:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    # The adapter restructures the model as it did before quantizing (unfused experts), so the
+    # manifest's layer names exist.
+    adapter = select_adapter(model, manager)
+    adapter.prepare_model(model)
     checkpoint.validate_layouts(model, manifest["layouts"], directory, manager)
     placed = device_map is not None or max_memory is not None
     try:
@@ -365,7 +370,6 @@ def load_quantized(directory: str | Path, *, device: str | None = None, manager=
         if device is not None:
             model.to(device)
     model.eval()
-    adapter = select_adapter(model, manager)
     processor = load_processor(str(directory), adapter, config)
     info = manifest["model"]
     notes = list(info.get("notes", [])) + [f"quantized with {manifest['composition']['quantizer']} + "

@@ -64,6 +64,7 @@ VIDEO_PROCESSOR_FAMILIES = {
     "qwen2_vl": "Qwen2VLProcessor",
     "qwen2_5_vl": "Qwen2_5_VLProcessor",
     "qwen3_vl": "Qwen3VLProcessor",
+    "qwen3_vl_moe": "Qwen3VLProcessor",
     "internvl": "InternVLProcessor",
     "smolvlm": "SmolVLMProcessor",
     "llava_onevision": "LlavaOnevisionProcessor",
@@ -77,3 +78,46 @@ def image_only_processor_class(model_type: str) -> type:
     if model_type not in VIDEO_PROCESSOR_FAMILIES:
         raise ModelError(f"no image-only processor for model type {model_type!r}")
     return _image_only(getattr(transformers, VIDEO_PROCESSOR_FAMILIES[model_type]))
+
+
+@cache
+def pixtral_processor_class() -> type:
+    """Pixtral's processor (Mistral 3) on the PIL image processor.
+
+    transformers' ``PixtralProcessor`` is declared to need torchvision (its module imports the
+    torchvision image processor for one resize helper), though with the PIL image processor
+    it needs none: this class repeats its few lines. Each image becomes rows of ``[IMG]``
+    tokens (one per merged patch), each row ended by ``[IMG_BREAK]``, the last by ``[IMG_END]``.
+    """
+    from transformers.processing_utils import ProcessorMixin
+
+    class PixtralImageOnlyProcessor(ProcessorMixin):
+        text_kwargs = {"return_tensors": "pt"}
+        images_kwargs = {"return_tensors": "pt"}
+
+        def __init__(self, image_processor=None, tokenizer=None, patch_size: int = 16, spatial_merge_size: int = 1,
+                     chat_template=None, image_token="[IMG]", image_break_token="[IMG_BREAK]",
+                     image_end_token="[IMG_END]", **kwargs):
+            super().__init__(image_processor, tokenizer, chat_template=chat_template)
+            self.patch_size, self.spatial_merge_size = patch_size, spatial_merge_size
+            self.image_token, self.image_break_token, self.image_end_token = image_token, image_break_token, image_end_token
+            self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+
+        def _process_images(self, images, **images_kwargs):
+            images_kwargs["patch_size"] = self.patch_size * self.spatial_merge_size
+            return super()._process_images(images, **images_kwargs)
+
+        def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+            patch = self.patch_size * self.spatial_merge_size
+            height, width = image_inputs["image_sizes"][image_idx]
+            row = [self.image_token] * (int(width) // patch) + [self.image_break_token]
+            tokens = row * (int(height) // patch)
+            tokens[-1] = self.image_end_token
+            return "".join(tokens)
+
+        @property
+        def model_input_names(self):
+            return self.tokenizer.model_input_names + self.image_processor.model_input_names + ["image_sizes"]
+
+    PixtralImageOnlyProcessor.__module__ = __name__
+    return PixtralImageOnlyProcessor

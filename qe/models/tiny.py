@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from qe.errors import ModelError
-from qe.models.processors import image_only_processor_class
+from qe.models.processors import image_only_processor_class, pixtral_processor_class
 from qe.paths import atomic_directory, cache_dir
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,28 @@ CONFIGS: dict[str, dict[str, Any]] = {
                           "deepstack_visual_indexes": [0]},
         **_QWEN_TOKEN_IDS,
     },
+    # Qwen3-VL with a sparse MLP in its second block: 4 experts, 2 per token (block 0 dense).
+    "qwen3_vl_moe": {
+        "text_config": {**_TEXT_QWEN_VL, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                        "moe_intermediate_size": 32, "decoder_sparse_step": 1, "mlp_only_layers": [0],
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                            "mrope_section": [2, 3, 3], "mrope_interleaved": True}},
+        "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+                          "out_hidden_size": 64, "patch_size": 16, "spatial_merge_size": 2,
+                          "temporal_patch_size": 2, "num_position_embeddings": 64,
+                          "deepstack_visual_indexes": [0]},
+        **_QWEN_TOKEN_IDS,
+    },
+    # Mistral 3 (Pixtral tower, patch-merging projector, Mistral decoder).
+    "mistral3": {
+        "vision_config": {"model_type": "pixtral", "hidden_size": 32, "intermediate_size": 64,
+                          "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 8, "image_size": 32,
+                          "patch_size": 8},
+        "text_config": {**_TEXT_LLAMA, "model_type": "mistral"},
+        "image_token_index": IMAGE_TOKEN_ID,
+        "spatial_merge_size": 2,
+        "vision_feature_layer": -1,
+    },
     "idefics3": {
         "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                           "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
@@ -162,6 +184,8 @@ _SPECIALS: dict[str, dict[int, str]] = {
     "qwen2_vl": _QWEN_SPECIALS,
     "qwen2_5_vl": _QWEN_SPECIALS,
     "qwen3_vl": _QWEN_SPECIALS,
+    "qwen3_vl_moe": _QWEN_SPECIALS,
+    "mistral3": {996: "[IMG_BREAK]", 997: "[IMG_END]", 999: "[IMG]"},
     "idefics3": {995: "<global-img>", 996: "<fake_token_around_image>", 997: "<end_of_utterance>", 999: "<image>"},
     "internvl": {996: "<video>", 997: "<img>", 998: "</img>", 999: "<IMG_CONTEXT>"},
     "gemma3": {997: "<start_of_image>", 998: "<end_of_image>", 999: "<image_soft_token>"},
@@ -280,13 +304,19 @@ def _processor(family: str, tokenizer):
         return tf.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
                                  vision_feature_select_strategy="full", image_token="<image>",
                                  num_additional_image_tokens=0)
-    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         patch = CONFIGS[family]["vision_config"]["patch_size"]
         side = patch * 2 * 2  # 4 x 4 patches, merged 2 x 2: 4 image tokens
         image_processor = tf.Qwen2VLImageProcessorPil(
             size={"shortest_edge": side * side, "longest_edge": side * side}, patch_size=patch, merge_size=2,
             temporal_patch_size=2)
         return image_only_processor_class(family)(image_processor, tokenizer)
+    if family == "mistral3":
+        # 32 x 32 pixels in 8-pixel patches, merged 2 x 2: 2 rows of 2 [IMG] tokens, each row
+        # ended by [IMG_BREAK] (the last by [IMG_END]).
+        image_processor = tf.PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size=8)
+        return pixtral_processor_class()(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                                         spatial_merge_size=2)
     if family == "idefics3":
         image_processor = tf.Idefics3ImageProcessorPil(
             do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32})
@@ -322,6 +352,8 @@ def tiny_config(family: str):
         "qwen2_vl": tf.Qwen2VLConfig,
         "qwen2_5_vl": tf.Qwen2_5_VLConfig,
         "qwen3_vl": tf.Qwen3VLConfig,
+        "qwen3_vl_moe": tf.Qwen3VLMoeConfig,
+        "mistral3": tf.Mistral3Config,
         "idefics3": tf.Idefics3Config,
         "internvl": tf.InternVLConfig,
         "gemma3": tf.Gemma3Config,
@@ -339,6 +371,8 @@ def _model_class(family: str) -> type:
         "qwen2_vl": tf.Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
         "qwen3_vl": tf.Qwen3VLForConditionalGeneration,
+        "qwen3_vl_moe": tf.Qwen3VLMoeForConditionalGeneration,
+        "mistral3": tf.Mistral3ForConditionalGeneration,
         "idefics3": tf.Idefics3ForConditionalGeneration,
         "internvl": tf.InternVLForConditionalGeneration,
         "gemma3": tf.Gemma3ForConditionalGeneration,
