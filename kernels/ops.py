@@ -434,13 +434,14 @@ def forward_quant_linear(module, x: torch.Tensor) -> torch.Tensor | None:
     if comp is not None:
         from qe.compensators.modules import LowRankAdapter, QuantExpertsAdapter
 
+        # factor(): float32 whatever the adapter's storage (integer factors are dequantized once, cached)
         if isinstance(comp, LowRankAdapter) and comp.input_bits >= 16:
-            factors = dict(shared_a=comp.A, shared_b=comp.B)
+            factors = dict(shared_a=comp.factor("A"), shared_b=comp.factor("B"))
         elif isinstance(comp, QuantExpertsAdapter) and comp.input_bits >= 16 and comp.routing == "router":
             if comp.shared_rank > 0:
-                factors.update(shared_a=comp.A_s, shared_b=comp.B_s)
+                factors.update(shared_a=comp.factor("A_s"), shared_b=comp.factor("B_s"))
             if comp.num_experts > 0:
-                factors.update(router=comp.R, routed_a=comp.A, routed_b=comp.B)
+                factors.update(router=comp.factor("R"), routed_a=comp.factor("A"), routed_b=comp.factor("B"))
         else:
             return None
     if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in factors.values())):

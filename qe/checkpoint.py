@@ -96,9 +96,32 @@ def unique_tensors(state: dict[str, torch.Tensor | None]) -> tuple[dict[str, tor
 
 
 def adapter_keys(model: nn.Module) -> set[str]:
-    """State-dict keys of the compensators' tensors (adapters, routers)."""
+    """State-dict keys of the compensators' tensors that follow ``--adapter-dtype`` (every floating
+    tensor of a compensator module, except those of modules that fixed their own precision)."""
     return {f"{name}.compensator.{key}" for name, ql in quantized_layers(model).items() if ql.compensator is not None
-            for key in ql.compensator.state_dict()}
+            for key in _castable(ql.compensator)}
+
+
+def _castable(module: nn.Module) -> set[str]:
+    from qe.compensators.base import CompensatorModule  # lazy: qe.compensators imports the quantizers
+
+    if isinstance(module, CompensatorModule):
+        return module.castable_keys()
+    return {k for k, t in module.state_dict().items() if t.is_floating_point()}
+
+
+def layer_storage_bits(ql: QuantLinear, adapter_dtype: torch.dtype | None = None) -> tuple[int, int]:
+    """Stored bits of one quantized linear, ``(base, compensator)``: every tensor the checkpoint
+    writes for it (packed codes, scales, zero points, bias, smoothing scale, exemption mask; the
+    compensator's factors, steps and router), the castable ones counted in ``adapter_dtype``."""
+    base = 8 * ql.storage_bytes(include_compensator=False)
+    comp = 0
+    if ql.compensator is not None:
+        castable = _castable(ql.compensator) if adapter_dtype is not None else set()
+        size = torch.empty((), dtype=adapter_dtype).element_size() if adapter_dtype is not None else 0
+        for key, t in ql.compensator.state_dict().items():
+            comp += 8 * t.numel() * (size if key in castable else t.element_size())
+    return base, comp
 
 
 def split_into_shards(tensors: dict[str, torch.Tensor], max_bytes: int = MAX_SHARD_BYTES) -> list[dict[str, torch.Tensor]]:
@@ -505,18 +528,14 @@ def effective_bits(model: nn.Module, adapter_dtype: torch.dtype | None = None) -
     in ``adapter_dtype`` when they are stored in it, see :func:`save_tensors`)."""
     layers = quantized_layers(model)
     weights = sum(q.in_features * q.out_features for q in layers.values())
-    base = sum(q.storage_bytes(include_compensator=False) for q in layers.values())
-    full = base
+    base = full = 0
     for q in layers.values():
-        if q.compensator is not None:
-            for t in q.compensator.state_dict().values():
-                size = t.element_size()
-                if adapter_dtype is not None and t.is_floating_point():
-                    size = torch.empty((), dtype=adapter_dtype).element_size()
-                full += t.numel() * size
+        b, c = layer_storage_bits(q, adapter_dtype)
+        base, full = base + b, full + b + c
     if weights == 0:
         return {"bits_per_weight": float("nan"), "bits_per_weight_with_adapters": float("nan")}
-    return {"bits_per_weight": 8 * base / weights, "bits_per_weight_with_adapters": 8 * full / weights}
+    return {"bits_per_weight": base / weights, "bits_per_weight_with_adapters": full / weights,
+            "weights": weights, "bits": full}
 
 
 def reference_record(path: str | None) -> dict | None:

@@ -197,7 +197,7 @@ def cmd_quantize(args) -> int:
     path, manifest = run_quantize(recipe, args.model, out=out, resume=args.resume, force=args.force,
                                   progress=not args.quiet, device=_device(args), dtype=_dtype(args),
                                   trust_remote_code=args.trust_remote_code, adapter_dtype=args.adapter_dtype,
-                                  check_heldout=not args.no_eval, placement=_placement(args))
+                                  check_heldout=not args.no_eval, placement=_placement(args), budget=args.budget)
     table = render_layer_table(manifest)
     if table and not args.quiet:
         print(table)
@@ -211,6 +211,12 @@ def cmd_quantize(args) -> int:
     print(f"qe quantize: {composition.label}: {s['layers']} layers, {errors}; "
           f"{bits['bits_per_weight']:.2f} bits/weight ({bits['bits_per_weight_with_adapters']:.2f} with adapters); "
           f"{s['seconds']:.1f} s")
+    if manifest.get("budget"):
+        b = manifest["budget"]
+        options = sorted({a["option"] for a in b["allocation"].values()})
+        print(f"qe quantize: budget {b['bits_per_weight_target']} bits/weight: {b['bits_per_weight']:.4f} used "
+              f"({b['bits']} bits for {b['weights']} weights); {len(options)} distinct options over "
+              f"{len(b['allocation'])} layers (the allocation: the manifest's \"budget\")")
     print(f"qe quantize: calibration: {manifest['calibration']['source']}")
     if manifest.get("heldout_check"):
         from qe.evaluation.before_after import describe
@@ -302,6 +308,10 @@ def _quantize_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtype in which compensator tensors are stored in the checkpoint "
                         "(default: model, the dtype the model was loaded in, see --dtype)")
     p.add_argument("--max-tokens", type=int, default=None, help="token sample per linear for fitting (default 16384)")
+    p.add_argument("--budget", type=float, default=None, metavar="BITS",
+                   help="bits per weight for everything stored (codes, scales, zero points, adapters, routers): "
+                        "fit the compensator's options (ranks, experts) at every layer and allocate them within "
+                        "the budget by calibration error (a planning pass first; qe or lowrank compensators)")
     p.add_argument("--scope", choices=["language", "vision", "all"], default=None,
                    help="which linears to quantize: language (default: the language model's decoder blocks), "
                         "vision (the vision tower's blocks and the projector), all (both)")

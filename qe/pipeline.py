@@ -463,6 +463,7 @@ class QuantizationPipeline:
         if scale is not None:
             tokens = smoothing.smooth_tokens(tokens, scale)
             hessian = smoothing.smooth_hessian(hessian, scale) if hessian is not None else None
+        nf = self.options.figure_tokens
         for n in names:
             name = full[n]
             hook.qe_layer_start(block_index=index, layer_name=name)
@@ -473,17 +474,23 @@ class QuantizationPipeline:
             t0 = time.perf_counter()
             q = self._base_quantize(quantizer, w, hessian, plans[n].exempt, name, scale, already.get(n))
             t1 = time.perf_counter()
-            fitted = compensator.fit(ctx, q, plans[n])
+
+            def build(fitted: CompensatorModule | None, q=q, lin=lin, act_exempt=plans[n].act_exempt) -> QuantLinear:
+                return QuantLinear.from_quantized(
+                    q, a_bits=self.setting.a_bits,
+                    bias=lin.bias.detach().float() if lin.bias is not None else None,
+                    input_scale=scale if mode == "explicit" else None,
+                    act_exempt=act_exempt, compensator=fitted, input_rotation=online_rotation(lin),
+                ).to(lin.weight.device)
+
+            def measure(fitted: CompensatorModule | None, w=w, build=build) -> tuple[QuantLinear, dict[str, float]]:
+                ql = build(fitted)
+                return ql, layer_figures(tokens[:nf], token_modality[:nf], w, ql)
+
+            fitted = self.fit_compensator(compensator, ctx, q, plans[n], measure, foldable=group.norm is not None)
             _check_module(compensator, fitted, name)
             t2 = time.perf_counter()
-            ql = QuantLinear.from_quantized(
-                q, a_bits=self.setting.a_bits,
-                bias=lin.bias.detach().float() if lin.bias is not None else None,
-                input_scale=scale if mode == "explicit" else None,
-                act_exempt=plans[n].act_exempt, compensator=fitted, input_rotation=online_rotation(lin),
-            ).to(lin.weight.device)
-            nf = self.options.figure_tokens
-            figures = layer_figures(tokens[:nf], token_modality[:nf], w, ql)
+            ql, figures = measure(fitted)
             figures.update(quantize_seconds=t1 - t0, fit_seconds=t2 - t1)
             if n in routed:
                 figures["tokens"] = float(routed[n])
@@ -495,6 +502,16 @@ class QuantizationPipeline:
             alpha = scales.alpha if scales is not None else None
             result.layers.append(LayerRecord(name, index, (lin.out_features, lin.in_features), figures, alpha, mode))
             hook.qe_layer_end(block_index=index, layer_name=name, figures=figures)
+
+    def fit_compensator(self, compensator: Compensator, ctx: LayerContext, q, plan: LayerPlan,
+                        measure: Callable[[CompensatorModule | None], tuple[QuantLinear, dict[str, float]]],
+                        foldable: bool = True) -> CompensatorModule | None:
+        """The module ``compensator`` adds to one linear. ``measure(module)`` builds that linear's
+        :class:`QuantLinear` with a module and returns it with its error figures on the token
+        sample; ``foldable``: whether the linear's smoothing folds into a norm (else it may need
+        an explicit input scale). A planning pass (:mod:`qe.budget`) overrides this to fit and
+        measure several options."""
+        return compensator.fit(ctx, q, plan)
 
     def _quantize_fn(self, full: str):
         """The quantization a transform's search runs for one linear (its own quantizer; a

@@ -70,6 +70,34 @@ class QuantizedWeight:
         return w
 
 
+# --------------------------------------------------------------------------- symmetric grids
+
+
+def symmetric_scale(w: torch.Tensor, bits: int, dim: int = -1, clip: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """The symmetric b-bit step of ``w`` along ``dim`` (kept as a size-1 dimension): the smallest
+    step that puts both ends on the grid, ``-2^(b-1)·s ≤ min(w)`` and ``max(w) ≤ (2^(b-1) - 1)·s``
+    (the weight grids' convention, :mod:`qe.quantizers.grid`)."""
+    half = 2 ** (bits - 1)
+    w = w.float()
+    lo = -w.amin(dim=dim, keepdim=True) * clip / half
+    hi = w.amax(dim=dim, keepdim=True) * clip / (half - 1)
+    return torch.maximum(lo, hi).clamp_min(_EPS)
+
+
+def quantize_symmetric(w: torch.Tensor, bits: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest of ``w`` with one step per slice along ``dim``: unsigned codes
+    ``q + 2^(b-1)`` in ``[0, 2^b)`` (uint8) and the float32 steps (``dim`` kept as size 1). Every
+    value lands within half a step of its dequantization (no value is clamped)."""
+    scale = symmetric_scale(w, bits, dim)
+    half = 2 ** (bits - 1)
+    codes = (w.float() / scale).round().clamp(-half, half - 1) + half
+    return codes.to(torch.uint8), scale
+
+
+def dequantize_symmetric(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_symmetric` (float32)."""
+    return dequantize_codes(codes.float(), scale.float(), torch.tensor(float(2 ** (bits - 1)), device=codes.device))
+
 
 # --------------------------------------------------------------------------- activations
 

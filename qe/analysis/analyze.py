@@ -6,8 +6,9 @@ their counts per modality, maxima and moments, a bounded token sample. Once a bl
 each of its linears is summarised (:func:`summarize_linear`) — frequencies, the token-
 independent set ``C_s`` and token-dependent set ``C_r`` (docs/method.md), per-modality top
 sets and their overlap, how far each token's set strays from ``C_s``, outlier figures, NPMI
-co-occurrence among ``C_r`` and its spectral clusters — and the block's raw statistics
-are dropped. Writing the report is :mod:`qe.analysis.report`'s job.
+co-occurrence among ``C_r`` and its spectral clusters, and the advice of
+:mod:`qe.analysis.advisor` (which compensator pays, how much rank) — and the block's raw
+statistics are dropped. Writing the report is :mod:`qe.analysis.report`'s job.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from qe.analysis import advisor
 from qe.analysis import channels as ch
 from qe.analysis.statistics import LinearStats, choose_sample_positions
 from qe.capture import BlockWalker, StreamContext, attach_stats
@@ -139,9 +141,11 @@ def run_analysis(
                               hessian=False, moments=True, estimator=estimator, k=opts.k, keep_topk=True,
                               linears=names, record_range=first_sample if i in plot_blocks else None) as stats:
                 step.next_hidden = step.run(context)
+            energy_cache: dict[int, dict[int, float]] = {}
             for name in walker.linears(block):
                 if name in stats:
-                    summary, rows, plot = summarize_linear(stats[name], i, name, opts, want_plot=i in plot_blocks)
+                    summary, rows, plot = summarize_linear(stats[name], i, name, opts, want_plot=i in plot_blocks,
+                                                           energy_cache=energy_cache)
                     summary["stack"] = stack
                     result.layers.append(summary)
                     hook.qe_layer_end(block_index=i, layer_name=summary["name"], figures={
@@ -166,8 +170,10 @@ def _overlap(a: list[int], b: list[int]) -> dict[str, float]:
     return {"shared": len(sa & sb), "jaccard": len(sa & sb) / union if union else float("nan")}
 
 
-def summarize_linear(st: LinearStats, block_index: int, name: str, opts: AnalyzeOptions, want_plot: bool = False):
-    """The per-layer summary (a JSON-ready dict), its channel rows, and plot data."""
+def summarize_linear(st: LinearStats, block_index: int, name: str, opts: AnalyzeOptions, want_plot: bool = False,
+                     energy_cache: dict[int, dict[int, float]] | None = None):
+    """The per-layer summary (a JSON-ready dict), its channel rows, and plot data.
+    ``energy_cache`` keeps the input spectrum of linears sharing one input (q/k/v)."""
     imp, inp = st.importance, st.input
     k, n_r = opts.k, opts.num_experts
     d_in = inp.d_in
@@ -243,6 +249,12 @@ def summarize_linear(st: LinearStats, block_index: int, name: str, opts: Analyze
         },
     }
     summary["finding"] = finding(summary, k)
+    energy = energy_cache.get(id(inp)) if energy_cache is not None else None
+    if energy is None:
+        energy = advisor.energy_shares(inp.sample)
+        if energy_cache is not None:
+            energy_cache[id(inp)] = energy
+    summary["advice"] = advisor.advise(summary, energy)
 
     role = torch.zeros(d_in, dtype=torch.long) - 1  # -1 none, -2 shared, >= 0 cluster
     role[C_s] = -2

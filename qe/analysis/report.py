@@ -317,7 +317,7 @@ def write_index(path: Path, summary: dict, cross_plots: list[tuple[str, str]], l
         out.append(f"<figure><a href='{e(img)}'><img src='{e(img)}' alt='{e(title)}'></a>"
                    f"<figcaption>{e(title)}: <a href='{e(img)}'>{e(img)}</a></figcaption></figure>")
     out.append("<h2>Layers</h2><table><tr><th>layer</th><th>d_in</th><th>outside C_s</th><th>vision∩text</th>"
-               "<th>max/median</th><th>C_r unranked</th><th>finding</th></tr>")
+               "<th>max/median</th><th>C_r unranked</th><th>advice</th><th>finding</th></tr>")
     for s in summary["layers"]:
         label = e(s["name"])
         if s["name"] in layer_plots:
@@ -327,8 +327,12 @@ def write_index(path: Path, summary: dict, cross_plots: list[tuple[str, str]], l
         ratio = s["outliers"]["top_max_over_median"][0][1] if s["outliers"]["top_max_over_median"] else None
         nr = s.get("never_ranked") or {}
         nr_text = f"{nr['count']}/{nr['of']}" if nr.get("of") else "–"
+        adv = s.get("advice")
+        adv_text = (f"{adv['compensator']} rank {adv['rank']} (predicted gain {_fmt(adv['predicted_gain'], '.0%')})"
+                    if adv else "–")
         out.append(f"<tr><td>{label}</td><td>{s['d_in']}</td><td>{_fmt(s['token_dependent_share'], '.0%')}</td>"
-                   f"<td>{ov_text}</td><td>{_fmt(ratio, '.0f')}</td><td>{nr_text}</td><td>{e(s['finding'])}</td></tr>")
+                   f"<td>{ov_text}</td><td>{_fmt(ratio, '.0f')}</td><td>{nr_text}</td><td>{e(adv_text)}</td>"
+                   f"<td>{e(s['finding'])}</td></tr>")
     out.append("</table></body></html>")
     path.write_text("\n".join(out))
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from qe.commands.compare import Cell, CompareOptions, Evaluator, failure_row, grid_cells, run_cells
+from qe.commands.compare_cells import Cell, CompareOptions, Evaluator, failure_row, grid_cells, run_cells
 from qe.errors import ConfigError, QEError
 
 MAX_RETRIES = 3  # reruns of a cell whose worker process died (Ray's own default for tasks)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from qe import budget as qe_budget
 from qe import checkpoint
 from qe.data.calibration import calibration_set, data_hash, token_counts, tokens_by_source
 from qe.errors import ConfigError, QEError
@@ -132,6 +133,7 @@ def run_quantize(
     adapter_dtype: str | torch.dtype = "model",
     check_heldout: bool = True,
     placement: Placement | None = None,
+    budget: float | None = None,
 ) -> tuple[Path, dict]:
     """Quantize with ``recipe`` and write the checkpoint to ``out``; return it and its manifest.
 
@@ -141,7 +143,9 @@ def run_quantize(
     ``check_heldout`` measures the model before and after (:mod:`qe.evaluation.before_after`):
     held-out perplexity and the calibration vs held-out error, recorded as ``heldout_check``.
     ``placement`` offloads what does not fit in memory (:class:`~qe.models.loading.Placement`):
-    blocks are then quantized one at a time and written as they finish."""
+    blocks are then quantized one at a time and written as they finish.
+    ``budget`` (bits per weight, everything stored): allocate the compensator's options per layer
+    within it (:mod:`qe.budget`); the recipe's overrides become the allocation."""
     from qe.data.sources import check_source
 
     manager = manager or default_manager()
@@ -170,26 +174,44 @@ def run_quantize(
         model_dtype = model_float_dtype(loaded.model)
         sizes = {"model_bytes": state_bytes(loaded.model), "model_dtype": str(model_dtype).removeprefix("torch.")}
         adapter_dtype = model_dtype if adapter_dtype == "model" else adapter_dtype
+        if budget is not None:
+            if recipe.overrides:
+                raise ConfigError("--budget chooses every layer's compensator itself: drop the recipe's per-layer overrides")
+            if recipe.scope != "language":
+                raise ConfigError(f"--budget allocates over the language model's linears, not --scope {recipe.scope}: "
+                                  "use --scope language (the default)")
+            qe_budget.check_budget(budget, loaded, composition, manager, recipe.skip)  # before calibration
         source, encoded = calibration_set(loaded, recipe.calib, recipe.samples, progress)
         reference = before_after.measure_reference(loaded, encoded) if check_heldout else None
+        budget_plan = None
+        if budget is not None:
+            _phase("budget")
+            budget_plan = qe_budget.plan_budget(loaded, composition, encoded, budget, _options(recipe, device, progress),
+                                                adapter_dtype=adapter_dtype, manager=manager)
+            recipe = recipe.replace(overrides=budget_plan.overrides)
+            composition = recipe.validate(manager)
         dhash = data_hash(encoded)
         model_id = str(loaded.path or loaded.name)
         identity = {"recipe": recipe.to_dict(), "dtype": dtype_name, "model": model_id, "data": dhash}
         run_hash = recipe.hash(model_id, dhash, dtype_name)
         return _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash, out, work,
                     resume=resume and partial, force=force, progress=progress, device=device, manager=manager,
-                    adapter_dtype=adapter_dtype, sizes=sizes, reference=reference)
+                    adapter_dtype=adapter_dtype, sizes=sizes, reference=reference, budget_plan=budget_plan)
+
+
+def _options(recipe: Recipe, device: str, progress: bool) -> PipelineOptions:
+    return PipelineOptions(propagation=recipe.propagation, max_tokens=recipe.max_tokens, device=device,
+                           seed=recipe.seed, progress=progress, skip=recipe.skip, overrides=recipe.overrides)
 
 
 def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash, out, work, *, resume, force,
-         progress, device, manager, adapter_dtype, sizes, reference) -> tuple[Path, dict]:
+         progress, device, manager, adapter_dtype, sizes, reference, budget_plan=None) -> tuple[Path, dict]:
     shutil.rmtree(_old_dir(out), ignore_errors=True)  # left by a run killed while replacing --out
     blocks = loaded.adapter.decoder_blocks(loaded.model)
     prefix = loaded.adapter.blocks_prefix(loaded.model)
     done = 0
     result = PipelineResult()
-    options = PipelineOptions(propagation=recipe.propagation, max_tokens=recipe.max_tokens, device=device,
-                              seed=recipe.seed, progress=progress, skip=recipe.skip, overrides=recipe.overrides)
+    options = _options(recipe, device, progress)
     if resume:
         _check_identity(work, identity)
         if (work / checkpoint.MANIFEST).is_file():  # killed after the commit point: only the last steps are left
@@ -276,7 +298,8 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
                            token_counts(encoded), dhash, prefix, force, identity, manager,
                            adapter_dtype=adapter_dtype, sizes=sizes, heldout=heldout,
                            by_source=tokens_by_source(encoded),
-                           stacks={"vision": {"blocks": vision.blocks}} if vision is not None else {})
+                           stacks={"vision": {"blocks": vision.blocks}} if vision is not None else {},
+                           budget_plan=budget_plan)
     except OSError as e:  # a full disk or a vanished folder: every finished block is still saved
         raise QEError(f"writing the checkpoint failed ({e.strerror or e}{': ' + str(e.filename) if e.filename else ''}): "
                       "every finished block is saved; fix the cause, then rerun with --resume") from None
@@ -382,7 +405,8 @@ def _summary(result: PipelineResult) -> dict[str, float]:
 
 def _finish(loaded, work, out, recipe, composition, result, source, n_samples, tokens, dhash, prefix, force,
             identity, manager, *, adapter_dtype: torch.dtype | None = None, sizes: dict | None = None,
-            heldout: dict | None = None, by_source: dict | None = None, stacks: dict | None = None) -> dict:
+            heldout: dict | None = None, by_source: dict | None = None, stacks: dict | None = None,
+            budget_plan=None) -> dict:
     """Write the checkpoint files into ``work`` while the block files and progress stay, then
     the manifest (the commit point), then remove the block files and rename ``work`` to ``out``.
     Every step can be interrupted: ``--resume`` redoes or completes it."""
@@ -421,6 +445,7 @@ def _finish(loaded, work, out, recipe, composition, result, source, n_samples, t
                         "tokens_by_source": by_source},
         "run": identity,
         "effective_bits": bits,
+        "budget": _budget_record(budget_plan, bits, result),
         "adapter_dtype": str(adapter_dtype or torch.float32).removeprefix("torch."),
         "size": sizes,
         "heldout_check": heldout,
@@ -439,6 +464,20 @@ def _finish(loaded, work, out, recipe, composition, result, source, n_samples, t
     atomic_write_json(work / checkpoint.MANIFEST, json_safe(manifest))
     _complete(work, out, force)
     return manifest
+
+
+def _budget_record(plan, bits: dict, result: PipelineResult) -> dict | None:
+    """The manifest's ``budget``: the allocation and the checkpoint's exact bits against the target."""
+    if plan is None:
+        return None
+    record = plan.record()
+    record["bits"] = bits.get("bits")
+    record["bits_per_weight"] = bits.get("bits_per_weight_with_adapters")
+    record["within_budget"] = bool(bits.get("bits", 0) <= plan.budget * bits.get("weights", 0))
+    if not record["within_budget"]:
+        result.warnings.append(f"the checkpoint's {record['bits_per_weight']:.4f} bits per weight exceed the budget "
+                               f"{plan.budget}: its bases took more bits than the planning pass measured")
+    return record
 
 
 def _complete(work: Path, out: Path, force: bool) -> None:

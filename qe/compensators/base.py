@@ -110,8 +110,13 @@ class CompensatorModule(nn.Module):
         return None
 
     def storage_bytes(self) -> int:
-        """Bytes of the tensors this module saves."""
+        """Bytes of the tensors this module saves (in their own dtypes)."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def castable_keys(self) -> set[str]:
+        """State keys a checkpoint may store in the global ``--adapter-dtype``: every floating
+        tensor by default; a module that fixed its own storage precision returns none of them."""
+        return {k for k, t in self.state_dict().items() if t.is_floating_point()}
 
 
 class Compensator(Plugin):
@@ -175,6 +180,13 @@ class Compensator(Plugin):
     def fit(self, layer: LayerContext, quantized: QuantizedWeight, plan: LayerPlan) -> CompensatorModule | None:
         """The module added to the quantized linear's output, or None for no compensation."""
         return None
+
+    def budget_menu(self) -> tuple[dict[str, Any], ...]:
+        """The options ``qe quantize --budget`` chooses among per layer, each a set of parameter
+        changes to this compensator's configuration (e.g. ``{"rank": 32}``); empty when the
+        compensator has nothing to allocate (the default). Options a layer cannot hold are
+        dropped for that layer (see :meth:`validate_override`)."""
+        return ()
 
     def added_parameters(self, d_in: int, d_out: int) -> int:
         """Values the compensator adds to a ``d_out × d_in`` layer (for effective bits)."""

@@ -28,17 +28,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from qe.analysis.channels import check_split, split_channels
 from qe.compensators.base import Compensator, LayerContext, LayerPlan
+from qe.compensators.factor_bits import store_pair
 from qe.compensators.linalg import lqer_lowrank, svd_lowrank_plain, whitened_lowrank
-from qe.compensators.modules import LowRankAdapter
+from qe.compensators.modules import LowRankAdapter, check_adapter_bits
 from qe.errors import ConfigError
 from qe.quantized import QuantizedWeight
 
+# The ranks `qe quantize --budget` chooses among per layer.
+BUDGET_RANKS = (8, 16, 32, 64, 128, 256)
 # Quant Experts' default smoothing grid (docs/method.md, smoothing): None = no smoothing.
 QE_DEFAULT_ALPHAS: tuple[float | None, ...] = (None, 0.25, 0.5, 0.75)
 
@@ -84,8 +87,10 @@ class LowRankConfig:
     on_qe_base: bool = False  # QE's smoothing candidates and C_s exemption
     k: int = 32  # size of C_s when on_qe_base
     branch_input_bits: int = 16  # 8: the branch reads x̃ quantized per token
+    adapter_bits: int = 32  # storage of A and B: 32 (float, --adapter-dtype), 16 (float16), 8 (integer)
 
     def __post_init__(self) -> None:
+        check_adapter_bits(self.adapter_bits)
         if self.rank < 1:
             raise ConfigError(f"rank={self.rank} must be at least 1")
         if self.damp < 0:
@@ -141,6 +146,7 @@ class LowRankCompensator(Compensator):
         if rank < self.config.rank:
             self.capped_layers[layer.name] = (self.config.rank, rank)
         method = self.config.method
+        H = None
         if method == "svd":
             A, B = svd_lowrank_plain(E, rank)
         else:
@@ -149,7 +155,9 @@ class LowRankCompensator(Compensator):
                 A, B = whitened_lowrank(E, H, rank, self.config.damp, where=layer.name)
             else:
                 A, B = lqer_lowrank(E, H.diagonal().clamp_min(0).sqrt(), rank)
-        module = LowRankAdapter.from_factors(A.float(), B.float(), self.config.branch_input_bits)
+        module = LowRankAdapter(layer.d_in, layer.d_out, rank, self.config.branch_input_bits, self.config.adapter_bits)
+        # A is refitted to the stored B (plain least squares for the svd method, which reads no H).
+        store_pair(module, ("A", "B"), E, H, A.float(), B.float(), self.config.damp)
         module.fit_figures = {
             "method": method, "rank": rank, "requested_rank": self.config.rank,
             "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start,
@@ -157,6 +165,9 @@ class LowRankCompensator(Compensator):
         return module
 
     # ------------------------------------------------------------------ costs
+    def budget_menu(self) -> tuple[dict[str, Any], ...]:
+        return tuple({"rank": r} for r in BUDGET_RANKS)
+
     def added_parameters(self, d_in: int, d_out: int) -> int:
         return capped_rank(self.config.rank, d_in, d_out) * (d_in + d_out)
 

@@ -57,6 +57,7 @@ from qe.analysis.channels import (
     token_expert_assignment,
 )
 from qe.compensators.base import Compensator, LayerContext, LayerPlan
+from qe.compensators.factor_bits import store_experts, store_pair
 from qe.compensators.linalg import (
     lowrank_from_input_cholesky,
     lowrank_from_output_gram,
@@ -70,7 +71,7 @@ from qe.compensators.lowrank import (
     importance_of,
     layer_hessian,
 )
-from qe.compensators.modules import QuantExpertsAdapter
+from qe.compensators.modules import QuantExpertsAdapter, check_adapter_bits
 from qe.compensators.refinement import RefineSchedule, refine_experts
 from qe.errors import ConfigError, DataError
 from qe.gram import damped_cholesky, symmetric_gram
@@ -84,6 +85,12 @@ EXPERT_EIG_DTYPE = torch.float32
 # Subspace iterations of the experts' eigen steps: 8 leave ~1e-4 of an expert's own objective
 # (measured on a W4 576×1536 error; linalg's default 16 reaches 1e-7) and save ~0.15 s a layer.
 EXPERT_ITERATIONS: int | None = 8
+# The (shared rank, experts, expert rank) `qe quantize --budget` chooses among per layer: shared
+# experts alone (a rank on QE's base) and routed configurations from small expert ranks (each
+# expert stores its own factors, so at about one extra bit per weight only small ones fit) up
+# to the default (32, 8, 32).
+BUDGET_SHAPES = ((8, 0, 1), (16, 0, 1), (32, 0, 1), (64, 0, 1), (128, 0, 1),
+                 (16, 4, 4), (32, 4, 4), (32, 8, 4), (32, 4, 8), (32, 8, 32))
 
 
 @dataclass(frozen=True)
@@ -105,8 +112,10 @@ class QuantExpertsConfig:
     refine_temperature: float = 1.0
     mode: Mode = "full"
     branch_input_bits: int = 16
+    adapter_bits: int = 32  # storage of the factors and router: 32 (float, --adapter-dtype), 16 or 8
 
     def __post_init__(self) -> None:
+        check_adapter_bits(self.adapter_bits)
         if self.k < 1:
             raise ConfigError(f"k={self.k} must be at least 1")
         if self.num_experts < 0:
@@ -249,16 +258,16 @@ class QuantExperts(Compensator):
         H = layer_hessian(layer, "qe")
 
         # Shared expert (docs/method.md, shared expert): whitened fit with the layer's full Hessian.
+        module = QuantExpertsAdapter(d_in, d_out, r_s, n_experts, r_r, c.branch_input_bits, c.routing, layer.seed,
+                                     c.adapter_bits)
         if r_s > 0:
             A_s, B_s = whitened_lowrank(E, H, r_s, c.damp, where=layer.name)
         else:
             A_s, B_s = E.new_zeros(d_out, 0), E.new_zeros(0, d_in)
+        # Stored (and, below 32 bits, A_s refitted to the stored B_s): the experts fit what is left.
+        A_s, B_s = store_pair(module, ("A_s", "B_s"), E, H, A_s, B_s, c.damp)
         E_S = E - A_s @ B_s
         clock.lap("shared")
-
-        module = QuantExpertsAdapter(d_in, d_out, r_s, n_experts, r_r, c.branch_input_bits, c.routing, layer.seed)
-        module.A_s.copy_(A_s)
-        module.B_s.copy_(B_s)
         figures: dict[str, Any] = {"shared_rank": r_s, "num_experts": n_experts, "expert_rank": r_r, "tokens": X.shape[0]}
         residual = _Residuals(X, E_S, A_s, B_s)
         figures["residual_none"] = 1.0
@@ -294,9 +303,16 @@ class QuantExperts(Compensator):
                 A, B, R, e_sq, refine_figures = self._refine(layer, X, E_S, residual, F, A, B, R, e_sq)
                 figures.update(refine_figures)
                 clock.lap("refine")
-            module.A.copy_(A)
-            module.B.copy_(B)
-            module.R.copy_(R)
+            if c.adapter_bits != 32:
+                # The stored experts' residuals differ from the fitted ones: refit the router to them.
+                A, B = store_experts(module, E_S, X, assignment, A, B, c.damp)
+                e_sq = residual.routed_sq(A, B)
+                R = self._fit_router(layer, F, e_sq.sqrt())
+                clock.lap("adapter_bits")
+            else:
+                module.set_factor("A", A)
+                module.set_factor("B", B)
+            R = module.set_factor("R", R)
             if module.E_S is not None:
                 module.E_S.copy_(E_S)
             figures.update(_routing_figures(F, R, e_sq, residual, assignment, n_experts))
@@ -434,6 +450,9 @@ class QuantExperts(Compensator):
         return L
 
     # ------------------------------------------------------------------ costs
+    def budget_menu(self) -> tuple[dict[str, Any], ...]:
+        return tuple({"shared_rank": r_s, "num_experts": n, "expert_rank": r_r} for r_s, n, r_r in BUDGET_SHAPES)
+
     def added_parameters(self, d_in: int, d_out: int) -> int:
         r_s, n, r_r = self._ranks(d_in, d_out)
         extra = d_out * d_in if self.config.mode == "oracle-routing" else 0  # E_S kept for the ablation

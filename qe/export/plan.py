@@ -151,13 +151,15 @@ def lowrank_term(name: str, ql: QuantLinear, manifest: dict | None = None) -> Lo
     if isinstance(comp, LowRankAdapter):
         if comp.rank == 0:
             return None
-        return LowRankTerm(comp.A.detach().float().clone(), comp.B.detach().float().clone(), "lowrank")
+        # factor(): integer-stored factors come back dequantized, exactly as the module runs them
+        return LowRankTerm(comp.factor("A").detach().float().clone(), comp.factor("B").detach().float().clone(), "lowrank")
     if isinstance(comp, QuantExpertsAdapter):
         dropped = {"num_experts": comp.num_experts, "expert_rank": comp.expert_rank, "routing": comp.routing}
         if comp.shared_rank == 0:
-            return LowRankTerm(comp.A_s.new_zeros(comp.d_out, 0), comp.B_s.new_zeros(0, comp.d_in), "shared expert",
+            return LowRankTerm(torch.zeros(comp.d_out, 0), torch.zeros(0, comp.d_in), "shared expert",
                                dropped)
-        return LowRankTerm(comp.A_s.detach().float().clone(), comp.B_s.detach().float().clone(), "shared expert",
+        return LowRankTerm(comp.factor("A_s").detach().float().clone(), comp.factor("B_s").detach().float().clone(),
+                           "shared expert",
                            dropped)
     record = compensator_record(name, manifest)
     plugin = record.get("plugin", "?")

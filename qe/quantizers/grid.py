@@ -29,7 +29,7 @@ import math
 import torch
 
 from qe.errors import ConfigError, NumericalError
-from qe.quantized import QuantizedWeight, dequantize_codes
+from qe.quantized import QuantizedWeight, dequantize_codes, symmetric_scale
 
 _EPS = 1e-12
 WEIGHT_BITS = range(2, 9)
@@ -79,10 +79,10 @@ def grid_params(
     """
     w = w.float()
     if symmetric:
-        half = 2 ** (bits - 1)
         # The smallest step that puts both ends on the grid: -half·s ≤ min(w), max(w) ≤ (half-1)·s.
-        scale = torch.maximum(-w.amin(dim=1) * clip / half, w.amax(dim=1) * clip / (half - 1)).clamp_min(_EPS)
-        zero = torch.full_like(scale, half)
+        clip_col = clip[:, None] if isinstance(clip, torch.Tensor) and clip.dim() == 1 else clip
+        scale = symmetric_scale(w, bits, dim=1, clip=clip_col)[:, 0]
+        zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
         levels = 2**bits - 1
         wmin = (w.amin(dim=1) * clip).clamp(max=0)
