@@ -41,13 +41,13 @@ def test_grid_writes_every_file(grid):
 
 def test_rerun_does_no_work(grid, monkeypatch):
     path, rows = grid
-    import qe.commands.compare as compare
+    import qe.commands.compare_cells as cells
 
     def boom(*a, **k):
         raise AssertionError("a finished grid must not quantize again")
 
-    monkeypatch.setattr(compare, "_run_quantized", boom)
-    monkeypatch.setattr(compare, "_run_fp_inputs", boom)
+    monkeypatch.setattr(cells, "_run_quantized", boom)
+    monkeypatch.setattr(cells, "_run_fp_inputs", boom)
     _, again = run_compare("tiny:llava", "rtn,gptq", "none,lowrank[rank=4]", "W4A8", out=path, options=OPTS)
     assert [r["ppl"] for r in again] == [r["ppl"] for r in rows]
 
