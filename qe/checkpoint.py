@@ -151,7 +151,11 @@ def save_tensors(model: nn.Module, directory: Path, max_shard_bytes: int = MAX_S
 
     adapters = adapter_keys(model)
     if is_offloaded(model):
-        _, aliases = unique_tensors(model.state_dict(keep_vars=True))  # ties by identity: nothing is real yet
+        # Nothing is real yet, so ties are found by identity, and from the model's declared ties:
+        # accelerate gives each offloaded module its own meta tensors, which breaks identity.
+        state = model.state_dict(keep_vars=True)
+        _, aliases = unique_tensors(state)
+        aliases.update({k: v for k, v in declared_ties(model).items() if k in state and v in state and k not in aliases})
         items = ((k, t) for k, t in real_state_items(model) if k not in aliases)
         max_shard_bytes = min(max_shard_bytes, OFFLOADED_SHARD_BYTES)
     else:
@@ -181,6 +185,15 @@ def save_tensors(model: nn.Module, directory: Path, max_shard_bytes: int = MAX_S
     for path, name in zip(pending, names):  # named once their count is known
         os.replace(path, Path(directory) / name)
     return names, aliases
+
+
+def declared_ties(model: nn.Module) -> dict[str, str]:
+    """``{tied key: key it shares}`` that a transformers model declares (tied word embeddings)."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return {}
+    return dict(model.get_expanded_tied_weights_keys(all_submodels=True))
 
 
 def check_finite_tensors(tensors: dict[str, torch.Tensor], where: str = "") -> None:

@@ -186,3 +186,17 @@ def test_eval_of_a_checkpoint_within_max_memory_scores_the_same(qe_checkpoint, c
         return next(ln for ln in out.splitlines() if ln.startswith("perplexity")).split(" in ")[0]
 
     assert figure(in_memory) == figure(placed)
+
+
+def test_tied_embeddings_are_written_once_when_offloaded(tmp_path):
+    """With everything on disk, each forward through the offloaded embedding gives it a new meta
+    tensor, no longer the LM head's: the checkpoint still stores one (the model's declared tie)
+    and equals the in-memory run."""
+    path = tiny.tiny_model_dir("internvl")
+    recipe = RECIPES["gptq+qe"]  # calibration runs the offloaded embedding, which unties it in accelerate
+    ref_dir, ref = run_quantize(recipe, str(path), out=tmp_path / "ref", progress=False, check_heldout=False)
+    off = load_model(str(path), placement=Placement(offload_folder=str(tmp_path / "offload"), max_memory={"cpu": "1KB"}))
+    off_dir, got = run_quantize(recipe, out=tmp_path / "off", progress=False, loaded=off, check_heldout=False)
+    assert got["tied"] == ref["tied"] and "lm_head.weight" in got["tied"]
+    a, b = _checkpoint_tensors(ref_dir), _checkpoint_tensors(off_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
