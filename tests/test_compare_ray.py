@@ -124,7 +124,7 @@ def test_a_cell_whose_worker_keeps_dying_is_recorded_as_failed(cluster, tmp_path
 
 def test_a_serial_grid_finishes_on_ray_and_a_rerun_redoes_nothing(cluster, serial_grids, tmp_path, monkeypatch,
                                                                   capsys):
-    import qe.commands.compare as compare
+    import qe.commands.compare_cells as compare_cells
     import qe.commands.compare_ray as compare_ray
 
     out = tmp_path / "g"
@@ -142,7 +142,8 @@ def test_a_serial_grid_finishes_on_ray_and_a_rerun_redoes_nothing(cluster, seria
     def boom(*a, **k):
         raise AssertionError("a finished grid must not run a cell again")
 
-    for module, name in ((compare_ray, "run_on_ray"), (compare, "_run_quantized"), (compare, "_run_fp_inputs")):
+    for module, name in ((compare_ray, "run_on_ray"), (compare_cells, "_run_quantized"),
+                         (compare_cells, "_run_fp_inputs")):
         monkeypatch.setattr(module, name, boom)
     assert cli.main(args) == 0  # on Ray again
     assert cli.main(args[:-4]) == 0  # and serially
