@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from qe.quantized import dequantize
 from qe.quantizers.packing import unpack
+from qe.transforms.hadamard import sylvester_butterflies
 
 ACT_SCALE_FLOOR = 1e-12  # the same floor as qe.quantizers.grid
 
@@ -215,10 +216,4 @@ def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None, p: int, smal
     y = y.reshape(t, p, m)
     if small is not None:
         y = y @ small.float()
-    h = 1
-    while h < p:
-        y = y.reshape(t, p // (2 * h), 2, h, m)
-        a, b = y[:, :, 0], y[:, :, 1]
-        y = torch.stack((a + b, a - b), dim=2)
-        h *= 2
-    return (y.reshape(t, n) * n ** -0.5).to(x.dtype)
+    return (sylvester_butterflies(y).reshape(t, n) * n ** -0.5).to(x.dtype)

@@ -8,19 +8,7 @@ import torch
 from qe.models import tiny
 from qe.models.loading import load_model
 from qe.models.offload import execution_device, is_offloaded, onloaded
-
-DISK_MAP = {
-    "model.vision_tower": "cpu",
-    "model.multi_modal_projector": "cpu",
-    "model.language_model.embed_tokens": "cpu",
-    "model.language_model.layers.0": "disk",
-    "model.language_model.layers.1": "disk",
-    "model.language_model.norm": "cpu",
-    "model.language_model.rotary_emb": "cpu",
-    "lm_head": "cpu",
-}
-
-
+from qe.models.tiny import LLAVA_BLOCKS_ON_DISK as DISK_MAP
 
 
 @pytest.fixture(scope="module")

@@ -13,20 +13,10 @@ from qe.commands.quantize import run_quantize
 from qe.models import tiny
 from qe.models.loading import Placement, load_model, load_quantized
 from qe.models.offload import is_offloaded
+from qe.models.tiny import LLAVA_BLOCKS_ON_DISK as DISK_MAP
 from qe.plugins import QEPluginManager
 from qe.quantizers.qlinear import QuantLinear
 from qe.recipe import Recipe
-
-DISK_MAP = {
-    "model.vision_tower": "cpu",
-    "model.multi_modal_projector": "cpu",
-    "model.language_model.embed_tokens": "cpu",
-    "model.language_model.layers.0": "disk",
-    "model.language_model.layers.1": "disk",
-    "model.language_model.norm": "cpu",
-    "model.language_model.rotary_emb": "cpu",
-    "lm_head": "cpu",
-}
 
 # RTN alone is data-free; QE smooths (scales folded into the offloaded blocks' norms) and fits.
 RECIPES = {

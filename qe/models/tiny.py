@@ -64,6 +64,10 @@ _TEXT_QWEN_VL = {
 _QWEN_SPECIALS = {996: "<|vision_start|>", 997: "<|vision_end|>", 998: "<|video_pad|>", 999: "<|image_pad|>"}
 _QWEN_TOKEN_IDS = {"image_token_id": 999, "video_token_id": 998, "vision_start_token_id": 996, "vision_end_token_id": 997}
 
+_QWEN3_VISION = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 64,
+                 "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 64,
+                 "deepstack_visual_indexes": [0]}
+_QWEN3_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
 # Config dicts seen to build, run forward and generate with transformers 5.24.
 CONFIGS: dict[str, dict[str, Any]] = {
     "llava": {
@@ -100,24 +104,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
     "qwen3_vl": {
         "text_config": {**_TEXT_QWEN_VL, "head_dim": 16,
-                        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                            "mrope_section": [2, 3, 3], "mrope_interleaved": True}},
-        "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
-                          "out_hidden_size": 64, "patch_size": 16, "spatial_merge_size": 2,
-                          "temporal_patch_size": 2, "num_position_embeddings": 64,
-                          "deepstack_visual_indexes": [0]},
+                        "rope_parameters": _QWEN3_ROPE},
+        "vision_config": _QWEN3_VISION,
         **_QWEN_TOKEN_IDS,
     },
     # Qwen3-VL with a sparse MLP in its second block: 4 experts, 2 per token (block 0 dense).
     "qwen3_vl_moe": {
         "text_config": {**_TEXT_QWEN_VL, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
                         "moe_intermediate_size": 32, "decoder_sparse_step": 1, "mlp_only_layers": [0],
-                        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                            "mrope_section": [2, 3, 3], "mrope_interleaved": True}},
-        "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
-                          "out_hidden_size": 64, "patch_size": 16, "spatial_merge_size": 2,
-                          "temporal_patch_size": 2, "num_position_embeddings": 64,
-                          "deepstack_visual_indexes": [0]},
+                        "rope_parameters": _QWEN3_ROPE},
+        "vision_config": _QWEN3_VISION,
         **_QWEN_TOKEN_IDS,
     },
     # Mistral 3 (Pixtral tower, patch-merging projector, Mistral decoder).
@@ -436,3 +432,18 @@ def parse_tiny_name(name: str) -> tuple[str, int] | None:
     except ValueError:
         raise ModelError(f"cannot read {name!r}: write tiny:<family> or tiny:<family>@<seed>") from None
     return canonical_family(family), seed_value
+
+
+# tiny:llava with its two decoder blocks offloaded to disk by accelerate and the rest in memory
+# (``load_model(..., device_map=LLAVA_BLOCKS_ON_DISK, offload_folder=...)``): a dry run of the
+# paths that quantize and load models larger than memory.
+LLAVA_BLOCKS_ON_DISK = {
+    "model.vision_tower": "cpu",
+    "model.multi_modal_projector": "cpu",
+    "model.language_model.embed_tokens": "cpu",
+    "model.language_model.layers.0": "disk",
+    "model.language_model.layers.1": "disk",
+    "model.language_model.norm": "cpu",
+    "model.language_model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}

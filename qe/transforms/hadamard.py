@@ -177,10 +177,17 @@ def hadamard_rows(x: torch.Tensor, signs: torch.Tensor | None = None) -> torch.T
     y = y.reshape(r, p, m)
     if m > 1:
         y = y @ small_hadamard(m).to(y.device)
+    return sylvester_butterflies(y).reshape(r, n) / n ** 0.5
+
+
+def sylvester_butterflies(y: torch.Tensor) -> torch.Tensor:
+    """``y`` ``(t, p, m)`` multiplied along its middle axis by Sylvester's ``H_p`` (unnormalised,
+    ``p`` a power of two): ``log2 p`` butterfly stages, in ``y``'s dtype."""
+    t, p, m = y.shape
     h = 1
     while h < p:
-        y = y.reshape(r, p // (2 * h), 2, h, m)
+        y = y.reshape(t, p // (2 * h), 2, h, m)
         a, b = y[:, :, 0], y[:, :, 1]
         y = torch.stack((a + b, a - b), dim=2)
         h *= 2
-    return y.reshape(r, n) / n ** 0.5
+    return y.reshape(t, p, m)
