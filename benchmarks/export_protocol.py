@@ -60,9 +60,8 @@ def _exported_model(directory: Path, fmt: str):
 def run_cell(label: str, samples: int, progress: bool) -> dict:
     from qe.checkpoint import quantized_layers
     from qe.commands.quantize import run_quantize
-    from qe.compensators.modules import LowRankAdapter
     from qe.evaluation.perplexity import heldout_windows, perplexity
-    from qe.export.core import export_checkpoint
+    from qe.export.core import export_checkpoint, keep_only_lowrank_terms
     from qe.export.plan import lowrank_term
     from qe.models.loading import load_quantized
     from qe.recipe import Recipe
@@ -80,14 +79,11 @@ def run_cell(label: str, samples: int, progress: bool) -> dict:
         qe_ppl = perplexity(loaded.model, windows, progress=progress)
         row["qe_ppl"] = qe_ppl.ppl
         row["tokens"] = qe_ppl.tokens
-        layers = quantized_layers(loaded.model)
-        terms = {name: lowrank_term(name, ql, loaded.manifest) for name, ql in layers.items()}
+        terms = {name: lowrank_term(name, ql, loaded.manifest) for name, ql in quantized_layers(loaded.model).items()}
         if any(t is not None and t.dropped.get("num_experts") for t in terms.values()):
             # What the adapter keeps: each layer's exported low-rank term, routing dropped.
             row["qe_ppl_with_routed_experts"] = row["qe_ppl"]
-            for name, ql in layers.items():
-                t = terms[name]
-                ql.compensator = LowRankAdapter.from_factors(t.A, t.B) if t is not None and t.rank > 0 else None
+            keep_only_lowrank_terms(loaded.model, terms)
             row["qe_ppl"] = perplexity(loaded.model, windows, progress=progress).ppl
         t0 = time.perf_counter()
         out, _ = export_checkpoint(ckpt, fmt, Path(tmp) / "export", evaluate=False)

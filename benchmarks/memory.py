@@ -80,6 +80,7 @@ def model_dir(size: str) -> Path:
 
 
 def tensor_digest(directory: Path) -> str:
+    import torch
     from safetensors import safe_open
 
     h = hashlib.sha256()
@@ -87,7 +88,7 @@ def tensor_digest(directory: Path) -> str:
         with safe_open(str(f), framework="pt") as fh:
             for key in sorted(fh.keys()):
                 h.update(key.encode())
-                h.update(fh.get_tensor(key).contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+                h.update(fh.get_tensor(key).contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

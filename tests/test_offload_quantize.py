@@ -171,6 +171,9 @@ def test_eval_of_a_checkpoint_within_max_memory_scores_the_same(qe_checkpoint, c
     in_memory = capsys.readouterr().out
     assert main([*args, "--max-memory", "cpu=100KB"]) == 0
     placed = capsys.readouterr().out
+    # the placement the command used really left the blocks on disk
+    loaded = load_model(str(qe_checkpoint), placement=Placement(max_memory={"cpu": "100KB"}))
+    assert all(is_offloaded(b) for b in loaded.adapter.decoder_blocks(loaded.model))
 
     def figure(out: str) -> str:  # "perplexity 1022.0580 over 1022 tokens" without the time
         return next(ln for ln in out.splitlines() if ln.startswith("perplexity")).split(" in ")[0]

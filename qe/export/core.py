@@ -208,19 +208,26 @@ def export_transformers(source: Path, out: Path, *, force: bool = False, manager
     return out, report
 
 
-def _routing_cost(loaded, terms, eval_tokens: int | None, progress: bool) -> dict[str, Any]:
-    """Perplexity of qe's model with its routed experts and without them (what the adapter keeps)."""
+def keep_only_lowrank_terms(model, terms: dict[str, Any]) -> None:
+    """Replace each listed layer's compensator by its exported low-rank term (routing dropped):
+    the model then computes what base + PEFT adapter compute."""
     from qe.checkpoint import quantized_layers
     from qe.compensators.modules import LowRankAdapter
+
+    for name, ql in quantized_layers(model).items():
+        if name in terms:
+            t = terms[name]
+            ql.compensator = LowRankAdapter.from_factors(t.A, t.B) if t is not None and t.rank > 0 else None
+
+
+def _routing_cost(loaded, terms, eval_tokens: int | None, progress: bool) -> dict[str, Any]:
+    """Perplexity of qe's model with its routed experts and without them (what the adapter keeps)."""
     from qe.evaluation.perplexity import perplexity
 
     t0 = time.perf_counter()
     with torch.no_grad():
         full = perplexity(loaded, progress=progress, max_tokens=eval_tokens)
-        for name, ql in quantized_layers(loaded.model).items():
-            if name in terms:
-                t = terms[name]
-                ql.compensator = LowRankAdapter.from_factors(t.A, t.B) if t.rank > 0 else None
+        keep_only_lowrank_terms(loaded.model, terms)
         shared = perplexity(loaded, progress=progress, max_tokens=eval_tokens)
     return {"with_routed_experts": full.ppl, "without_routed_experts": shared.ppl,
             "increase": shared.ppl / full.ppl - 1.0, "tokens": full.tokens,
