@@ -29,3 +29,27 @@ def default_model():
     from qe.models.loading import load_model
 
     return load_model(None)
+
+
+@pytest.fixture
+def same_checkpoint_tensors():
+    """``check(a, b)``: two ``qe quantize`` checkpoints hold the same tensor names and values
+    (every shard their manifests list), naming the first tensor that differs."""
+    import json
+
+    from safetensors.torch import load_file
+
+    def tensors(directory):
+        manifest = json.loads((directory / "qe_manifest.json").read_text())
+        out = {}
+        for name in manifest["shards"]:
+            out.update(load_file(str(directory / name)))
+        return out
+
+    def check(a, b):
+        ta, tb = tensors(a), tensors(b)
+        assert ta.keys() == tb.keys()
+        for key in ta:
+            assert torch.equal(ta[key], tb[key]), key
+
+    return check

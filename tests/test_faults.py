@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import qe
 from qe import cli
@@ -42,26 +42,11 @@ def reference(tmp_path_factory, tiny_dir):
     return path, manifest
 
 
-def _tensors(path: Path) -> dict:
-    m = json.loads((path / "qe_manifest.json").read_text())
-    out = {}
-    for name in m["shards"]:
-        out.update(load_file(str(path / name)))
-    return out
-
-
-def _same(a: Path, b: Path) -> None:
-    ta, tb = _tensors(a), _tensors(b)
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
-
-
 # --------------------------------------------------------------------------- 1. a restartable finish
 
 
 @pytest.mark.parametrize("phase", ["shards", "config", "records", "manifest", "cleanup", "rename", "swap"])
-def test_fault_at_each_phase_of_the_finish_then_resume(tmp_path, monkeypatch, reference, tiny_dir, phase):
+def test_fault_at_each_phase_of_the_finish_then_resume(tmp_path, monkeypatch, reference, tiny_dir, phase, same_checkpoint_tensors):
     ref_path, _ = reference
     out = tmp_path / "ckpt"
     if phase in ("rename", "swap"):  # these phases replace an existing --out (with --force)
@@ -79,7 +64,7 @@ def test_fault_at_each_phase_of_the_finish_then_resume(tmp_path, monkeypatch, re
     assert qmod.has_partial_run(out)
     (partial_dir(out) / "qe_manifest.tmp").write_text("{")  # a write the fault cut short
     path, manifest = run_quantize(RECIPE, tiny_dir, out=out, progress=False, resume=True, force=True)
-    _same(ref_path, path)
+    same_checkpoint_tensors(ref_path, path)
     assert not partial_dir(out).exists() and not (out / "old.txt").exists()
     assert not list(out.glob("block-*")) and not (out / "progress.json").exists()
     qe.load_quantized(out)  # every file hashed and present
@@ -103,7 +88,7 @@ q.run_quantize(Recipe(quantizer="gptq", compensator="lowrank[rank=4]", setting="
 
 
 @pytest.mark.parametrize("phase", ["records", "cleanup"])
-def test_sigkill_during_the_finish_then_resume(tmp_path, reference, tiny_dir, phase):
+def test_sigkill_during_the_finish_then_resume(tmp_path, reference, tiny_dir, phase, same_checkpoint_tensors):
     """A real SIGKILL (no exception handler runs, the lock dies with the process)."""
     out = tmp_path / "ckpt"
     r = subprocess.run([sys.executable, "-c", _KILL, tiny_dir, str(out), phase], capture_output=True, text=True,
@@ -111,10 +96,10 @@ def test_sigkill_during_the_finish_then_resume(tmp_path, reference, tiny_dir, ph
     assert r.returncode == -9, r.stderr[-2000:]
     assert not out.exists() and qmod.has_partial_run(out)
     path, _ = run_quantize(RECIPE, tiny_dir, out=out, progress=False, resume=True)
-    _same(reference[0], path)
+    same_checkpoint_tensors(reference[0], path)
 
 
-def test_a_lost_block_file_is_quantized_again(tmp_path, reference, tiny_dir, monkeypatch, caplog):
+def test_a_lost_block_file_is_quantized_again(tmp_path, reference, tiny_dir, monkeypatch, caplog, same_checkpoint_tensors):
     monkeypatch.setattr(qmod, "_phase", lambda name: (_ for _ in ()).throw(_Fault(name)) if name == "shards" else None)
     out = tmp_path / "ckpt"
     with pytest.raises(_Fault):
@@ -124,10 +109,10 @@ def test_a_lost_block_file_is_quantized_again(tmp_path, reference, tiny_dir, mon
     caplog.set_level("WARNING", logger="qe")
     run_quantize(RECIPE, tiny_dir, out=out, progress=False, resume=True)
     assert "saved block 1 is unreadable" in caplog.text and "from block 1 of 2" in caplog.text
-    _same(reference[0], out)
+    same_checkpoint_tensors(reference[0], out)
 
 
-def test_disk_full_during_the_finish_is_one_line_and_resumable(tmp_path, monkeypatch, reference, tiny_dir):
+def test_disk_full_during_the_finish_is_one_line_and_resumable(tmp_path, monkeypatch, reference, tiny_dir, same_checkpoint_tensors):
     import errno
 
     from qe import checkpoint
@@ -143,10 +128,10 @@ def test_disk_full_during_the_finish_is_one_line_and_resumable(tmp_path, monkeyp
         run_quantize(RECIPE, tiny_dir, out=out, progress=False)
     monkeypatch.setattr(checkpoint, "save_tensors", real)
     run_quantize(RECIPE, tiny_dir, out=out, progress=False, resume=True)
-    _same(reference[0], out)
+    same_checkpoint_tensors(reference[0], out)
 
 
-def test_disk_full_between_blocks_is_one_line_and_resumable(tmp_path, monkeypatch, reference, tiny_dir):
+def test_disk_full_between_blocks_is_one_line_and_resumable(tmp_path, monkeypatch, reference, tiny_dir, same_checkpoint_tensors):
     import errno
 
     from qe import checkpoint
@@ -165,7 +150,7 @@ def test_disk_full_between_blocks_is_one_line_and_resumable(tmp_path, monkeypatc
         run_quantize(RECIPE, tiny_dir, out=out, progress=False)
     monkeypatch.setattr(checkpoint, "save_safetensors", real)
     run_quantize(RECIPE, tiny_dir, out=out, progress=False, resume=True)
-    _same(reference[0], out)
+    same_checkpoint_tensors(reference[0], out)
 
 
 # --------------------------------------------------------------------------- resume rules (#25)

@@ -26,15 +26,8 @@ RECIPES = {
 }
 
 
-def _checkpoint_tensors(directory):
-    tensors = {}
-    for f in sorted(directory.glob("model-*.safetensors")):
-        tensors.update(load_file(str(f)))
-    return tensors
-
-
 @pytest.mark.parametrize("name,placed", [("gptq+qe", "blocks on disk"), ("rtn+none", "max-memory")])
-def test_offloaded_quantization_equals_in_memory(name, placed, tmp_path):
+def test_offloaded_quantization_equals_in_memory(name, placed, tmp_path, same_checkpoint_tensors):
     """Blocks offloaded by an explicit map, or by ``--max-memory`` (accelerate's automatic map,
     which offloads the whole language model of this tiny model, embeddings included)."""
     path = tiny.tiny_model_dir("llava")
@@ -47,10 +40,7 @@ def test_offloaded_quantization_equals_in_memory(name, placed, tmp_path):
         off = load_model(str(path), device_map=DISK_MAP, offload_folder=tmp_path / "offload")
     assert is_offloaded(off.adapter.decoder_blocks(off.model)[0])
     off_dir, manifest = run_quantize(recipe, out=tmp_path / "off", progress=False, loaded=off)
-    ref, got = _checkpoint_tensors(ref_dir), _checkpoint_tensors(off_dir)
-    assert ref.keys() == got.keys()
-    for key in ref:
-        assert torch.equal(ref[key], got[key]), key
+    same_checkpoint_tensors(ref_dir, off_dir)
     # The quantized blocks stay offloaded: nothing but meta tensors in the model's blocks.
     for block in off.adapter.decoder_blocks(off.model):
         assert any(isinstance(m, QuantLinear) for m in block.modules())
@@ -71,7 +61,7 @@ class _Interrupt:
             raise KeyboardInterrupt
 
 
-def test_offloaded_run_resumes_to_the_same_tensors(tmp_path):
+def test_offloaded_run_resumes_to_the_same_tensors(tmp_path, same_checkpoint_tensors):
     path = tiny.tiny_model_dir("llava")
     recipe = RECIPES["gptq+qe"]
     ref_dir, _ = run_quantize(recipe, str(path), out=tmp_path / "ref", progress=False)
@@ -82,10 +72,7 @@ def test_offloaded_run_resumes_to_the_same_tensors(tmp_path):
         run_quantize(recipe, out=out, progress=False, loaded=first, manager=manager)
     again = load_model(str(path), device_map=DISK_MAP, offload_folder=tmp_path / "offload-2")
     run_quantize(recipe, out=out, resume=True, progress=False, loaded=again)
-    ref, got = _checkpoint_tensors(ref_dir), _checkpoint_tensors(out)
-    assert ref.keys() == got.keys()
-    for key in ref:
-        assert torch.equal(ref[key], got[key]), key
+    same_checkpoint_tensors(ref_dir, out)
 
 
 def test_offloaded_checkpoint_is_written_in_small_shards(tmp_path, monkeypatch):
@@ -181,7 +168,7 @@ def test_eval_of_a_checkpoint_within_max_memory_scores_the_same(qe_checkpoint, c
     assert figure(in_memory) == figure(placed)
 
 
-def test_tied_embeddings_are_written_once_when_offloaded(tmp_path):
+def test_tied_embeddings_are_written_once_when_offloaded(tmp_path, same_checkpoint_tensors):
     """With everything on disk, each forward through the offloaded embedding gives it a new meta
     tensor, no longer the LM head's: the checkpoint still stores one (the model's declared tie)
     and equals the in-memory run."""
@@ -191,5 +178,4 @@ def test_tied_embeddings_are_written_once_when_offloaded(tmp_path):
     off = load_model(str(path), placement=Placement(offload_folder=str(tmp_path / "offload"), max_memory={"cpu": "1KB"}))
     off_dir, got = run_quantize(recipe, out=tmp_path / "off", progress=False, loaded=off, check_heldout=False)
     assert got["tied"] == ref["tied"] and "lm_head.weight" in got["tied"]
-    a, b = _checkpoint_tensors(ref_dir), _checkpoint_tensors(off_dir)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    same_checkpoint_tensors(ref_dir, off_dir)
