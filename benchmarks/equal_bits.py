@@ -28,7 +28,6 @@ goes into the output directory's name.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import sys
 import time
@@ -138,15 +137,13 @@ def run_cell(label: str, loaded, encoded, evaluator, args) -> dict:
     from qe.budget import plan_budget
     from qe.checkpoint import effective_bits
     from qe.composition import resolve_composition
-    from qe.models.loading import LoadedModel
     from qe.pipeline import PipelineOptions, QuantizationPipeline
 
     setting, budget, kind = label.split("/")
     layers = linears(loaded)
     quantizer, compensator, alloc_budget, set_str = composition_of(kind, setting, float(budget), layers)
     composition = resolve_composition(quantizer, compensator, set_str)
-    work = LoadedModel(copy.deepcopy(loaded.model), loaded.processor, loaded.adapter, loaded.name, loaded.path,
-                       loaded.notes, loaded.card)
+    work = loaded.copy()
     options = PipelineOptions(progress=not args.quiet)
     t0 = time.perf_counter()
     record = None

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qe.activations import ActivationStore
 from qe.analysis.statistics import ImportanceStats, InputStats, LinearStats
 from qe.errors import ModelError, NumericalError
 from qe.models.base import EncodedSample, ModelAdapter
@@ -58,6 +59,8 @@ class CapturedBatch:
 @dataclass
 class BlockInputs:
     batches: list[CapturedBatch] = field(default_factory=list)
+    # Where the hidden states are kept (and every block's outputs after them); None: as computed.
+    store: ActivationStore | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -65,8 +68,12 @@ class BlockInputs:
 
     def with_hidden(self, hidden: list[torch.Tensor]) -> BlockInputs:
         """The same batches with new hidden states (the next block's inputs)."""
-        return BlockInputs([CapturedBatch(h, b.kwargs, b.modality, b.offset, b.between, b.block_kwargs)
-                            for h, b in zip(hidden, self.batches)])
+        return BlockInputs([CapturedBatch(self.keep(h), b.kwargs, b.modality, b.offset, b.between, b.block_kwargs)
+                            for h, b in zip(hidden, self.batches)], self.store)
+
+    def keep(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` where this set's activations are stored."""
+        return hidden if self.store is None else self.store.keep(hidden)
 
 
 def _batches(encoded: list[EncodedSample], batch_size: int) -> list[list[EncodedSample]]:
@@ -120,6 +127,7 @@ def capture_block_inputs(
     device: str | torch.device = "cpu",
     batch_size: int = 8,
     storage_device: str | torch.device | None = None,
+    store: ActivationStore | None = None,
     progress: bool = True,
 ) -> BlockInputs:
     """Run the samples up to the first decoder block and record that block's inputs.
@@ -129,7 +137,9 @@ def capture_block_inputs(
     and every block's arguments are kept (tensors shared between blocks stored once).
 
     ``storage_device`` keeps the captured activations elsewhere (e.g. CPU while blocks run on
-    an accelerator); by default they stay on ``device``.
+    an accelerator); by default they stay on ``device``. A limited ``store`` keeps them in host
+    memory up to its limit and in files past it, and so will every block's outputs computed
+    from them.
     """
     storage = storage_device or device
     issue = loaded.adapter.blockwise_issue(loaded.model)
@@ -163,7 +173,7 @@ def capture_block_inputs(
 
     handles = [b.register_forward_pre_hook(grabber(i), with_kwargs=True) for i, b in enumerate(blocks[: last + 1])]
     handles.append(adapter.language_model(loaded.model).register_forward_pre_hook(grab_between, with_kwargs=True))
-    out = BlockInputs()
+    out = BlockInputs(store=store if store is not None and store.host else None)
     offset = 0
     try:
         for group in tqdm(_batches(encoded, batch_size), desc="capture", disable=not progress, leave=False):
@@ -182,7 +192,7 @@ def capture_block_inputs(
                 raise NumericalError("NaN or Inf in the inputs of decoder block 0: check the model's dtype and the data")
             memo: dict[int, torch.Tensor] = {}
             kwargs = _to(captured["block_kwargs"], storage, memo)
-            out.batches.append(CapturedBatch(hidden.to(storage), kwargs[0], modality, offset,
+            out.batches.append(CapturedBatch(out.keep(hidden.to(storage)), kwargs[0], modality, offset,
                                              _to(captured.get("between") or {}, storage),
                                              kwargs if per_block else None))
             offset += modality.numel()
@@ -238,7 +248,7 @@ def run_block(
     # statistics hooks read them), then dropped again.
     with onloaded(block, device):
         for b in inputs.batches:
-            outputs.extend(_run_batch(block, b, device, context, keep_outputs, block_index))
+            outputs.extend(inputs.keep(y) for y in _run_batch(block, b, device, context, keep_outputs, block_index))
     return outputs
 
 
@@ -400,7 +410,8 @@ class BlockWalker:
             if self.encoded is None:
                 raise ModelError("the block walker has no calibration samples to capture")
             self._inputs = capture_block_inputs(self.loaded, self.encoded, device=self.device,
-                                                batch_size=self.batch_size, progress=self.progress)
+                                                batch_size=self.batch_size, store=self.loaded.activations,
+                                                progress=self.progress)
         return self._inputs
 
     def walk(self, start: int = 0, stop: int | None = None, *, desc: str | None = None,

@@ -49,12 +49,16 @@ def _placement_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-memory", default=None,
                    help="memory per device for the model, e.g. cpu=4GiB or 0=20GiB,cpu=60GiB; the rest is "
                         "offloaded (to --offload-folder, or a temporary folder)")
+    g.add_argument("--max-activation-memory", default=None,
+                   help="keep captured calibration activations in memory up to this size, e.g. 4GiB, and in "
+                        "memory-mapped files past it (in --offload-folder, or a temporary folder)")
 
 
 def _placement(args):
-    from qe.models.loading import Placement, parse_max_memory
+    from qe.models.loading import Placement, parse_activation_memory, parse_max_memory
 
-    return Placement(offload_folder=args.offload_folder, max_memory=parse_max_memory(args.max_memory))
+    return Placement(offload_folder=args.offload_folder, max_memory=parse_max_memory(args.max_memory),
+                     max_activation_memory=parse_activation_memory(args.max_activation_memory))
 
 
 def _seed(args) -> int:

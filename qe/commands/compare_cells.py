@@ -200,18 +200,13 @@ def failure_row(cell: Cell, exc: BaseException, tb: str | None = None) -> dict:
             "traceback": traceback.format_exc(limit=4) if tb is None else tb}
 
 
-def _model_copy(loaded: LoadedModel) -> LoadedModel:
-    return LoadedModel(copy.deepcopy(loaded.model), loaded.processor, loaded.adapter, loaded.name, loaded.path,
-                       loaded.notes, loaded.card)
-
-
 def _run_quantized(loaded, cells, opts, inputs, evaluator, record, manager, options, shared, encoded) -> None:
     bar = tqdm(cells, desc="compare", disable=not options.progress)
     for cell in bar:
         bar.set_postfix_str(cell.label)  # the progress plugin counts this cell's blocks below
         t0 = time.perf_counter()
         try:
-            work = _model_copy(loaded)
+            work = loaded.copy()
             pipe = QuantizationPipeline(work, cell.composition, opts, manager)
             # a transform that changes the model (a rotation) captures its own block-0 inputs from `encoded`
             cell.result = pipe.run(encoded, inputs=inputs, result=cell.result)

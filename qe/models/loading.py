@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qe.activations import ActivationStore, parse_size
 from qe.errors import ConfigError, ModelError
 from qe.models.base import ModelAdapter
 
@@ -45,6 +47,15 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     card: dict | None = None
     manifest: dict | None = None  # set for checkpoints written by `qe quantize`
+    # Where the block walker keeps captured calibration activations (host memory and files
+    # for a model placed by a Placement; the run device otherwise).
+    activations: ActivationStore = field(default_factory=ActivationStore)
+
+    def copy(self) -> LoadedModel:
+        """The same model loaded twice: a deep copy of the weights, everything else shared."""
+        import copy
+
+        return dataclasses.replace(self, model=copy.deepcopy(self.model))
 
     @property
     def tokenizer(self):
@@ -161,10 +172,18 @@ def load_processor(path: str, adapter: ModelAdapter, config=None, trust_remote_c
 class Placement:
     """Where a model larger than memory goes: accelerate's ``device_map="auto"`` within
     ``max_memory`` (``{"cpu": "2GiB", 0: "20GiB"}``), the rest offloaded to ``offload_folder``
-    (a temporary folder when only ``max_memory`` is given). Inactive when both are None."""
+    (a temporary folder when only ``max_memory`` is given). Inactive when both are None.
+
+    Captured calibration activations of a placed model live in host memory, and past
+    ``max_activation_memory`` bytes (which works on its own too) in files in the offload
+    folder (:mod:`qe.activations`)."""
 
     offload_folder: str | None = None
     max_memory: dict | None = None
+    max_activation_memory: int | None = None
+
+    def activation_store(self) -> ActivationStore:
+        return ActivationStore(host=self.active, limit_bytes=self.max_activation_memory, folder=self.offload_folder)
 
     @property
     def active(self) -> bool:
@@ -182,6 +201,11 @@ class Placement:
             folder = tempfile.mkdtemp(prefix="qe-offload-")
             atexit.register(shutil.rmtree, folder, True)
         return {"device_map": "auto", "max_memory": self.max_memory, "offload_folder": folder}
+
+
+def parse_activation_memory(text: str | None) -> int | None:
+    """``--max-activation-memory`` (``4GiB``) as bytes."""
+    return None if not text else parse_size(text, "--max-activation-memory")
 
 
 def parse_max_memory(text: str | None) -> dict | None:
@@ -239,8 +263,11 @@ def load_model(
         device_map, max_memory = placed["device_map"], placed["max_memory"]
         offload_folder = placed["offload_folder"]
     if isinstance(name_or_path, (str, Path)) and checkpoint.is_checkpoint(name_or_path):
-        return load_quantized(name_or_path, device=device, manager=manager, dtype=dtype,
-                              trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory)
+        loaded = load_quantized(name_or_path, device=device, manager=manager, dtype=dtype,
+                                trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory)
+        if placement is not None:
+            loaded.activations = placement.activation_store()
+        return loaded
     torch_dtype = parse_dtype(dtype)
     notes: list[str] = []
     tiny_spec = tiny.parse_tiny_name(name_or_path) if isinstance(name_or_path, str) else None
@@ -297,7 +324,8 @@ def load_model(
     adapter = select_adapter(model, manager)
     adapter.prepare_model(model)
     processor = load_processor(path, adapter, config, trust_remote_code=trust_remote_code)
-    return LoadedModel(model, processor, adapter, name, path, notes, card)
+    activations = placement.activation_store() if placement is not None else ActivationStore()
+    return LoadedModel(model, processor, adapter, name, path, notes, card, activations=activations)
 
 
 def load_quantized(directory: str | Path, *, device: str | None = None, manager=None, dtype=None,
