@@ -63,21 +63,22 @@ class ActivationStore:
         nbytes = t.numel() * t.element_size()
         if self.limit_bytes is None or self.in_memory_bytes + nbytes <= self.limit_bytes:
             kept = t.detach().to("cpu")
-            self._count(kept, nbytes, on_disk=False)
-            return kept
-        kept = self._to_file(t.detach())
-        self.spilled_bytes += nbytes
-        self._count(kept, nbytes, on_disk=True)
+            self.in_memory_bytes += nbytes
+            on_disk = False
+        else:
+            kept = self._to_file(t.detach())
+            self.on_disk_bytes += nbytes
+            self.spilled_bytes += nbytes
+            on_disk = True
+        self._kept.add(id(kept))
+        weakref.finalize(kept, self._release, nbytes, on_disk, id(kept))
         return kept
 
-    def _count(self, kept: torch.Tensor, nbytes: int, *, on_disk: bool) -> None:
-        attr = "on_disk_bytes" if on_disk else "in_memory_bytes"
-        setattr(self, attr, getattr(self, attr) + nbytes)
-        self._kept.add(id(kept))
-        weakref.finalize(kept, self._release, attr, nbytes, id(kept))
-
-    def _release(self, attr: str, nbytes: int, ident: int) -> None:
-        setattr(self, attr, getattr(self, attr) - nbytes)
+    def _release(self, nbytes: int, on_disk: bool, ident: int) -> None:
+        if on_disk:
+            self.on_disk_bytes -= nbytes
+        else:
+            self.in_memory_bytes -= nbytes
         self._kept.discard(ident)
 
     def _to_file(self, t: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,6 @@ scale in the real run that the planning pass did not choose: its bits are reserv
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import re
@@ -246,7 +245,7 @@ def plan_budget(loaded: LoadedModel, composition: Composition, encoded: list[Enc
     if options.overrides:
         raise ConfigError("--budget chooses every layer's compensator itself: drop the recipe's per-layer overrides")
     specs = check_budget(budget, loaded, composition, manager, options.skip)
-    copy_loaded = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+    copy_loaded = loaded.copy()
     planning_options = dataclasses.replace(options, propagation="fp-inputs")
     pipeline = _PlanningPipeline(copy_loaded, composition, planning_options, manager, specs=specs,
                                  adapter_dtype=adapter_dtype)

@@ -164,6 +164,6 @@ def lowrank_term(name: str, ql: QuantLinear, manifest: dict | None = None) -> Lo
     record = compensator_record(name, manifest)
     plugin = record.get("plugin", "?")
     dist = record.get("distribution", "an unknown distribution")
-    raise ConfigError(f"{name}: compensator module {getattr(comp, 'module_type', type(comp).__name__)!r} (plugin "
+    raise ConfigError(f"{name}: compensator module {comp.module_type!r} (plugin "
                       f"{plugin!r}, from {dist}) is not a fixed low-rank term, and PEFT LoRA expresses only "
                       f"{LORA_CAN_EXPRESS}: export --format compressed-tensors for the base alone")
