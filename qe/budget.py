@@ -4,8 +4,9 @@
 points, bias, smoothing scales, exemption masks, the compensators' factors, steps and routers,
 in the dtypes they are saved in; :func:`qe.checkpoint.layer_storage_bits`), per quantized weight.
 
-1. **Measure.** A planning pass quantizes a copy of the model with the composition in
-   ``fp-inputs`` propagation; at every linear it fits each option of the compensator's
+1. **Measure.** A planning pass quantizes a copy of each block in turn (of the whole model
+   when the transform changes all of it, like a rotation) with the composition in
+   ``fp-inputs`` propagation, so an offloaded model is planned one onloaded block at a time; at every linear it fits each option of the compensator's
    :meth:`~qe.compensators.base.Compensator.budget_menu` on the same base quantization and
    records the option's exact stored bits and its relative output error on the calibration
    token sample.
@@ -24,23 +25,26 @@ scale in the real run that the planning pass did not choose: its bits are reserv
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from qe.capture import Block, BlockStep
 from qe.checkpoint import layer_storage_bits
 from qe.compensators.base import Compensator, CompensatorModule, LayerContext, LayerPlan
 from qe.composition import Composition
 from qe.errors import ConfigError
 from qe.models.base import EncodedSample
 from qe.models.loading import LoadedModel
-from qe.pipeline import PipelineOptions, QuantizationPipeline
+from qe.models.offload import in_memory_copy, is_offloaded, onloaded
+from qe.pipeline import PipelineOptions, PipelineResult, QuantizationPipeline
 from qe.plugins import PluginRef, QEPluginManager, default_manager
 from qe.quantizers.qlinear import QuantLinear
 from qe.recipe import LayerOverride
@@ -165,6 +169,20 @@ class _PlanningPipeline(QuantizationPipeline):
         self.measured.append(record)
         return cheapest[1] if cheapest is not None else None
 
+    def _quantize_block(self, step: BlockStep, sample_positions, result: PipelineResult) -> dict[str, float]:
+        """Measured on an in-memory copy of the block (made while an offloaded block is
+        onloaded), so the planned model's own blocks are never changed."""
+        with onloaded(step.block.module, self.options.device):
+            work = BlockStep(dataclasses.replace(step.block, module=in_memory_copy(step.block.module)), step.inputs,
+                             step.device)
+        figures = super()._quantize_block(work, sample_positions, result)
+        step.next_hidden = work.next_hidden  # fp-inputs: the block's full-precision outputs
+        return figures
+
+    @contextlib.contextmanager
+    def _block_onloaded(self, block: Block, on_block_done, block_file) -> Iterator[None]:
+        yield  # nothing to onload or offload again: the block itself is only read (see _quantize_block)
+
 
 @dataclass
 class BudgetPlan:
@@ -215,13 +233,13 @@ def check_budget(budget: float, loaded: LoadedModel, composition: Composition, m
                  skip: tuple[str, ...] = ()) -> list[str]:
     """The menu's specs, after the checks that need no calibration: a compensator with a menu,
     and a budget above the base's packed codes alone."""
-    from qe.models.offload import is_offloaded
 
     if not (budget > 0 and math.isfinite(budget)):
         raise ConfigError(f"--budget {budget} must be a positive number of bits per weight, e.g. --budget 5.0")
-    if is_offloaded(loaded.model):
-        raise ConfigError("--budget plans on a copy of the model in memory, and this model is offloaded: "
-                          "drop --offload-folder/--max-memory or quantize without --budget")
+    if is_offloaded(loaded.model) and composition.transform.create().changes_model():
+        raise ConfigError(f"--budget with transform {composition.transform.label!r}, which changes the whole model, "
+                          "plans on a copy of the model in memory, and this model is offloaded: drop "
+                          "--offload-folder/--max-memory or quantize without --budget")
     menu = composition.compensator.create().budget_menu()
     if not menu:
         raise ConfigError(f"--budget allocates a compensator's ranks per layer, and {composition.compensator.label} "
@@ -245,13 +263,15 @@ def plan_budget(loaded: LoadedModel, composition: Composition, encoded: list[Enc
     if options.overrides:
         raise ConfigError("--budget chooses every layer's compensator itself: drop the recipe's per-layer overrides")
     specs = check_budget(budget, loaded, composition, manager, options.skip)
-    copy_loaded = loaded.copy()
+    # A transform that changes the whole model (a rotation) must run on a copy of all of it;
+    # otherwise each block is measured on a copy of its own and the model is left untouched.
+    planned = loaded.copy() if composition.transform.create().changes_model() else loaded
     planning_options = dataclasses.replace(options, propagation="fp-inputs")
-    pipeline = _PlanningPipeline(copy_loaded, composition, planning_options, manager, specs=specs,
+    pipeline = _PlanningPipeline(planned, composition, planning_options, manager, specs=specs,
                                  adapter_dtype=adapter_dtype)
     pipeline.run(encoded)
     layers = pipeline.measured
-    del copy_loaded, pipeline
+    del planned, pipeline
     weights = sum(layer.weights for layer in layers)
     allocation = allocate(layers, math.floor(budget * weights))
     overrides = tuple(LayerOverride(pattern=f"^{re.escape(layer.name)}$",

@@ -126,3 +126,57 @@ def test_qe_budget_allocates_ranks_and_experts_and_more_budget_lowers_the_planne
     assert plan.allocation.bits <= 9.0 * weights
     chosen = {plan.layers[i].specs[plan.allocation.choice[layer.name]] for i, layer in enumerate(plan.layers)}
     assert all(s.startswith("qe[k=4;adapter_bits=8;shared_rank=") for s in chosen)
+
+
+def test_planning_leaves_the_model_as_it_was(tiny_loaded):
+    """Each block is measured on a copy of its own: the planned model's tensors are unchanged."""
+    import copy
+
+    import torch
+
+    from qe.budget import plan_budget
+    from qe.composition import resolve_composition
+    from qe.data.calibration import calibration_set
+    from qe.pipeline import PipelineOptions
+
+    loaded = copy.deepcopy(tiny_loaded)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    _, encoded = calibration_set(loaded, None, 2)
+    plan = plan_budget(loaded, resolve_composition("rtn", "lowrank[adapter_bits=8]", "W4A8"), encoded, 7.0,
+                       PipelineOptions(progress=False))
+    assert plan.layers
+    after = loaded.model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_budget_on_an_offloaded_model_equals_the_in_memory_run(tmp_path, same_checkpoint_tensors):
+    from qe.commands.quantize import run_quantize
+    from qe.models import tiny
+    from qe.models.loading import load_model
+    from qe.models.offload import is_offloaded
+    from qe.recipe import Recipe
+
+    path = str(tiny.tiny_model_dir("llava"))
+    recipe = Recipe(quantizer="rtn", compensator="lowrank[adapter_bits=8]", setting="W4A8", samples=4)
+    ref_dir, ref = run_quantize(recipe, path, out=tmp_path / "ref", progress=False, check_heldout=False, budget=7.0)
+    off = load_model(path, device_map=tiny.LLAVA_BLOCKS_ON_DISK, offload_folder=tmp_path / "offload")
+    assert is_offloaded(off.adapter.decoder_blocks(off.model)[0])
+    off_dir, manifest = run_quantize(recipe, out=tmp_path / "off", progress=False, loaded=off, check_heldout=False,
+                                     budget=7.0)
+    assert manifest["budget"]["allocation"] == ref["budget"]["allocation"]
+    same_checkpoint_tensors(ref_dir, off_dir)
+
+
+def test_a_budget_with_a_rotation_on_an_offloaded_model_is_refused_in_one_line(tmp_path):
+    from qe.commands.quantize import run_quantize
+    from qe.models import tiny
+    from qe.models.loading import load_model
+    from qe.recipe import Recipe
+
+    path = str(tiny.tiny_model_dir("llava"))
+    off = load_model(path, device_map=tiny.LLAVA_BLOCKS_ON_DISK, offload_folder=tmp_path / "offload")
+    recipe = Recipe(transform="rotate", quantizer="rtn", compensator="lowrank", setting="W4A8", samples=4)
+    with pytest.raises(ConfigError, match="changes the whole model") as info:
+        run_quantize(recipe, out=tmp_path / "q", progress=False, loaded=off, check_heldout=False, budget=7.0)
+    assert "\n" not in str(info.value) and not (tmp_path / "q").exists()
