@@ -1,7 +1,8 @@
 """Why the rotation can hurt weight-only RTN: each linear's W4 output error in three bases.
 
 For every decoder linear of the embedded default's language model, the relative output error
-``‖X (W − RTN(W))ᵀ‖ / ‖X Wᵀ‖`` of per-channel symmetric RTN, on the inputs ``X`` the layer
+``‖X (W − RTN(W))ᵀ‖ / ‖X Wᵀ‖`` of RTN (``--setting``, default per-channel symmetric W4, the
+weights of the rotation benchmark's W4A6 and W4A4 cells), on the inputs ``X`` the layer
 receives from the first calibration windows of the benchmark protocol, in three bases:
 
 * ``plain``: the model as it is;
@@ -63,7 +64,7 @@ def output_error(x: torch.Tensor, w: torch.Tensor, quantize) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--windows", type=int, default=2, help="pydoc calibration windows of 512 tokens")
-    ap.add_argument("--setting", default="W4A16")
+    ap.add_argument("--setting", default="W4A16chsym", help="per-channel symmetric weights, as the W4A6 and W4A4 cells")
     args = ap.parse_args()
 
     from qe.capture import BlockWalker

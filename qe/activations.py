@@ -4,11 +4,13 @@ Quantizing a block reads its inputs and keeps its outputs (the next block's inpu
 calibration set costs about three copies of ``tokens × hidden size`` activations. On a model
 whose weights are offloaded that can be the largest thing in memory. An :class:`ActivationStore`
 with a limit keeps activations in host memory until they reach it, then writes each further
-tensor to a file and maps it back read-only: the operating system's page cache holds what fits
-and drops the rest, so the process never owns those pages.
+tensor to a file and maps it back (private, copy-on-write): the operating system's page cache
+holds what fits and drops the rest, so the process does not own those pages unless it writes
+to them (the block loop only reads its inputs).
 
-The files are unlinked as soon as they are mapped (POSIX keeps a mapped file until it is
-unmapped), so nothing is left on disk when the tensors are freed or the process dies.
+Each file is unlinked as soon as it is mapped (POSIX keeps a mapped file until it is
+unmapped), so no file outlives its tensor, even when the process is killed; a temporary
+folder made for them may remain empty after a kill.
 """
 
 from __future__ import annotations
@@ -82,23 +84,29 @@ class ActivationStore:
         self._kept.discard(ident)
 
     def _to_file(self, t: torch.Tensor) -> torch.Tensor:
-        folder = self._folder()
-        path = folder / f"activations-{os.getpid()}-{id(self):x}-{next(self._names)}.bin"
         flat = t.to("cpu").contiguous().reshape(-1)
+        path: Path | None = None
+        mapped: torch.Tensor | None = None
         try:
+            folder = self._folder()
+            path = folder / f"activations-{os.getpid()}-{id(self):x}-{next(self._names)}.bin"
             with open(path, "wb") as f:
-                # Written through the page cache, not a writable mapping: the process never
-                # holds dirty pages of its own, and the kernel writes them out as it likes.
+                # Written through the page cache, not a writable shared mapping: the kernel
+                # writes the pages out as it likes and can drop them once written.
                 flat.view(torch.uint8).numpy().tofile(f)
             mapped = torch.from_file(str(path), shared=False, size=flat.numel(), dtype=flat.dtype)
-        except OSError as e:
-            path.unlink(missing_ok=True)
-            raise ConfigError(f"cannot write captured activations to {folder} ({e.strerror or e}): free disk space "
-                              "there, choose another --offload-folder, or raise --max-activation-memory") from None
-        try:
-            path.unlink()
-        except OSError:  # a platform that keeps mapped files: remove it with the tensor
-            weakref.finalize(mapped, path.unlink, True)
+        except (OSError, RuntimeError) as e:  # from_file reports a failed mmap as RuntimeError
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            raise ConfigError(f"cannot keep captured activations in {self.folder} ({reason}): free disk space there, "
+                              "choose another --offload-folder, or raise --max-activation-memory") from None
+        finally:
+            if path is not None:
+                try:
+                    path.unlink(missing_ok=True)  # a mapped file lives on, unnamed, until it is unmapped
+                except OSError:  # a platform that keeps mapped files open: remove it with the tensor
+                    if mapped is not None:
+                        weakref.finalize(mapped, path.unlink, True)
+        assert mapped is not None
         return mapped.view(t.shape)
 
     def _folder(self) -> Path:

@@ -173,8 +173,8 @@ class _PlanningPipeline(QuantizationPipeline):
         """Measured on an in-memory copy of the block (made while an offloaded block is
         onloaded), so the planned model's own blocks are never changed."""
         with onloaded(step.block.module, self.options.device):
-            work = BlockStep(dataclasses.replace(step.block, module=in_memory_copy(step.block.module)), step.inputs,
-                             step.device)
+            copied = in_memory_copy(step.block.module, self.options.device)
+        work = BlockStep(dataclasses.replace(step.block, module=copied), step.inputs, step.device)
         figures = super()._quantize_block(work, sample_positions, result)
         step.next_hidden = work.next_hidden  # fp-inputs: the block's full-precision outputs
         return figures
@@ -269,6 +269,9 @@ def plan_budget(loaded: LoadedModel, composition: Composition, encoded: list[Enc
     planning_options = dataclasses.replace(options, propagation="fp-inputs")
     pipeline = _PlanningPipeline(planned, composition, planning_options, manager, specs=specs,
                                  adapter_dtype=adapter_dtype)
+    if not pipeline.needs_calibration:  # the data-free path quantizes blocks in place, not copies
+        raise ConfigError(f"--budget measures each option on calibration data, and {composition.label} reads none: "
+                          "use a compensator that fits from data (qe or lowrank)")
     pipeline.run(encoded)
     layers = pipeline.measured
     del planned, pipeline

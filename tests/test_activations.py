@@ -64,9 +64,20 @@ def test_an_unwritable_folder_is_one_line(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     store = ActivationStore(limit_bytes=0, folder=blocked / "sub")
-    with pytest.raises((ConfigError, OSError)) as info:
+    with pytest.raises(ConfigError, match="cannot keep captured activations in .*--max-activation-memory") as info:
         store.keep(torch.ones(4))
     assert "\n" not in str(info.value)
+
+
+def test_a_failed_mapping_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unable to mmap 16 bytes: Cannot allocate memory (12)")
+
+    monkeypatch.setattr(torch, "from_file", refuse)
+    store = ActivationStore(limit_bytes=0, folder=tmp_path)
+    with pytest.raises(ConfigError, match="unable to mmap"):
+        store.keep(torch.ones(4))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sizes_parse_and_bad_sizes_are_one_line():

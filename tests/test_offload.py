@@ -118,3 +118,32 @@ def test_streamed_statistics_equal_without_offload(pair):
     assert [r["f_all"] for r in a.channel_rows] == [r["f_all"] for r in b.channel_rows]
     # the blocks went back to disk
     assert all(p.device.type == "meta" for block in off.blocks for p in block.parameters())
+
+
+class _SharedWeights(dict):
+    """A CPU-offload weights map as accelerate shares it between every offloaded module of a
+    model: copying one block must never copy it."""
+
+    def __deepcopy__(self, memo):
+        raise AssertionError("the model-wide offload weights map was deep-copied")
+
+
+def test_an_in_memory_copy_shares_the_offload_weights_map():
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from accelerate.utils import PrefixedDataset
+
+    from qe.models.offload import in_memory_copy
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    x = torch.randn(3, 8)
+    want = block(x)
+    shared = _SharedWeights({f"block.{k}": v.detach().clone() for k, v in block.state_dict().items()})
+    add_hook_to_module(block, AlignDevicesHook(execution_device="cpu", offload=True, place_submodules=True,
+                                               weights_map=PrefixedDataset(shared, "block.")))
+    assert is_offloaded(block)
+    with onloaded(block, "cpu"):
+        clone = in_memory_copy(block, "cpu")
+    assert not is_offloaded(clone) and all(t.device.type == "cpu" for t in clone.state_dict().values())
+    torch.testing.assert_close(clone(x), want)
+    assert all(t.device.type == "meta" for t in block.state_dict().values())  # the original stays offloaded

@@ -258,7 +258,7 @@ def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, record, manager, opti
                     continue
                 t0 = time.perf_counter()
                 try:
-                    qblock = in_memory_copy(block.module)
+                    qblock = in_memory_copy(block.module, opts.device)
                     pipe.quantize_block_with_stats(Block(block.index, qblock, block.prefix), stats, cell.result)
                     cell.blocks.append(qblock)
                 except (Exception, QEError) as exc:

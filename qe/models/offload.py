@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 
-def _align_hooks(module: nn.Module) -> list:
-    """The accelerate AlignDevicesHooks attached directly to ``module`` that offload weights."""
+def _align_hooks(module: nn.Module, offloading_only: bool = True) -> list:
+    """The accelerate AlignDevicesHooks attached directly to ``module`` (those that offload
+    weights, unless ``offloading_only`` is False)."""
     hook = getattr(module, "_hf_hook", None)
     if hook is None:
         return []
@@ -32,7 +33,7 @@ def _align_hooks(module: nn.Module) -> list:
     except ImportError:  # accelerate absent: nothing can be offloaded
         return []
     hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
-    return [h for h in hooks if isinstance(h, AlignDevicesHook) and h.offload]
+    return [h for h in hooks if isinstance(h, AlignDevicesHook) and (h.offload or not offloading_only)]
 
 
 def is_offloaded(module: nn.Module) -> bool:
@@ -169,13 +170,21 @@ def _onloaded_direct(module: nn.Module, hooks: list) -> Iterator[None]:
             hook.execution_device = device
 
 
-def in_memory_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` that holds its tensors itself: for an offloaded module, call it
-    inside :func:`onloaded` (the copy keeps the real tensors and drops accelerate's hooks)."""
+def in_memory_copy(module: nn.Module, device: str | torch.device | None = None) -> nn.Module:
+    """A deep copy of ``module`` that holds its tensors itself, on ``device`` when given: for an
+    offloaded module, call it inside :func:`onloaded` (the copy keeps the real tensors and drops
+    accelerate's hooks). The hooks' weight maps are shared, not copied: with CPU offload one
+    map holds every offloaded weight of the model."""
     import copy
 
     from accelerate.hooks import remove_hook_from_module
 
-    clone = copy.deepcopy(module)
+    memo: dict[int, object] = {}
+    for m in module.modules():
+        for hook in _align_hooks(m, offloading_only=False):
+            for shared in (hook.weights_map, hook.tied_params_map):
+                if shared is not None:
+                    memo[id(shared)] = shared
+    clone = copy.deepcopy(module, memo)
     remove_hook_from_module(clone, recurse=True)  # nothing to remove on a plain module
-    return clone
+    return clone if device is None else clone.to(device)
