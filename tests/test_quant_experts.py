@@ -304,3 +304,23 @@ def test_costs():
     assert comp.added_parameters(576, 1536) == (32 + 8 * 32) * (576 + 1536) + 8 * 576
     assert comp.flops_per_token(576, 1536) == 64 * (576 + 1536) + 8 * 576
     assert QuantExperts(QuantExpertsConfig(mode="shared-only")).added_parameters(576, 576) == 32 * 1152
+
+
+def test_a_shared_rank_below_k_exempts_only_the_columns_it_can_carry():
+    """Exempt columns reach the output only through the shared expert: with r_s < k the plan
+    exempts the r_s most important channels, and that beats exempting all k (what it did
+    before: a rank-3 shared expert left 29 of SmolLM2's 32 most important columns unserved)."""
+    from qe.compensators.base import LayerPlan
+
+    layer = make_layer(k=8, seed=3)
+    comp, plan, q, module = fit(layer, bits=3, k=8, num_experts=2, shared_rank=2)
+    C_s = plan.info["token_independent"]
+    assert C_s.numel() == 8 and int(plan.exempt.sum()) == 2 and plan.exempt[C_s[:2]].all()
+    assert torch.equal(plan.act_exempt, plan.exempt)
+    everything = LayerPlan.exempting(layer.d_in, C_s, C_s.numel(), plan.info)
+    q_all = quantize_rtn(layer.weight, 3, 0, True, everything.exempt)
+    module_all = comp.fit(layer, q_all, everything)
+    assert calibration_objective(layer, q, module) < calibration_objective(layer, q_all, module_all)
+    # No shared expert: nothing is exempt.
+    no_shared = QuantExperts(QuantExpertsConfig(k=8, num_experts=2, shared_rank=0, expert_rank=3))
+    assert no_shared.plan(layer).exempt is None

@@ -67,6 +67,20 @@ class LayerPlan:
     act_exempt: torch.Tensor | None = None  # (d_in,) bool: channels zeroed before activation quantization
     info: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def exempting(cls, d_in: int, channels: torch.Tensor, rank: int, info: dict[str, Any] | None = None) -> LayerPlan:
+        """Exempt the first ``rank`` of ``channels`` (most important first) from weight and
+        activation quantization. Exempt columns reach the output only through the
+        compensator's rank-``rank`` term, which reproduces at most ``rank`` columns exactly:
+        exempting more would hand the most important channels to a term too small to carry
+        them (a rank-8 term for 32 columns is worse than not exempting at all)."""
+        kept = channels[:rank]
+        if kept.numel() == 0:
+            return cls(info=info or {})
+        exempt = torch.zeros(d_in, dtype=torch.bool)
+        exempt[kept] = True
+        return cls(exempt=exempt, act_exempt=exempt.clone(), info=info or {})
+
 
 class CompensatorModule(nn.Module):
     """Base class of the modules a compensator adds to a quantized linear.

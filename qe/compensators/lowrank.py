@@ -134,9 +134,8 @@ class LowRankCompensator(Compensator):
             return LayerPlan()
         importance = importance_of(layer, "lowrank[on_qe_base=true]")
         C_s, _ = split_channels(importance.total_counts(), self.config.k, 0, layer.name)
-        exempt = torch.zeros(layer.d_in, dtype=torch.bool)
-        exempt[C_s] = True
-        return LayerPlan(exempt=exempt, act_exempt=exempt.clone(), info={"token_independent": C_s})
+        rank = capped_rank(self.config.rank, layer.d_in, layer.d_out)
+        return LayerPlan.exempting(layer.d_in, C_s, rank, {"token_independent": C_s})
 
     def fit(self, layer: LayerContext, quantized: QuantizedWeight, plan: LayerPlan) -> LowRankAdapter:
         start, cpu_start = time.perf_counter(), time.process_time()

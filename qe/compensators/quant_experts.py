@@ -4,7 +4,8 @@ Per linear, in the smoothed basis (``W̃``, ``x̃``, ``H̃``; the pipeline picks
 group from :meth:`QuantExperts.smoothing_candidates`):
 
 1. ``plan``: split channels by per-token importance frequency into ``C_s`` (k) and ``C_r``
-   (N_r·k); exempt ``C_s`` from weight quantization and from the activation quantizer.
+   (N_r·k); exempt ``C_s`` (its r_s most frequent channels when r_s < k) from weight
+   quantization and from the activation quantizer.
 2. ``fit``: ``E = W̃ − W_q``; shared expert = whitened fit of rank r_s with ``H``;
    ``E_S = E − A_s B_s``; NPMI of ``C_r`` co-occurrence → spectral clusters ``G_i``; token t →
    expert ``argmax_i Σ_{c ∈ C_t ∩ G_i} s_{t,c}``; expert i = whitened fit of ``E_S`` with
@@ -226,9 +227,8 @@ class QuantExperts(Compensator):
             import sklearn.cluster  # noqa: F401
         if not c.exempts:
             return LayerPlan(info=info)
-        exempt = torch.zeros(layer.d_in, dtype=torch.bool)
-        exempt[C_s] = True
-        return LayerPlan(exempt=exempt, act_exempt=exempt.clone(), info=info)
+        r_s = self._ranks(layer.d_in, layer.d_out)[0]
+        return LayerPlan.exempting(layer.d_in, C_s, r_s, info)
 
     # ------------------------------------------------------------------ fit
     def fit(self, layer: LayerContext, quantized: QuantizedWeight, plan: LayerPlan) -> QuantExpertsAdapter:
