@@ -240,10 +240,14 @@ def check_budget(budget: float, loaded: LoadedModel, composition: Composition, m
         raise ConfigError(f"--budget with transform {composition.transform.label!r}, which changes the whole model, "
                           "plans on a copy of the model in memory, and this model is offloaded: drop "
                           "--offload-folder/--max-memory or quantize without --budget")
-    menu = composition.compensator.create().budget_menu()
+    compensator = composition.compensator.create()
+    menu = compensator.budget_menu()
     if not menu:
         raise ConfigError(f"--budget allocates a compensator's ranks per layer, and {composition.compensator.label} "
                           "has nothing to allocate: use --compensator qe or lowrank")
+    if not compensator.needs_calibration():  # its options could not be measured, only guessed
+        raise ConfigError(f"--budget measures each option of {composition.compensator.label} by fitting it to "
+                          "calibration data, and this compensator reads none: use a compensator that fits from data")
     bits, weights = base_bits_floor(loaded, composition, skip)
     if weights and budget * weights < bits:
         raise ConfigError(f"--budget {budget} is below the {bits / weights:.4f} bits per weight of the base's codes "
@@ -269,9 +273,6 @@ def plan_budget(loaded: LoadedModel, composition: Composition, encoded: list[Enc
     planning_options = dataclasses.replace(options, propagation="fp-inputs")
     pipeline = _PlanningPipeline(planned, composition, planning_options, manager, specs=specs,
                                  adapter_dtype=adapter_dtype)
-    if not pipeline.needs_calibration:  # the data-free path quantizes blocks in place, not copies
-        raise ConfigError(f"--budget measures each option on calibration data, and {composition.label} reads none: "
-                          "use a compensator that fits from data (qe or lowrank)")
     pipeline.run(encoded)
     layers = pipeline.measured
     del planned, pipeline

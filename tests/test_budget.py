@@ -180,3 +180,14 @@ def test_a_budget_with_a_rotation_on_an_offloaded_model_is_refused_in_one_line(t
     with pytest.raises(ConfigError, match="changes the whole model") as info:
         run_quantize(recipe, out=tmp_path / "q", progress=False, loaded=off, check_heldout=False, budget=7.0)
     assert "\n" not in str(info.value) and not (tmp_path / "q").exists()
+
+
+def test_a_compensator_that_reads_no_data_is_refused_before_calibration(tiny_loaded, tmp_path, monkeypatch):
+    """A budget's options are measured by fitting them; a compensator that declares it reads no
+    calibration data (a third-party one, say) cannot be planned, and is refused in one line."""
+    from qe.compensators.lowrank import LowRankCompensator
+
+    monkeypatch.setattr(LowRankCompensator, "needs_calibration", lambda self: False)
+    with pytest.raises(ConfigError, match="reads none") as info:
+        _quantize(tiny_loaded, tmp_path, "lowrank", 7.0)
+    assert "\n" not in str(info.value) and not (tmp_path / "b7.0").exists()
