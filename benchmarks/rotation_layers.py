@@ -36,8 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rotation-layers"
-READERS = {"q_proj": "input_layernorm", "k_proj": "input_layernorm", "v_proj": "input_layernorm",
-           "gate_proj": "post_attention_layernorm", "up_proj": "post_attention_layernorm"}
+
+
+def residual_readers(adapter, block) -> dict[str, str]:
+    """``{linear: norm before it}`` for the block's linears that read the residual stream, as
+    the model adapter describes them (the groups behind the attention and MLP input norms)."""
+    return {linear: group.norm for group in adapter.smoothing_groups(block)
+            if group.norm in (adapter.attention_input_norm, adapter.mlp_input_norm) for linear in group.linears}
 
 
 def layer_inputs(model, names: list[str], encoded, rows: int) -> dict[str, torch.Tensor]:
@@ -93,19 +98,21 @@ def main() -> None:
     x_rotated = layer_inputs(rotated, list(linears), encoded, rows)
 
     per_layer, gains = [], {}
-    for name, lin in linears.items():
-        kind = name.rsplit(".", 1)[1]
-        block = loaded.model.get_submodule(name.rsplit(".", 2)[0])
-        w, x = lin.weight.detach().float(), x_plain[name]
-        row = {"layer": name, "kind": kind, "plain": output_error(x, w, quantize),
-               "rotated": output_error(x_rotated[name], rotated.get_submodule(name).weight.detach().float(), quantize)}
-        if kind in READERS:
-            g = block.get_submodule(READERS[kind]).weight.detach().float()
-            row["gain_folded"] = output_error(x / g, w * g, quantize)
-            gains[f"{name.rsplit('.', 2)[0]}.{READERS[kind]}"] = {
-                "min_over_median": float(g.abs().min() / g.abs().median()),
-                "share_below_quarter_median": float((g.abs() < g.abs().median() / 4).float().mean())}
-        per_layer.append(row)
+    for b in walker.blocks():
+        readers = residual_readers(loaded.adapter, b.module)
+        for n, lin in walker.linears(b).items():
+            name = f"{b.prefix}.{n}"
+            w, x = lin.weight.detach().float(), x_plain[name]
+            row = {"layer": name, "kind": n.rsplit(".", 1)[-1], "plain": output_error(x, w, quantize),
+                   "rotated": output_error(x_rotated[name], rotated.get_submodule(name).weight.detach().float(),
+                                           quantize)}
+            if n in readers:
+                g = b.module.get_submodule(readers[n]).weight.detach().float()
+                row["gain_folded"] = output_error(x / g, w * g, quantize)
+                gains[f"{b.prefix}.{readers[n]}"] = {
+                    "min_over_median": float(g.abs().min() / g.abs().median()),
+                    "share_below_quarter_median": float((g.abs() < g.abs().median() / 4).float().mean())}
+            per_layer.append(row)
 
     table = []
     for kind in dict.fromkeys(r["kind"] for r in per_layer):
