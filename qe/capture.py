@@ -173,7 +173,7 @@ def capture_block_inputs(
 
     handles = [b.register_forward_pre_hook(grabber(i), with_kwargs=True) for i, b in enumerate(blocks[: last + 1])]
     handles.append(adapter.language_model(loaded.model).register_forward_pre_hook(grab_between, with_kwargs=True))
-    out = BlockInputs(store=store if store is not None and store.host else None)
+    out = BlockInputs(store=store)
     offset = 0
     try:
         for group in tqdm(_batches(encoded, batch_size), desc="capture", disable=not progress, leave=False):
