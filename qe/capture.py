@@ -137,8 +137,8 @@ def capture_block_inputs(
     and every block's arguments are kept (tensors shared between blocks stored once).
 
     ``storage_device`` keeps the captured activations elsewhere (e.g. CPU while blocks run on
-    an accelerator); by default they stay on ``device``. A limited ``store`` keeps them in host
-    memory up to its limit and in files past it, and so will every block's outputs computed
+    an accelerator); by default they stay on ``device``. A ``store`` on the host keeps them in
+    host memory (up to its limit, in files past it), and so every block's outputs computed
     from them.
     """
     storage = storage_device or device
