@@ -7,7 +7,8 @@ non-overlapping 512-token windows; every decoder linear quantized, per-token dyn
 activations; quantized propagation.
 
 Cells, per setting (W4A4, W4A6): RTN, GPTQ, rotate + RTN, rotate + GPTQ,
-rotate + GPTQ + lowrank-64, rotate + GPTQ + QE. The summary line gives the share of
+rotate + GPTQ + lowrank-64, rotate + GPTQ + QE; and at W4A4KV4 (the KV cache in 4 bits too) the
+three rotate + GPTQ cells. The summary line gives the share of
 rotate + GPTQ's perplexity gap to FP32 that QE closes (target ≥ 50%) and whether QE beats
 lowrank-64 on the same base. Resumable: each finished cell is a JSON file under --out; run a
 subset with --cells (substrings of cell labels), list the cells and their state with --list.
@@ -26,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_cell_list, print_table, rewrite_full_report  # noqa: E402
 
 SETTINGS = ["W4A4", "W4A6"]
+# The 4-bit KV cache on the rotate + GPTQ bases only: without the rotation W4A4 already collapses.
+KV_SETTINGS = ["W4A4KV4"]
 # (transform, quantizer, compensator)
 COMPOSITIONS = [
     ("none", "rtn", "none"),
@@ -46,6 +49,10 @@ def cells():
     for s in SETTINGS:
         for t, q, c in COMPOSITIONS:
             out.extend(grid_cells([q], [c], [s], transforms=[t]))
+    for s in KV_SETTINGS:
+        for t, q, c in COMPOSITIONS:
+            if (t, q) == ("rotate", "gptq"):
+                out.extend(grid_cells([q], [c], [s], transforms=[t]))
     return out
 
 
@@ -54,7 +61,7 @@ def summary(rows: list[dict]) -> list[str]:
     ppl = {r["label"]: r.get("ppl") for r in rows if r.get("status") == "ok"}
     fp = ppl.get("FP32")
     lines = []
-    for s in SETTINGS:
+    for s in SETTINGS + KV_SETTINGS:
         base, qe_, lr = (ppl.get(f"rotate+gptq+{c}@{s}") for c in ("none", "qe", "lowrank[rank=64]"))
         if fp is None or base is None or qe_ is None:
             lines.append(f"{s}: rotate+gptq and rotate+gptq+qe not both measured yet")

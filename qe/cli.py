@@ -298,7 +298,7 @@ def _quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantizer", default=None, help="quantizer plugin: rtn (default), gptq, 'gptq[damp=0.01]'")
     p.add_argument("--compensator", default=None, help="compensator plugin, e.g. none, 'lowrank[rank=64]', qe")
     p.add_argument("--estimator", default=None, help="importance estimator plugin (default act-weight)")
-    p.add_argument("--setting", default=None, help="W<bits>A<bits>[g<group>|ch][sym|asym] (default W4A8)")
+    p.add_argument("--setting", default=None, help="W<bits>A<bits>[KV<bits>][g<group>|ch][sym|asym] (default W4A8)")
     p.add_argument("--w-bits", type=int, default=None, help="weight bits; replaces the W<bits> of --setting")
     p.add_argument("--a-bits", type=int, default=None,
                    help="activation bits; replaces the A<bits> of --setting (16 = weights only)")

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from qe.analysis.statistics import LinearStats, choose_sample_positions
@@ -39,7 +40,7 @@ from qe.capture import Block, BlockInputs, BlockStep, BlockWalker, StreamContext
 from qe.checkpoint import save_safetensors
 from qe.compensators.base import Compensator, CompensatorModule, LayerContext, LayerPlan
 from qe.composition import Composition
-from qe.errors import ConfigError, NumericalError
+from qe.errors import ConfigError, ModelError, NumericalError
 from qe.modality import MODALITIES, Modality
 from qe.models.base import EncodedSample
 from qe.models.loading import LoadedModel
@@ -47,6 +48,7 @@ from qe.models.moe import routed_owner
 from qe.models.offload import execution_device, is_offloaded, offload_to_file, onloaded
 from qe.plugins import QEPluginManager, default_manager
 from qe.quantized import fake_quantize_activations
+from qe.quantizers import kv_cache
 from qe.quantizers.base import Quantizer
 from qe.quantizers.qlinear import QuantLinear
 from qe.transforms import smoothing
@@ -149,6 +151,26 @@ class QuantizationPipeline:
         self._spill: Path | None = None
         self._prepared = False
         self._validate_layers()
+        if self.setting.quantizes_kv_cache:
+            # Transparent until a block is marked (quantize_kv_cache), so copies of the model
+            # made from here on (qe compare's cells) inherit it.
+            kv_cache.enable(loaded.adapter.language_model(loaded.model))
+            self._kv_attention(self.walker.block(0))  # a model without one is refused now, not at block 0's end
+
+    def _kv_attention(self, block: Block) -> nn.Module:
+        name = self.loaded.adapter.attention_name
+        try:
+            return block.module.get_submodule(name)
+        except AttributeError:
+            raise ModelError(f"{block.prefix} has no attention module at {name!r} (model adapter "
+                             f"{self.loaded.adapter.name!r}), so its KV cache cannot be quantized: drop KV<bits> "
+                             "from the setting") from None
+
+    def quantize_kv_cache(self, block: Block) -> None:
+        """From now on, the block's attention quantizes the keys and values it caches (a setting
+        with ``KV<bits>``; :mod:`qe.quantizers.kv_cache`)."""
+        if self.setting.quantizes_kv_cache:
+            kv_cache.mark_attention(self._kv_attention(block), self.setting.kv_bits)
 
     def plugins_for(self, full_name: str) -> tuple[Quantizer, Compensator]:
         """The (quantizer, compensator) serving one linear."""
@@ -264,6 +286,8 @@ class QuantizationPipeline:
             inputs = None
         result = result if result is not None else PipelineResult()
         result.warnings.extend(w for w in self.warnings if w not in result.warnings)
+        for block in self.walker.blocks()[:start_block]:  # quantized by the run this one resumes
+            self.quantize_kv_cache(block)
         t_start = time.perf_counter()
         num_blocks = self.walker.num_blocks
         if not self.needs_calibration:
@@ -324,6 +348,7 @@ class QuantizationPipeline:
             with self._block_onloaded(block, on_block_done, block_file):
                 for n in sorted(self.linear_names(block)):
                     self._quantize_data_free(block, n, result)
+                self.quantize_kv_cache(block)
                 result.blocks.append({})
                 if on_block_done is not None:
                     on_block_done(i, result)
@@ -414,6 +439,7 @@ class QuantizationPipeline:
             members = [n for n in group.linears if n in names]
             if members:
                 self._quantize_group(block, group, members, stats, result)
+        self.quantize_kv_cache(block)
 
     def _quantize_group(self, block: Block, group, names, stats: dict[str, LinearStats], result: PipelineResult):
         """plan → transform → quantize → fit, for the linears of one smoothing group."""

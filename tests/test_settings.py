@@ -17,6 +17,8 @@ from qe.settings import QuantSetting, parse_setting, parse_settings
         ("W4A16g64sym", QuantSetting(4, 16, 64, True)),
         ("w8a8", QuantSetting(8, 8, 0, True)),
         ("W4A8g128asym", QuantSetting(4, 8, 128, False)),
+        ("W4A4KV4", QuantSetting(4, 4, 0, True, kv_bits=4)),
+        ("w4a16kv8g64", QuantSetting(4, 16, 64, False, kv_bits=8)),
     ],
 )
 def test_parse_examples(text, expected):
@@ -28,14 +30,16 @@ def test_parse_examples(text, expected):
     a=st.sampled_from([4, 5, 6, 7, 8, 16]),
     g=st.sampled_from([0, 32, 64, 128]),
     sym=st.booleans(),
+    kv=st.sampled_from([2, 4, 8, 16]),
 )
-def test_name_round_trip(w, a, g, sym):
-    s = QuantSetting(w, a, g, sym)
+def test_name_round_trip(w, a, g, sym, kv):
+    s = QuantSetting(w, a, g, sym, kv)
     assert parse_setting(s.name) == s
     assert parse_setting(s.short_name) == s
 
 
-@pytest.mark.parametrize("bad", ["W4", "A8", "W4A8x", "W1A8", "W9A8", "W4A3", "W4A9", "W4A8g0", "", "4A8"])
+@pytest.mark.parametrize("bad", ["W4", "A8", "W4A8x", "W1A8", "W9A8", "W4A3", "W4A9", "W4A8g0", "", "4A8", "W4A4KV1",
+                                 "W4A4KV9", "W4A4KV"])
 def test_bad_settings_name_the_forms(bad):
     with pytest.raises(ConfigError) as e:
         parse_setting(bad)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from qe.errors import ConfigError, QEError
-from qe.export.plan import check_base, fold_plan, lowrank_term
+from qe.export.plan import check_base, check_kv_cache, fold_plan, lowrank_term
 from qe.paths import atomic_directory, json_safe
 
 FORMATS = ("compressed-tensors", "peft-lora", "transformers")
@@ -91,6 +91,7 @@ def export_checkpoint(
     if fmt == "transformers":
         return export_transformers(source, out, force=force, manager=manager)
     loaded = loaded if loaded is not None else load_quantized(source, manager=manager)
+    check_kv_cache(loaded.manifest)
     model = loaded.model
     layers = ckpt_mod.quantized_layers(model)
     if not layers:
@@ -174,6 +175,7 @@ def export_transformers(source: Path, out: Path, *, force: bool = False, manager
     t0 = time.perf_counter()
     manifest = ckpt_mod.read_manifest(source)
     ckpt_mod.verify_files(source, manifest["files"])
+    check_kv_cache(manifest)
     modules = (manager or default_manager()).compensator_modules()
     for name, layout in manifest["layouts"].items():  # every compensator must be rebuildable at load
         if (layout.get("linear") or {}).get("input_rotation"):

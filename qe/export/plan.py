@@ -52,6 +52,19 @@ def check_base(name: str, ql: QuantLinear) -> None:
                           f"{BASE_CAN_EXPRESS}: re-quantize with such a setting")
 
 
+def check_kv_cache(manifest: dict | None) -> None:
+    """Refuse, in one line, a checkpoint whose setting quantizes the KV cache: qe simulates that
+    inside attention (:mod:`qe.quantizers.kv_cache`), with an online rotation of each head that
+    no export format carries."""
+    from qe.settings import parse_setting
+
+    setting = ((manifest or {}).get("composition") or {}).get("setting")
+    if isinstance(setting, str) and parse_setting(setting).quantizes_kv_cache:
+        raise ConfigError(f"the checkpoint's setting {setting} quantizes the KV cache, which qe simulates inside "
+                          "attention and no export format carries: export a checkpoint quantized without KV<bits>, "
+                          "or load it with qe.load_quantized")
+
+
 def strategy(ql: QuantLinear) -> tuple[str, int | None]:
     """compressed-tensors' weight strategy and group size (a group as wide as the row is a channel)."""
     if ql.group_size == 0 or ql.group_size >= ql.in_features:

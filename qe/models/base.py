@@ -81,6 +81,8 @@ class ModelAdapter(Plugin):
     # sliding-window and global layers get their own masks and rotary embeddings), so capture
     # keeps every block's arguments.
     kwargs_differ_by_block: ClassVar[bool] = False
+    # A decoder block's attention module: a quantized KV cache (KV<bits> in the setting) wraps it.
+    attention_name: ClassVar[str] = "self_attn"
     # The norms whose outputs the attention and the MLP read (smoothing folds into them).
     attention_input_norm: ClassVar[str] = "input_layernorm"
     mlp_input_norm: ClassVar[str] = "post_attention_layernorm"

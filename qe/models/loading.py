@@ -398,12 +398,34 @@ def load_quantized(directory: str | Path, *, device: str | None = None, manager=
         if device is not None:
             model.to(device)
     model.eval()
+    _restore_kv_cache(model, adapter, manifest, directory)
     processor = load_processor(str(directory), adapter, config)
     info = manifest["model"]
     notes = list(info.get("notes", [])) + [f"quantized with {manifest['composition']['quantizer']} + "
                                            f"{manifest['composition']['compensator']} at {manifest['composition']['setting']}"]
     card = {"synthetic_vision_tower": info.get("synthetic_vision_tower", False)}
     return LoadedModel(model, processor, adapter, f"{info['name']}-quantized", str(directory), notes, card, manifest)
+
+
+def _restore_kv_cache(model, adapter, manifest: dict, directory: Path) -> None:
+    """A setting with ``KV<bits>`` quantizes every decoder block's KV cache, as when it was saved."""
+    from qe.quantizers import kv_cache
+    from qe.settings import parse_setting
+
+    try:
+        setting = parse_setting(manifest["composition"]["setting"])
+    except ConfigError as e:
+        raise ModelError(f"checkpoint {directory}: composition.setting: {e}: the manifest is damaged; re-quantize") from None
+    if not setting.quantizes_kv_cache:
+        return
+    kv_cache.enable(adapter.language_model(model))
+    for i, block in enumerate(adapter.decoder_blocks(model)):
+        try:
+            attention = block.get_submodule(adapter.attention_name)
+        except AttributeError:
+            raise ModelError(f"checkpoint {directory}: block {i} has no attention module at {adapter.attention_name!r} "
+                             f"for its {setting.name} KV cache: the checkpoint does not match its model") from None
+        kv_cache.mark_attention(attention, setting.kv_bits)
 
 
 def _dispatch_from_shards(model, directory: Path, manifest: dict, device_map: Any, max_memory: dict | None,

@@ -1,0 +1,119 @@
+"""A quantized KV cache, simulated inside attention: the ``KV<b>`` part of a setting (``W4A4KV4``).
+
+What a serving engine keeps in its KV cache are the keys after the rotary embedding (and after
+the QK-norm where the family has one) and the values, per token and key-value head. qe
+quantizes exactly those. It registers an attention implementation with transformers
+(``qe_kv_sdpa`` or ``qe_kv_eager``, wrapping the model's own, with the same masks) whose
+function receives the keys and values the cache holds, and, for every attention module marked
+with :func:`mark_attention`, fake-quantizes them before attending:
+
+    K ← Q_kv(K R),  Q ← Q R,  V ← Q_kv(V R),  out ← attention(Q, K, V) Rᵀ
+
+``R`` is an orthogonal matrix of order ``head_dim``: the normalized Hadamard matrix where qe
+knows one of that order, else a seeded random orthogonal matrix. The rotation is exact in full
+precision (``Q R (K R)ᵀ = Q Kᵀ`` and ``P (V R) Rᵀ = P V``); it spreads the few large channels
+that rotary keys have over the whole head before the grid is set. ``Q_kv`` is dynamic
+asymmetric min-max quantization with one scale and zero point per token and head (a group of
+``head_dim`` values).
+
+Each token is quantized on its own, so the cache is consistent: a token is quantized the same
+way when it is written to the cache and when a whole sequence is attended at once (quantizing
+a quantized vector again returns it). Unmarked attention modules run unchanged, so switching a
+model's implementation changes nothing until a block is marked.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from qe.errors import ModelError
+from qe.transforms.hadamard import hadamard_matrix, has_hadamard, random_orthogonal
+
+IMPLEMENTATION_PREFIX = "qe_kv_"
+BASE_IMPLEMENTATIONS = ("sdpa", "eager")
+
+# The cache bits of each marked attention module; weak, so a dropped model leaves nothing here.
+_KV_BITS: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+
+def fake_quantize_kv(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """``x`` ``(..., head_dim)`` quantized and dequantized on one asymmetric min-max grid of
+    ``2^bits`` levels per vector along the last dimension, in ``x``'s dtype (float32 inside)."""
+    xf = x.float()
+    lo = xf.amin(-1, keepdim=True)
+    hi = xf.amax(-1, keepdim=True)
+    levels = 2 ** bits - 1
+    scale = ((hi - lo) / levels).clamp_min(1e-12)
+    codes = ((xf - lo) / scale).round().clamp(0, levels)
+    return (codes * scale + lo).to(x.dtype)
+
+
+@lru_cache(maxsize=16)
+def head_rotation(head_dim: int) -> torch.Tensor:
+    """The ``(head_dim, head_dim)`` float32 orthogonal ``R`` (see the module docstring)."""
+    r = hadamard_matrix(head_dim) if has_hadamard(head_dim) else random_orthogonal(head_dim, seed=0)
+    return r.float()
+
+
+def quantized_attention(base: Callable) -> Callable:
+    """An attention function with transformers' signature that quantizes the keys and values of
+    marked modules (module docstring) and calls ``base`` with them."""
+
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs):
+        bits = _KV_BITS.get(module)
+        if bits is None:
+            return base(module, query, key, value, *args, **kwargs)
+        r = head_rotation(key.shape[-1]).to(device=key.device, dtype=key.dtype)
+        query, key = query @ r, fake_quantize_kv(key @ r, bits)
+        value = fake_quantize_kv(value @ r, bits)
+        out, weights = base(module, query, key, value, *args, **kwargs)
+        return out @ r.T, weights  # out: (batch, tokens, heads, head_dim)
+
+    return attention
+
+
+def _register(base_name: str) -> str:
+    """Register the wrapped implementation of ``base_name`` (and its masks) once; its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = IMPLEMENTATION_PREFIX + base_name
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        if base_name == "eager":
+            # transformers keeps no registry entry for eager attention (each family passes its own
+            # as the default); the Llama one is the standard grouped-query eager attention.
+            from transformers.models.llama.modeling_llama import eager_attention_forward as base
+        else:
+            base = ALL_ATTENTION_FUNCTIONS[base_name]
+        AttentionInterface.register(name, quantized_attention(base))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base_name])
+    return name
+
+
+def enable(language_model: nn.Module) -> None:
+    """Switch the language model's attention to the wrapped implementation (transparent until a
+    block is marked); a one-line error for an implementation qe cannot wrap."""
+    config = language_model.config
+    current = config._attn_implementation or "eager"
+    if current.startswith(IMPLEMENTATION_PREFIX):
+        return
+    if current not in BASE_IMPLEMENTATIONS:
+        raise ModelError(f"the language model runs {current!r} attention, and a quantized KV cache (KV<bits> in the "
+                         f"setting) wraps only {' or '.join(BASE_IMPLEMENTATIONS)}: load the model with "
+                         "attn_implementation='sdpa', or drop KV<bits> from the setting")
+    config._attn_implementation = _register(current)
+
+
+def mark_attention(module: nn.Module, bits: int) -> None:
+    """Quantize the KV cache of this attention module to ``bits`` (under an enabled model)."""
+    _KV_BITS[module] = bits
+
+
+def marked_bits(module: nn.Module) -> int | None:
+    return _KV_BITS.get(module)
