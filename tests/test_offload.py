@@ -147,3 +147,20 @@ def test_an_in_memory_copy_shares_the_offload_weights_map():
     assert not is_offloaded(clone) and all(t.device.type == "cpu" for t in clone.state_dict().values())
     torch.testing.assert_close(clone(x), want)
     assert all(t.device.type == "meta" for t in block.state_dict().values())  # the original stays offloaded
+
+
+def test_a_copy_of_an_offloaded_model_shares_its_offloaded_weights(pair):
+    """qe compare quantizes each cell in a copy of the model: the copy must read the same
+    offloaded weights, not hold a second copy of them (with CPU offload that is the model)."""
+    from qe.models.offload import _align_hooks
+
+    ref, off = pair
+    copy = off.copy()
+
+    def maps(model):
+        return [id(h.weights_map) for m in model.modules() for h in _align_hooks(m) if h.weights_map is not None]
+
+    assert maps(off.model) and maps(copy.model) == maps(off.model)
+    ids = torch.tensor([[5, 17, 300, 42]])
+    with torch.no_grad():
+        torch.testing.assert_close(copy.model(input_ids=ids).logits, ref.model(input_ids=ids).logits)

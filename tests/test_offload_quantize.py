@@ -12,7 +12,7 @@ import qe
 from qe.commands.quantize import run_quantize
 from qe.models import tiny
 from qe.models.loading import Placement, load_model, load_quantized
-from qe.models.offload import is_offloaded
+from qe.models.offload import is_offloaded, offload_to_file
 from qe.models.tiny import LLAVA_BLOCKS_ON_DISK as DISK_MAP
 from qe.plugins import QEPluginManager
 from qe.quantizers.qlinear import QuantLinear
@@ -140,6 +140,27 @@ def test_compare_on_an_offloaded_model_gives_the_same_table(propagation, tmp_pat
 
     assert len(rows(tmp_path / "memory")) == 3
     assert rows(tmp_path / "memory") == rows(tmp_path / "offloaded")
+
+
+def test_fp_inputs_compare_offloads_every_cells_quantized_blocks(tmp_path, monkeypatch):
+    """Each cell's quantized blocks go to files as they are made (the table is the same: the
+    test above), so a grid of cells does not hold the model several times over in memory."""
+    from qe.cli import main
+    from qe.commands import compare_cells
+
+    spilled = []
+
+    def spy(module, path, device):
+        spilled.append(path.name)
+        return offload_to_file(module, path, device)
+
+    monkeypatch.setattr(compare_cells, "offload_to_file", spy)
+    assert main(["compare", "--model", "tiny:llava", "--quantizers", "rtn", "--compensators", "none,lowrank[rank=4]",
+                 "--settings", "W4A8", "--samples", "3", "--eval-tokens", "1024", "--propagation", "fp-inputs",
+                 "--quiet", "--out", str(tmp_path / "grid"), "--max-memory", "cpu=300KB",
+                 "--offload-folder", str(tmp_path / "offload")]) == 0
+    blocks = len(load_model("tiny:llava").blocks)
+    assert sorted(spilled) == sorted(f"cell-{c}-block-{b:05d}.safetensors" for c in range(2) for b in range(blocks))
 
 
 def test_max_memory_is_checked_before_loading(capsys):

@@ -7,24 +7,27 @@ neither imports the other's runner.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import hashlib
 import json
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from qe.analysis.statistics import choose_sample_positions
 from qe.capture import Block, BlockWalker, StreamContext, attach_stats
+from qe.checkpoint import save_safetensors
 from qe.composition import Composition, resolve_composition
 from qe.data.calibration import encode_samples
 from qe.errors import ConfigError, QEError
 from qe.models.loading import LoadedModel, Placement
-from qe.models.offload import in_memory_copy, onloaded
+from qe.models.offload import copy_sharing_offload, in_memory_copy, offload_to_file, onloaded
 from qe.pipeline import PipelineOptions, PipelineResult, QuantizationPipeline
 from qe.plugins import default_manager, split_plugin_list
 from qe.settings import QuantSetting, parse_setting, parse_settings
@@ -221,9 +224,19 @@ def _run_quantized(loaded, cells, opts, inputs, evaluator, record, manager, opti
 
 def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, record, manager, options, shared) -> None:
     """Block-major: each block's statistics once for every cell. A cell's ``quantize_seconds``
-    is its own quantization work; the shared streaming is ``shared_stream_seconds``."""
-    adapter, model = loaded.adapter, loaded.model
+    is its own quantization work; the shared streaming is ``shared_stream_seconds``. On an
+    offloaded model each cell's quantized blocks are offloaded too, to files in a temporary
+    folder removed at the end."""
     walker = BlockWalker(loaded, device=opts.device, progress=options.progress, inputs=inputs)
+    offloaded = walker.offloaded()
+    with tempfile.TemporaryDirectory(prefix="qe-compare-blocks-") if offloaded else contextlib.nullcontext() as spill:
+        _fp_inputs_grid(loaded, walker, cells, opts, inputs, evaluator, record, manager, options, shared,
+                        Path(spill) if offloaded else None)
+
+
+def _fp_inputs_grid(loaded, walker, cells, opts, inputs, evaluator, record, manager, options, shared,
+                    spill: Path | None) -> None:
+    adapter, model = loaded.adapter, loaded.model
     live: list[tuple[Cell, QuantizationPipeline]] = []
     shared_cache: dict = {}
     for cell in cells:
@@ -260,6 +273,10 @@ def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, record, manager, opti
                 try:
                     qblock = in_memory_copy(block.module, opts.device)
                     pipe.quantize_block_with_stats(Block(block.index, qblock, block.prefix), stats, cell.result)
+                    if spill is not None:  # every cell's quantized blocks in memory would be the model several times over
+                        path = spill / f"cell-{cells.index(cell)}-block-{block.index:05d}.safetensors"
+                        save_safetensors({k: v.detach().cpu().contiguous() for k, v in qblock.state_dict().items()}, path)
+                        offload_to_file(qblock, path, opts.device)
                     cell.blocks.append(qblock)
                 except (Exception, QEError) as exc:
                     cell.error = "failed"
@@ -272,7 +289,7 @@ def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, record, manager, opti
         if cell.error:
             continue
         try:
-            work = copy.deepcopy(model)
+            work = copy_sharing_offload(model)
             target = work.get_submodule(walker.prefix)
             for i, qblock in enumerate(cell.blocks):
                 target[i] = qblock

@@ -52,10 +52,11 @@ class LoadedModel:
     activations: ActivationStore = field(default_factory=ActivationStore)
 
     def copy(self) -> LoadedModel:
-        """The same model loaded twice: a deep copy of the weights, everything else shared."""
-        import copy
+        """The same model loaded twice: a deep copy of the weights, everything else shared (an
+        offloaded model's offloaded weights too: they are read, never written)."""
+        from qe.models.offload import copy_sharing_offload
 
-        return dataclasses.replace(self, model=copy.deepcopy(self.model))
+        return dataclasses.replace(self, model=copy_sharing_offload(self.model))
 
     @property
     def tokenizer(self):

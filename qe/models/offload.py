@@ -170,14 +170,11 @@ def _onloaded_direct(module: nn.Module, hooks: list) -> Iterator[None]:
             hook.execution_device = device
 
 
-def in_memory_copy(module: nn.Module, device: str | torch.device | None = None) -> nn.Module:
-    """A deep copy of ``module`` that holds its tensors itself, on ``device`` when given: for an
-    offloaded module, call it inside :func:`onloaded` (the copy keeps the real tensors and drops
-    accelerate's hooks). The hooks' weight maps are shared, not copied: with CPU offload one
-    map holds every offloaded weight of the model."""
+def copy_sharing_offload(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose accelerate hooks share the original's weight maps instead
+    of copying them: with CPU offload one map holds every offloaded weight of the model, so a
+    plain deep copy of an offloaded model would hold all of them twice. The maps are only read."""
     import copy
-
-    from accelerate.hooks import remove_hook_from_module
 
     memo: dict[int, object] = {}
     for m in module.modules():
@@ -185,6 +182,15 @@ def in_memory_copy(module: nn.Module, device: str | torch.device | None = None) 
             for shared in (hook.weights_map, hook.tied_params_map):
                 if shared is not None:
                     memo[id(shared)] = shared
-    clone = copy.deepcopy(module, memo)
+    return copy.deepcopy(module, memo)
+
+
+def in_memory_copy(module: nn.Module, device: str | torch.device | None = None) -> nn.Module:
+    """A deep copy of ``module`` that holds its tensors itself, on ``device`` when given: for an
+    offloaded module, call it inside :func:`onloaded` (the copy keeps the real tensors and drops
+    accelerate's hooks, whose weight maps it shares: :func:`copy_sharing_offload`)."""
+    from accelerate.hooks import remove_hook_from_module
+
+    clone = copy_sharing_offload(module)
     remove_hook_from_module(clone, recurse=True)  # nothing to remove on a plain module
     return clone if device is None else clone.to(device)
