@@ -107,6 +107,18 @@ def test_the_wrapper_is_transparent_until_marked_and_quantizes_once_marked(famil
     assert err2 > 4 * err8, (err2, err8)  # fewer bits, more error
 
 
+def test_a_copy_of_a_model_with_a_quantized_cache_keeps_it():
+    import copy
+
+    loaded = load_model("tiny:llava")
+    _mark_all(loaded, 3)
+    want = _logits(loaded.model)
+    twin = copy.deepcopy(loaded.model)
+    del loaded
+    assert torch.equal(_logits(twin), want)
+    assert all(kv_cache.marked_bits(b.self_attn) == 3 for b in twin.model.language_model.layers)
+
+
 def test_one_forward_equals_token_by_token_decoding_through_the_cache():
     """The cache stores each token as quantized when written; attending the whole sequence
     at once quantizes each token the same way, so both give the same logits."""

@@ -24,7 +24,6 @@ model's implementation changes nothing until a block is marked.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -37,8 +36,9 @@ from qe.transforms.hadamard import hadamard_matrix, has_hadamard, random_orthogo
 IMPLEMENTATION_PREFIX = "qe_kv_"
 BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 
-# The cache bits of each marked attention module; weak, so a dropped model leaves nothing here.
-_KV_BITS: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+# The attribute of a marked attention module that holds its cache bits: on the module itself,
+# so a deep copy of a quantized model (qe compare's cells, a user's copy) stays quantized.
+BITS_ATTRIBUTE = "qe_kv_cache_bits"
 
 
 def fake_quantize_kv(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -65,7 +65,7 @@ def quantized_attention(base: Callable) -> Callable:
     marked modules (module docstring) and calls ``base`` with them."""
 
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs):
-        bits = _KV_BITS.get(module)
+        bits = marked_bits(module)
         if bits is None:
             return base(module, query, key, value, *args, **kwargs)
         r = head_rotation(key.shape[-1]).to(device=key.device, dtype=key.dtype)
@@ -112,8 +112,9 @@ def enable(language_model: nn.Module) -> None:
 
 def mark_attention(module: nn.Module, bits: int) -> None:
     """Quantize the KV cache of this attention module to ``bits`` (under an enabled model)."""
-    _KV_BITS[module] = bits
+    module.__dict__[BITS_ATTRIBUTE] = bits  # a plain attribute, not a buffer: no state dict or offload hook sees it
 
 
 def marked_bits(module: nn.Module) -> int | None:
-    return _KV_BITS.get(module)
+    """The cache bits :func:`mark_attention` gave this module, or None."""
+    return module.__dict__.get(BITS_ATTRIBUTE)
