@@ -151,11 +151,13 @@ class QuantizationPipeline:
         self._spill: Path | None = None
         self._prepared = False
         self._validate_layers()
-        if self.setting.quantizes_kv_cache:
+        # The KV cache is the language model's: a vision stack's pipeline leaves attention alone.
+        self.quantizes_kv_cache = self.setting.quantizes_kv_cache and loaded.adapter.stack == "language"
+        if self.quantizes_kv_cache:
+            attentions = [self._kv_attention(b) for b in self.walker.blocks()]  # refused now, not after hours
             # Transparent until a block is marked (quantize_kv_cache), so copies of the model
             # made from here on (qe compare's cells) inherit it.
-            kv_cache.enable(loaded.adapter.language_model(loaded.model))
-            self._kv_attention(self.walker.block(0))  # a model without one is refused now, not at block 0's end
+            kv_cache.enable(loaded.adapter.language_model(loaded.model), attentions[0])
 
     def _kv_attention(self, block: Block) -> nn.Module:
         name = self.loaded.adapter.attention_name
@@ -169,8 +171,14 @@ class QuantizationPipeline:
     def quantize_kv_cache(self, block: Block) -> None:
         """From now on, the block's attention quantizes the keys and values it caches (a setting
         with ``KV<bits>``; :mod:`qe.quantizers.kv_cache`)."""
-        if self.setting.quantizes_kv_cache:
+        if self.quantizes_kv_cache:
             kv_cache.mark_attention(self._kv_attention(block), self.setting.kv_bits)
+
+    def restored(self, done: int) -> None:
+        """Blocks ``0 .. done - 1`` were quantized by an earlier run and restored into the model
+        (``qe quantize --resume``): what the pipeline sets beside their tensors, set again."""
+        for block in self.walker.blocks()[:done]:
+            self.quantize_kv_cache(block)
 
     def plugins_for(self, full_name: str) -> tuple[Quantizer, Compensator]:
         """The (quantizer, compensator) serving one linear."""
@@ -286,8 +294,7 @@ class QuantizationPipeline:
             inputs = None
         result = result if result is not None else PipelineResult()
         result.warnings.extend(w for w in self.warnings if w not in result.warnings)
-        for block in self.walker.blocks()[:start_block]:  # quantized by the run this one resumes
-            self.quantize_kv_cache(block)
+        self.restored(start_block)
         t_start = time.perf_counter()
         num_blocks = self.walker.num_blocks
         if not self.needs_calibration:
@@ -400,7 +407,7 @@ class QuantizationPipeline:
         """Where quantized offloaded blocks go when the caller writes no block files; removed
         with the model."""
         if self._spill is None:
-            folder = Path(tempfile.mkdtemp(prefix="qe-offloaded-blocks-"))
+            folder = Path(tempfile.mkdtemp(prefix="qe-offloaded-blocks-", dir=self.loaded.scratch_folder))
             weakref.finalize(self.loaded.model, shutil.rmtree, folder, True)
             self._spill = folder
         return self._spill

@@ -91,6 +91,8 @@ def parse_setting(text: str) -> QuantSetting:
         raise ConfigError(f"unknown setting {text!r}: the forms are {SETTING_FORMS}")
     w_bits, a_bits = int(m.group(1)), int(m.group(2))
     kv_bits = int(m.group(3)) if m.group(3) is not None else 16
+    if m.group(3) is not None and kv_bits >= 16:
+        raise ConfigError(f"KV-cache bits {kv_bits} in {text!r}: use 2 to 8, or leave KV<bits> out for a full-precision cache")
     per_channel, group, sym = m.group(4), m.group(5), m.group(6)
     weight_only = a_bits >= 16
     if per_channel:

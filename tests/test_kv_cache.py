@@ -64,7 +64,7 @@ def _attention(module, q, k, v, mask=None, **kwargs):
 
 def test_the_wrapper_attends_the_rotated_quantized_cache_and_rotates_back():
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 12, 64, generator=g, dtype=torch.float64) for _ in range(3))
+    q, k, v = (torch.randn(2, 3, 12, 64, generator=g) for _ in range(3))
     k[..., 5] *= 30  # a large key channel, as rotary keys have
     module = torch.nn.Module()
     wrapped = kv_cache.quantized_attention(_attention)
@@ -72,9 +72,9 @@ def test_the_wrapper_attends_the_rotated_quantized_cache_and_rotates_back():
     assert torch.equal(wrapped(module, q, k, v)[0], ref)  # unmarked: the base, untouched
     kv_cache.mark_attention(module, 4)
     out = wrapped(module, q, k, v)[0]
-    r = kv_cache.head_rotation(64).double()
+    r = kv_cache.head_rotation(64)
     expected = _attention(module, q @ r, kv_cache.fake_quantize_kv(k @ r, 4), kv_cache.fake_quantize_kv(v @ r, 4))[0] @ r.T
-    assert torch.allclose(out, expected, atol=1e-12)
+    assert torch.allclose(out, expected, atol=1e-6)
     unrotated = _attention(module, q, kv_cache.fake_quantize_kv(k, 4), kv_cache.fake_quantize_kv(v, 4))[0]
     err, err_unrotated = float((out - ref).norm() / ref.norm()), float((unrotated - ref).norm() / ref.norm())
     assert err < 0.5 * err_unrotated, (err, err_unrotated)  # the rotation spreads the large channel
@@ -85,17 +85,25 @@ def _logits(model, ids=TEXT):
         return model(input_ids=ids).logits
 
 
+def _attentions(loaded):
+    return [b.get_submodule(loaded.adapter.attention_name) for b in loaded.adapter.decoder_blocks(loaded.model)]
+
+
+def _enable(loaded):
+    kv_cache.enable(loaded.adapter.language_model(loaded.model), _attentions(loaded)[0])
+
+
 def _mark_all(loaded, bits):
-    kv_cache.enable(loaded.adapter.language_model(loaded.model))
-    for block in loaded.adapter.decoder_blocks(loaded.model):
-        kv_cache.mark_attention(block.get_submodule(loaded.adapter.attention_name), bits)
+    _enable(loaded)
+    for attention in _attentions(loaded):
+        kv_cache.mark_attention(attention, bits)
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_the_wrapper_is_transparent_until_marked_and_quantizes_once_marked(family):
     loaded = load_model(f"tiny:{family}")
     ref = _logits(loaded.model)
-    kv_cache.enable(loaded.adapter.language_model(loaded.model))
+    _enable(loaded)
     assert loaded.adapter.language_model(loaded.model).config._attn_implementation.startswith("qe_kv_")
     assert torch.equal(_logits(loaded.model), ref)
     _mark_all(loaded, 8)
@@ -123,9 +131,11 @@ def test_one_forward_equals_token_by_token_decoding_through_the_cache():
     """The cache stores each token as quantized when written; attending the whole sequence
     at once quantizes each token the same way, so both give the same logits."""
     loaded = load_model("tiny:llava")
+    unmarked = _logits(loaded.model)
     _mark_all(loaded, 4)
     lm = loaded.model
     full = _logits(lm)
+    assert not torch.allclose(full, unmarked, atol=1e-3 * float(unmarked.abs().max()))
     with torch.no_grad():
         out = lm(input_ids=TEXT[:, :4], use_cache=True)
         steps, cache = [out.logits], out.past_key_values
@@ -168,8 +178,63 @@ def test_an_attention_qe_cannot_wrap_is_one_line():
     lm = loaded.adapter.language_model(loaded.model)
     lm.config._attn_implementation = "flex_attention"
     with pytest.raises(Exception, match="wraps only sdpa or eager") as e:
-        kv_cache.enable(lm)
+        kv_cache.enable(lm, _attentions(loaded)[0])
     assert "\n" not in str(e.value)
+
+
+def test_eager_attention_stays_the_familys_own():
+    """Gemma's eager attention soft-caps its logits: the wrapper must call that function, not a
+    generic one that would ignore the cap (the wrapped model is then no longer the model)."""
+    loaded = load_model("tiny:gemma3")
+    lm = loaded.adapter.language_model(loaded.model)
+    lm.config._attn_implementation = "eager"
+    for attention in _attentions(loaded):
+        attention.attn_logit_softcapping = 1.0
+    ref = _logits(loaded.model)
+    _enable(loaded)
+    assert lm.config._attn_implementation == "qe_kv_eager"
+    assert torch.equal(_logits(loaded.model), ref)
+    _mark_all(loaded, 8)
+    err = float((_logits(loaded.model) - ref).norm() / ref.norm())
+    assert 0 < err < 0.05, err
+
+
+def test_the_vision_tower_keeps_its_attention_under_scope_all(tmp_path):
+    loaded = load_model("tiny:llava")
+    run_quantize(Recipe(quantizer="rtn", compensator="none", setting="W8A8KV4", samples=2, scope="all"),
+                 out=tmp_path / "all", loaded=loaded, progress=False, check_heldout=False)
+    assert all(kv_cache.marked_bits(a) == 4 for a in _attentions(loaded))
+    vision = loaded.model.model.vision_tower
+    assert not any(kv_cache.marked_bits(m) for m in vision.modules())
+    assert not vision.config._attn_implementation.startswith("qe_kv_")
+    with pytest.raises(ConfigError, match="--scope vision") as e:
+        run_quantize(Recipe(quantizer="rtn", compensator="none", setting="W8A8KV4", samples=2, scope="vision"),
+                     "tiny:llava", out=tmp_path / "vision", progress=False, check_heldout=False)
+    assert "\n" not in str(e.value)
+
+
+def test_a_resume_with_every_block_done_quantizes_the_cache(tmp_path):
+    import qe
+    from qe.commands.quantize import partial_dir
+    from qe.plugins import QEPluginManager
+
+    blocks = len(load_model("tiny:llava").blocks)
+
+    class StopAfterLastBlock:
+        @qe.hookimpl
+        def qe_block_end(self, block_index, num_blocks, figures):
+            if block_index == blocks - 1:  # its block file is written: only the manifest is missing
+                raise KeyboardInterrupt
+
+    recipe = Recipe(quantizer="gptq", compensator="none", setting="W4A8KV4", samples=2)
+    out = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        run_quantize(recipe, "tiny:llava", out=out, progress=False, check_heldout=False,
+                     manager=QEPluginManager(load_entry_points=False, extra_plugins=[StopAfterLastBlock()]))
+    assert partial_dir(out).is_dir()
+    loaded = load_model("tiny:llava")
+    run_quantize(recipe, out=out, loaded=loaded, resume=True, progress=False, check_heldout=False)
+    assert [kv_cache.marked_bits(a) for a in _attentions(loaded)] == [4] * blocks
 
 
 @pytest.mark.parametrize("propagation", ["quantized", "fp-inputs"])

@@ -39,7 +39,7 @@ def test_name_round_trip(w, a, g, sym, kv):
 
 
 @pytest.mark.parametrize("bad", ["W4", "A8", "W4A8x", "W1A8", "W9A8", "W4A3", "W4A9", "W4A8g0", "", "4A8", "W4A4KV1",
-                                 "W4A4KV9", "W4A4KV"])
+                                 "W4A4KV9", "W4A4KV", "W4A4KV16"])
 def test_bad_settings_name_the_forms(bad):
     with pytest.raises(ConfigError) as e:
         parse_setting(bad)

@@ -311,9 +311,7 @@ def finding(s: dict, k: int) -> str:
 
 def stack_name(adapter) -> str:
     """``language`` for a model adapter, ``vision`` / ``projector`` for a vision stack's."""
-    from qe.models.stacks import VisionStackAdapter
-
-    return adapter.stack if isinstance(adapter, VisionStackAdapter) else "language"
+    return adapter.stack
 
 
 def scoped_views(loaded: LoadedModel, scope: str, pattern: str | None) -> list[LoadedModel]:

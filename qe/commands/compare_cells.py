@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from qe.analysis.statistics import choose_sample_positions
@@ -27,7 +28,7 @@ from qe.composition import Composition, resolve_composition
 from qe.data.calibration import encode_samples
 from qe.errors import ConfigError, QEError
 from qe.models.loading import LoadedModel, Placement
-from qe.models.offload import copy_sharing_offload, in_memory_copy, offload_to_file, onloaded
+from qe.models.offload import copy_sharing_offload, execution_device, in_memory_copy, offload_to_file, onloaded
 from qe.pipeline import PipelineOptions, PipelineResult, QuantizationPipeline
 from qe.plugins import default_manager, split_plugin_list
 from qe.settings import QuantSetting, parse_setting, parse_settings
@@ -228,10 +229,11 @@ def _run_fp_inputs(loaded, cells, opts, inputs, evaluator, record, manager, opti
     offloaded model each cell's quantized blocks are offloaded too, to files in a temporary
     folder removed at the end."""
     walker = BlockWalker(loaded, device=opts.device, progress=options.progress, inputs=inputs)
-    offloaded = walker.offloaded()
-    with tempfile.TemporaryDirectory(prefix="qe-compare-blocks-") if offloaded else contextlib.nullcontext() as spill:
+    scratch = (tempfile.TemporaryDirectory(prefix="qe-compare-blocks-", dir=loaded.scratch_folder)
+               if walker.offloaded() else contextlib.nullcontext())
+    with scratch as spill:
         _fp_inputs_grid(loaded, walker, cells, opts, inputs, evaluator, record, manager, options, shared,
-                        Path(spill) if offloaded else None)
+                        Path(spill) if spill is not None else None)
 
 
 def _fp_inputs_grid(loaded, walker, cells, opts, inputs, evaluator, record, manager, options, shared,
@@ -256,6 +258,7 @@ def _fp_inputs_grid(loaded, walker, cells, opts, inputs, evaluator, record, mana
     estimator = live[0][1].estimator if live else None
     positions = choose_sample_positions(inputs.total_tokens, opts.max_tokens, opts.seed)
     seconds = {c.key: 0.0 for c, _ in live}
+    number = {c.key: i for i, c in enumerate(cells)}  # names the cell's block files
     context = StreamContext()
     stream_seconds = 0.0
     for step in walker.walk(desc="compare (fp-inputs)"):
@@ -265,6 +268,7 @@ def _fp_inputs_grid(loaded, walker, cells, opts, inputs, evaluator, record, mana
                           hessian=need_hessian, moments=False, estimator=estimator if k else None, k=k or 32) as stats:
             step.next_hidden = step.run(context)
         stream_seconds += time.perf_counter() - t_stream
+        device = execution_device(block.module) or torch.device(opts.device)  # where an offloaded block runs
         with onloaded(block.module, opts.device):  # an offloaded block: its copies hold real weights
             for cell, pipe in live:
                 if cell.error:
@@ -274,9 +278,9 @@ def _fp_inputs_grid(loaded, walker, cells, opts, inputs, evaluator, record, mana
                     qblock = in_memory_copy(block.module, opts.device)
                     pipe.quantize_block_with_stats(Block(block.index, qblock, block.prefix), stats, cell.result)
                     if spill is not None:  # every cell's quantized blocks in memory would be the model several times over
-                        path = spill / f"cell-{cells.index(cell)}-block-{block.index:05d}.safetensors"
+                        path = spill / f"cell-{number[cell.key]}-block-{block.index:05d}.safetensors"
                         save_safetensors({k: v.detach().cpu().contiguous() for k, v in qblock.state_dict().items()}, path)
-                        offload_to_file(qblock, path, opts.device)
+                        offload_to_file(qblock, path, device)
                     cell.blocks.append(qblock)
                 except (Exception, QEError) as exc:
                     cell.error = "failed"

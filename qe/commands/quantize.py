@@ -153,6 +153,9 @@ def run_quantize(
     if recipe.scope != "language" and composition.transform.create().changes_model():
         raise ConfigError(f"transform {composition.transform.entry.name!r} rotates the language model's residual stream, "
                           f"which --scope {recipe.scope} does not combine with yet: use --scope language")
+    if recipe.scope == "vision" and composition.setting.quantizes_kv_cache:
+        raise ConfigError(f"setting {composition.setting} quantizes the language model's KV cache, and --scope vision "
+                          "leaves the language model in full precision: use --scope all, or drop KV<bits>")
     out = Path(out)
     work = partial_dir(out)
     check_output(out, kind="dir", force=force, expected_bytes=2 * _expected_bytes(model if loaded is None else None))
@@ -229,6 +232,8 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
         if pipeline is not None:
             pipeline.prepare_model()  # a rotation changes the model the saved blocks were quantized in
         done = _restore_blocks(loaded, work, state, manager)
+        if pipeline is not None:
+            pipeline.restored(done)  # also when every block is done and run() is skipped
         result.layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in state["layers"] if r["block"] < done]
         result.blocks = state["blocks"][:done]
         result.seconds = state["seconds"]

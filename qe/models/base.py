@@ -81,6 +81,9 @@ class ModelAdapter(Plugin):
     # sliding-window and global layers get their own masks and rotary embeddings), so capture
     # keeps every block's arguments.
     kwargs_differ_by_block: ClassVar[bool] = False
+    # Which stack of the model the adapter's blocks are: the language model here; the vision
+    # tower or the projector for the stack adapters of --scope vision|all (qe.models.stacks).
+    stack: ClassVar[str] = "language"
     # A decoder block's attention module: a quantized KV cache (KV<bits> in the setting) wraps it.
     attention_name: ClassVar[str] = "self_attn"
     # The norms whose outputs the attention and the MLP read (smoothing folds into them).

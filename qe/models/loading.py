@@ -50,6 +50,9 @@ class LoadedModel:
     # Where the block walker keeps captured calibration activations (host memory and files
     # for a model placed by a Placement; the run device otherwise).
     activations: ActivationStore = field(default_factory=ActivationStore)
+    # Where qe puts large temporary files for this model (quantized blocks of an offloaded
+    # model): its offload folder when it is placed, the system's temporary folder otherwise.
+    scratch_folder: str | None = None
 
     def copy(self) -> LoadedModel:
         """The same model loaded twice: a deep copy of the weights, everything else shared (an
@@ -268,6 +271,7 @@ def load_model(
                                 trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory)
         if placement is not None:
             loaded.activations = placement.activation_store()
+            loaded.scratch_folder = offload_folder
         return loaded
     torch_dtype = parse_dtype(dtype)
     notes: list[str] = []
@@ -326,7 +330,8 @@ def load_model(
     adapter.prepare_model(model)
     processor = load_processor(path, adapter, config, trust_remote_code=trust_remote_code)
     activations = placement.activation_store() if placement is not None else ActivationStore()
-    return LoadedModel(model, processor, adapter, name, path, notes, card, activations=activations)
+    return LoadedModel(model, processor, adapter, name, path, notes, card, activations=activations,
+                       scratch_folder=offload_folder)
 
 
 def load_quantized(directory: str | Path, *, device: str | None = None, manager=None, dtype=None,
@@ -419,13 +424,15 @@ def _restore_kv_cache(model, adapter, manifest: dict, directory: Path) -> None:
         raise ModelError(f"checkpoint {directory}: composition.setting: {e}: the manifest is damaged; re-quantize") from None
     if not setting.quantizes_kv_cache:
         return
-    kv_cache.enable(adapter.language_model(model))
+    attentions = []
     for i, block in enumerate(adapter.decoder_blocks(model)):
         try:
-            attention = block.get_submodule(adapter.attention_name)
+            attentions.append(block.get_submodule(adapter.attention_name))
         except AttributeError:
             raise ModelError(f"checkpoint {directory}: block {i} has no attention module at {adapter.attention_name!r} "
                              f"for its {setting.name} KV cache: the checkpoint does not match its model") from None
+    kv_cache.enable(adapter.language_model(model), attentions[0])
+    for attention in attentions:
         kv_cache.mark_attention(attention, setting.kv_bits)
 
 

@@ -3,7 +3,7 @@
 What a serving engine keeps in its KV cache are the keys after the rotary embedding (and after
 the QK-norm where the family has one) and the values, per token and key-value head. qe
 quantizes exactly those. It registers an attention implementation with transformers
-(``qe_kv_sdpa`` or ``qe_kv_eager``, wrapping the model's own, with the same masks) whose
+(``qe_kv_sdpa`` or ``qe_kv_eager``, wrapping the one the model runs, with the same masks) whose
 function receives the keys and values the cache holds, and, for every attention module marked
 with :func:`mark_attention`, fake-quantizes them before attending:
 
@@ -16,16 +16,20 @@ that rotary keys have over the whole head before the grid is set. ``Q_kv`` is dy
 asymmetric min-max quantization with one scale and zero point per token and head (a group of
 ``head_dim`` values).
 
-Each token is quantized on its own, so the cache is consistent: a token is quantized the same
-way when it is written to the cache and when a whole sequence is attended at once (quantizing
-a quantized vector again returns it). Unmarked attention modules run unchanged, so switching a
-model's implementation changes nothing until a block is marked.
+The cache itself (transformers' ``DynamicCache``) keeps the full-precision keys and values, and
+the wrapper quantizes all of them at every step. That gives what an engine's quantized cache
+gives: each token is quantized on its own, so a token comes out the same whether the cache
+wrote it earlier or the whole sequence is attended at once, and quantizing a quantized vector
+returns it. Unmarked attention modules run unchanged, so switching a model's implementation
+changes nothing until a block is marked. Eager attention is each family's own function (with
+its soft-capping or attention sinks); sdpa is transformers' registered one.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 from torch import nn
@@ -54,10 +58,10 @@ def fake_quantize_kv(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=16)
-def head_rotation(head_dim: int) -> torch.Tensor:
+def head_rotation(head_dim: int, device: str = "cpu") -> torch.Tensor:
     """The ``(head_dim, head_dim)`` float32 orthogonal ``R`` (see the module docstring)."""
     r = hadamard_matrix(head_dim) if has_hadamard(head_dim) else random_orthogonal(head_dim, seed=0)
-    return r.float()
+    return r.float().to(device)
 
 
 def quantized_attention(base: Callable) -> Callable:
@@ -68,13 +72,30 @@ def quantized_attention(base: Callable) -> Callable:
         bits = marked_bits(module)
         if bits is None:
             return base(module, query, key, value, *args, **kwargs)
-        r = head_rotation(key.shape[-1]).to(device=key.device, dtype=key.dtype)
-        query, key = query @ r, fake_quantize_kv(key @ r, bits)
-        value = fake_quantize_kv(value @ r, bits)
+        r = head_rotation(key.shape[-1], str(key.device))
+        dtype = key.dtype
+        # Rotated in float32 and rounded once, so a half-precision model adds no rounding of its own.
+        query = (query.float() @ r).to(dtype)
+        key = fake_quantize_kv((key.float() @ r).to(dtype), bits)
+        value = fake_quantize_kv((value.float() @ r).to(dtype), bits)
         out, weights = base(module, query, key, value, *args, **kwargs)
-        return out @ r.T, weights  # out: (batch, tokens, heads, head_dim)
+        return (out.float() @ r.T).to(out.dtype), weights  # out: (batch, tokens, heads, head_dim)
 
     return attention
+
+
+@cache
+def family_eager_attention(attention_type: type) -> Callable | None:
+    """The eager attention function of the modeling file that defines ``attention_type``:
+    transformers registers no eager implementation, each family passes its own as the default
+    (with its own arguments: soft-capping, attention sinks)."""
+    return vars(sys.modules[attention_type.__module__]).get("eager_attention_forward")
+
+
+def _eager(module: nn.Module, *args, **kwargs):
+    fn = family_eager_attention(type(module))
+    assert fn is not None, "enable() checked that the family has an eager attention function"
+    return fn(module, *args, **kwargs)
 
 
 def _register(base_name: str) -> str:
@@ -85,28 +106,27 @@ def _register(base_name: str) -> str:
 
     name = IMPLEMENTATION_PREFIX + base_name
     if name not in ALL_ATTENTION_FUNCTIONS:
-        if base_name == "eager":
-            # transformers keeps no registry entry for eager attention (each family passes its own
-            # as the default); the Llama one is the standard grouped-query eager attention.
-            from transformers.models.llama.modeling_llama import eager_attention_forward as base
-        else:
-            base = ALL_ATTENTION_FUNCTIONS[base_name]
+        base = _eager if base_name == "eager" else ALL_ATTENTION_FUNCTIONS[base_name]
         AttentionInterface.register(name, quantized_attention(base))
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base_name])
     return name
 
 
-def enable(language_model: nn.Module) -> None:
-    """Switch the language model's attention to the wrapped implementation (transparent until a
-    block is marked); a one-line error for an implementation qe cannot wrap."""
+def enable(language_model: nn.Module, attention: nn.Module) -> None:
+    """Switch the language model's attention (``attention``: one of its attention modules) to
+    the wrapped implementation, transparent until a block is marked; a one-line error for an
+    implementation qe cannot wrap."""
     config = language_model.config
     current = config._attn_implementation or "eager"
     if current.startswith(IMPLEMENTATION_PREFIX):
         return
     if current not in BASE_IMPLEMENTATIONS:
         raise ModelError(f"the language model runs {current!r} attention, and a quantized KV cache (KV<bits> in the "
-                         f"setting) wraps only {' or '.join(BASE_IMPLEMENTATIONS)}: load the model with "
-                         "attn_implementation='sdpa', or drop KV<bits> from the setting")
+                         f"setting) wraps only {' or '.join(BASE_IMPLEMENTATIONS)}: load the model with sdpa "
+                         "attention (qe's default), or drop KV<bits> from the setting")
+    if current == "eager" and family_eager_attention(type(attention)) is None:
+        raise ModelError(f"{type(attention).__name__} runs eager attention, and its modeling file has no "
+                         "eager_attention_forward for a quantized KV cache to wrap: drop KV<bits> from the setting")
     config._attn_implementation = _register(current)
 
 
