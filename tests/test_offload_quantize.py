@@ -151,6 +151,7 @@ def test_fp_inputs_compare_offloads_every_cells_quantized_blocks(tmp_path, monke
     spilled = []
 
     def spy(module, path, device):
+        assert path.parent.parent == tmp_path / "offload"  # beside the offloaded weights, not in /tmp
         spilled.append(path.name)
         return offload_to_file(module, path, device)
 
@@ -161,6 +162,25 @@ def test_fp_inputs_compare_offloads_every_cells_quantized_blocks(tmp_path, monke
                  "--offload-folder", str(tmp_path / "offload")]) == 0
     blocks = len(load_model("tiny:llava").blocks)
     assert sorted(spilled) == sorted(f"cell-{c}-block-{b:05d}.safetensors" for c in range(2) for b in range(blocks))
+
+
+def test_compare_spills_quantized_blocks_into_the_offload_folder(tmp_path):
+    """Quantized propagation offloads each quantized block to a file; on a placed model the
+    files go to its offload folder, which the user chose for its space."""
+    from qe.commands.compare import CompareOptions, run_compare
+
+    seen = []
+
+    class Look:
+        @qe.hookimpl
+        def qe_block_end(self, block_index, num_blocks, figures):
+            seen.extend(p.name for p in (tmp_path / "offload").glob("qe-offloaded-blocks-*/block-*.safetensors"))
+
+    options = CompareOptions(samples=3, eval_tokens=1024, progress=False, caption_nll=False,
+                             placement=Placement(max_memory={"cpu": "300KB"}, offload_folder=str(tmp_path / "offload")))
+    run_compare("tiny:llava", "rtn", "lowrank[rank=4]", "W4A8", out=tmp_path / "grid", options=options,
+                manager=QEPluginManager(extra_plugins=[Look()]))
+    assert "block-00000.safetensors" in seen
 
 
 def test_max_memory_is_checked_before_loading(capsys):
