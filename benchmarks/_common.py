@@ -114,9 +114,12 @@ class ResultStore:
         return key in self.rows
 
     def put(self, key: str, row: dict) -> None:
+        # Rows another process finished since this one started are kept (two jobs on one store).
+        if self.path.exists():
+            self.rows = {**json.loads(self.path.read_text())["rows"], **self.rows}
         self.rows[key] = row
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"machine": machine(), "rows": self.rows}, indent=1))
         os.replace(tmp, self.path)
 

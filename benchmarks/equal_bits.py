@@ -12,9 +12,10 @@ on W4A8 and W4A6 per-channel bases of the embedded default's language model, tex
   uniform R that fits;
 * ``qe-budget``: GPTQ + QE[adapter_bits=8] with ``--budget B`` (per-layer allocation);
 * and, beside the table, ``qe-fp32`` / ``qe-int8``: GPTQ + QE at its default ranks with float32
-  and int8 factors (what int8 costs at the same ranks), whose per-layer error reductions also
-  check ``qe analyze``'s advice (``--advisor``: Spearman correlation of the advisor's
-  predicted gain with the measured relative error reduction per layer).
+  and int8 factors (what int8 costs at the same ranks), and ``rtn-lowrank32``: RTN + a float
+  rank-32 term; their per-layer error reductions check ``qe analyze``'s advice (``--advisor
+  CELL``: Spearman correlation of the advisor's predicted gain with the measured relative error
+  reduction per layer).
 
 Each cell prints perplexity, bits per weight all-in, and the compensators' multiply-adds per
 token. Resumable: finished cells are kept in ``<out>/results.json``; ``--cells`` picks cells by
@@ -38,7 +39,8 @@ from _common import ResultStore, machine, print_table
 
 BUDGETS = (5.0, 4.5)
 SETTINGS = ("W4A8", "W4A6")
-KINDS = ("gptq-g", "w5", "lowrank", "qe-uniform", "qe-budget", "qe-fp32", "qe-int8")
+KINDS = ("gptq-g", "w5", "lowrank", "qe-uniform", "qe-budget", "qe-fp32", "qe-int8", "rtn-lowrank32")
+BESIDE = ("qe-fp32", "qe-int8", "rtn-lowrank32")  # once per setting, beside the table
 GROUPS = (32, 64, 128, 256)
 COLUMNS = ["cell", "setting", "budget", "composition", "ppl", "bits_per_weight", "fits", "madds_per_token",
            "mean_rel_error", "seconds", "status"]
@@ -46,7 +48,7 @@ COLUMNS = ["cell", "setting", "budget", "composition", "ppl", "bits_per_weight",
 
 def cell_labels() -> list[str]:
     return [f"{s}/{b}/{k}" for s in SETTINGS for b in BUDGETS for k in KINDS
-            if not (k in ("qe-fp32", "qe-int8") and b != BUDGETS[0])]  # the same-ranks pair once per setting
+            if not (k in BESIDE and b != BUDGETS[0])]
 
 
 def linears(loaded) -> list[tuple[str, int, int, bool, bool]]:
@@ -115,6 +117,8 @@ def composition_of(kind: str, setting: str, budget: float, layers) -> tuple[str,
         return "gptq", "qe[adapter_bits=8]", budget, w4
     if kind == "qe-fp32":
         return "gptq", "qe", None, w4
+    if kind == "rtn-lowrank32":  # the base the advisor's energy figure describes: round to nearest
+        return "rtn", "lowrank[rank=32]", None, w4
     return "gptq", "qe[adapter_bits=8]", None, w4
 
 
@@ -158,7 +162,7 @@ def run_cell(label: str, loaded, encoded, evaluator, args) -> dict:
     return {
         "cell": label, "setting": set_str, "budget": float(budget), "composition": composition.label,
         "ppl": evaluator(work.model)["ppl"], "bits_per_weight": bits["bits_per_weight_with_adapters"],
-        "fits": bits["bits_per_weight_with_adapters"] <= float(budget) or kind in ("qe-fp32", "qe-int8"),
+        "fits": bits["bits_per_weight_with_adapters"] <= float(budget) or kind in BESIDE,
         "madds_per_token": madds(work.model),
         "mean_rel_error": sum(f.get("rel_error", 0.0) for f in figs) / max(len(figs), 1),
         "seconds": seconds, "status": "ok",
