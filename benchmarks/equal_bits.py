@@ -240,10 +240,11 @@ def main() -> None:
         report["machine"] = machine()
         import json
 
-        (out / "advisor.json").write_text(json.dumps(report, indent=1))
+        path = out / f"advisor-{args.advisor.replace('/', '_')}.json"
+        path.write_text(json.dumps(report, indent=1))
         print(f"{report['layers']} layers of {args.advisor}: Spearman(predicted gain, measured reduction) = "
               f"{report['spearman_predicted_gain']:.3f}; Spearman(energy share at rank 32, measured) = "
-              f"{report['spearman_energy32']:.3f}  (wrote {out / 'advisor.json'})")
+              f"{report['spearman_energy32']:.3f}  (wrote {path})")
         return
     evaluator = Evaluator(loaded, CompareOptions(eval_tokens=args.eval_tokens, caption_nll=False))
     wanted = [c for c in labels if not args.cells or any(s.strip() in c for s in args.cells.split(","))]
