@@ -32,7 +32,7 @@ def test_symmetric_factor_error_is_at_most_half_a_step(rows, cols, bits, dim, se
 
 @settings(max_examples=25, deadline=None)
 @given(d_in=st.integers(1, 24), d_out=st.integers(1, 24), rank=st.integers(0, 6), experts=st.integers(0, 3),
-       bits=st.sampled_from([32, 16, 8]))
+       bits=st.sampled_from([32, 16, 8, 4]))
 def test_storage_bytes_are_exact_and_factors_round_trip(d_in, d_out, rank, experts, bits):
     m = QuantExpertsAdapter(d_in, d_out, rank, experts, max(rank, 1), adapter_bits=bits)
     g = torch.Generator().manual_seed(d_in * 31 + d_out)
@@ -41,7 +41,8 @@ def test_storage_bytes_are_exact_and_factors_round_trip(d_in, d_out, rank, exper
         stored = m.set_factor(n, v)
         assert torch.equal(stored, m.factor(n))
         assert torch.equal(stored, round_factor(v, bits, m._factors[n][1]))
-    # Bytes: one per integer code, a float32 step per rank component and factor.
+    # Bytes: one per int8 code, 4 · ⌈c / 8⌉ per row of c int4 codes, a float32 step per rank
+    # component and factor.
     expected = 0
     for shape, dim in m._factors.values():
         numel = torch.Size(shape).numel()
@@ -50,7 +51,8 @@ def test_storage_bytes_are_exact_and_factors_round_trip(d_in, d_out, rank, exper
         else:  # stored with the step dimension last: A transposed
             stored = shape if dim == -1 else (*shape[:-2], shape[-1], shape[-2])
             rows = torch.Size(stored[:-1]).numel()
-            expected += rows * stored[-1] + 4 * rows
+            codes_per_row = stored[-1] if bits == 8 else 4 * -(-stored[-1] // 8)
+            expected += rows * codes_per_row + 4 * rows
     assert m.storage_bytes() == expected
     # A module rebuilt from its layout and state dict is the same module.
     twin = QuantExpertsAdapter.from_layout(m.layout())
@@ -62,6 +64,8 @@ def test_storage_bytes_are_exact_and_factors_round_trip(d_in, d_out, rank, exper
 def test_adapter_bits_is_checked():
     with pytest.raises(ConfigError, match="adapter_bits"):
         default_manager().resolve("compensator", "qe[adapter_bits=7]")
+    with pytest.raises(ConfigError, match="adapter_bits"):
+        default_manager().resolve("compensator", "lowrank[adapter_bits=2]")
     assert LowRankAdapter.layout_problem({"d_in": 4, "d_out": 4, "rank": 2, "adapter_bits": 5}, 4, 4)
 
 
@@ -104,10 +108,15 @@ def test_int8_adapters_cost_little_and_refit_beats_rounding(spec):
 
     e32, e8 = err(m32), err(m8)
     assert e32 < 0.9 and e8 <= e32 + 0.02 * (1 - e32)
+    m4 = default_manager().create("compensator", spec.format(4)).fit(ctx, q, plan)
+    e4 = err(m4)
+    assert e8 <= e4 < e32 + 0.25 * (1 - e32)  # 16 levels: more error than 256, still most of the fit's gain
     if isinstance(m32, LowRankAdapter):
-        naive = LowRankAdapter.from_factors(m32.A, m32.B, adapter_bits=8)
-        assert e8 <= err(naive) + 1e-6
+        for bits, e in ((8, e8), (4, e4)):
+            naive = LowRankAdapter.from_factors(m32.A, m32.B, adapter_bits=bits)
+            assert e <= err(naive) + 1e-6
     assert m8.storage_bytes() < m32.storage_bytes() / 3
+    assert m4.storage_bytes() < 0.6 * m8.storage_bytes()
 
 
 def _layer():
@@ -136,15 +145,16 @@ def _layer():
                         hessian=inp.xtx, tokens=X, token_modality=modality)
 
 
-@pytest.fixture(scope="module")
-def int8_checkpoint(tmp_path_factory):
+@pytest.fixture(scope="module", params=[8, 4])
+def int8_checkpoint(tmp_path_factory, request):
     from qe.commands.quantize import run_quantize
     from qe.models.loading import load_model
     from qe.recipe import Recipe
 
     out = tmp_path_factory.mktemp("q8") / "ckpt"
     loaded = load_model("tiny:llava")
-    recipe = Recipe(quantizer="rtn", compensator="qe[k=4;num_experts=2;shared_rank=4;expert_rank=4;adapter_bits=8]",
+    recipe = Recipe(quantizer="rtn",
+                    compensator=f"qe[k=4;num_experts=2;shared_rank=4;expert_rank=4;adapter_bits={request.param}]",
                     setting="W4A8", samples=4)
     path, manifest = run_quantize(recipe, out=out, loaded=loaded, progress=False, adapter_dtype="bfloat16",
                                   check_heldout=False)
@@ -161,7 +171,7 @@ def test_int8_checkpoint_reloads_to_equal_logits(int8_checkpoint):
         for e in encoded:
             assert torch.equal(loaded.model(**e.inputs).logits, reloaded.model(**e.inputs).logits)
     layouts = [v["compensator"]["layout"] for v in manifest["layouts"].values() if v["compensator"]]
-    assert layouts and all(lay["adapter_bits"] == 8 for lay in layouts)
+    assert layouts and len({lay["adapter_bits"] for lay in layouts}) == 1 and layouts[0]["adapter_bits"] in (8, 4)
 
 
 def test_bits_accounting_equals_the_bytes_on_disk(int8_checkpoint):

@@ -87,7 +87,7 @@ class LowRankConfig:
     on_qe_base: bool = False  # QE's smoothing candidates and C_s exemption
     k: int = 32  # size of C_s when on_qe_base
     branch_input_bits: int = 16  # 8: the branch reads x̃ quantized per token
-    adapter_bits: int = 32  # storage of A and B: 32 (float, --adapter-dtype), 16 (float16), 8 (integer)
+    adapter_bits: int = 32  # storage of A and B: 32 (float, --adapter-dtype), 16 (float16), 8 or 4 (integer)
 
     def __post_init__(self) -> None:
         check_adapter_bits(self.adapter_bits)

@@ -20,7 +20,9 @@ for ``load_state_dict``.
 * 16: float16 buffers of the same names, stored as they are;
 * 8: symmetric integer codes (``A_codes``, uint8, one byte per value) and one float32 step per
   rank component (``A_scale``: a column of ``A``, a row of ``B``; a row of the router), stored
-  as they are; ``A`` is stored transposed so that each step's values form one row.
+  as they are; ``A`` is stored transposed so that each step's values form one row;
+* 4: the same with 4-bit codes, two per byte, each row packed as the base weights are
+  (:mod:`qe.quantizers.packing`: a row of ``c`` codes takes ``4 · ⌈c / 8⌉`` bytes).
 
 :meth:`FactorModule.factor` returns any factor as float32 whatever its storage; the fit writes a
 factor with :meth:`FactorModule.set_factor` and reads back what was stored, so that it refits
@@ -37,10 +39,11 @@ import torch
 from qe.compensators.base import CompensatorModule
 from qe.errors import ConfigError
 from qe.quantized import dequantize_symmetric, fake_quantize_activations, quantize_symmetric
+from qe.quantizers.packing import pack, packed_columns, unpack
 
 ROUTINGS = ("router", "random", "oracle")
 MAX_EXPERTS = 4096  # a layout asking for more is taken as damaged
-ADAPTER_BITS = (32, 16, 8)
+ADAPTER_BITS = (32, 16, 8, 4)
 
 
 def check_adapter_bits(bits: Any, owner: str = "adapter_bits") -> None:
@@ -108,7 +111,8 @@ class FactorModule(CompensatorModule):
         rows = 1
         for n in stored[:-1]:
             rows *= n
-        self.register_buffer(f"{name}_codes", torch.zeros(rows, stored[-1], dtype=torch.uint8))
+        width = stored[-1] if bits == 8 else packed_columns(stored[-1], bits)  # int8 codes stay unpacked
+        self.register_buffer(f"{name}_codes", torch.zeros(rows, width, dtype=torch.uint8))
         self.register_buffer(f"{name}_scale", torch.ones(*stored[:-1], 1))
 
     def factor(self, name: str) -> torch.Tensor:
@@ -128,6 +132,8 @@ class FactorModule(CompensatorModule):
             if codes.numel() == 0:
                 value = scale.new_zeros(shape)
             else:
+                if self.adapter_bits != 8:
+                    codes = unpack(codes, self.adapter_bits, stored[-1])
                 codes = codes.reshape(stored)
                 value = dequantize_symmetric(codes, scale, self.adapter_bits)
                 value = value if dim == -1 else value.transpose(-1, -2)
@@ -145,7 +151,10 @@ class FactorModule(CompensatorModule):
         if value.numel():
             stored = value if dim == -1 else value.transpose(-1, -2)
             codes, scale = quantize_symmetric(stored, self.adapter_bits, -1)
-            self.get_buffer(f"{name}_codes").copy_(codes.reshape(-1, stored.shape[-1]))
+            codes = codes.reshape(-1, stored.shape[-1])
+            if self.adapter_bits != 8:
+                codes = pack(codes, self.adapter_bits)
+            self.get_buffer(f"{name}_codes").copy_(codes)
             self.get_buffer(f"{name}_scale").copy_(scale)
         return self.factor(name)
 

@@ -113,7 +113,7 @@ class QuantExpertsConfig:
     refine_temperature: float = 1.0
     mode: Mode = "full"
     branch_input_bits: int = 16
-    adapter_bits: int = 32  # storage of the factors and router: 32 (float, --adapter-dtype), 16 or 8
+    adapter_bits: int = 32  # storage of the factors and router: 32 (float, --adapter-dtype), 16, 8 or 4
 
     def __post_init__(self) -> None:
         check_adapter_bits(self.adapter_bits)
