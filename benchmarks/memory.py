@@ -15,8 +15,15 @@ is recorded beside it, and the offload/in-memory ratio is given for both. Both m
 size must give the same checkpoint tensors (a SHA-256 over every tensor).
 Resumable: rows already in the JSON are kept; ``--sizes``/``--modes`` run subsets.
 
+``--blocks N`` measures a part of a run too long for the machine at hand: loading, capture and
+the first ``N`` decoder blocks, then the process stops (no checkpoint is written, so there is
+no tensor digest). Its row says how many blocks it covers and gives the wall and CPU time per
+block; its peak RSS covers that part only (what follows repeats the same per-block work, and
+the offloaded checkpoint is written one shard at a time). A full run replaces a partial row.
+
     python benchmarks/memory.py --sizes 135M,360M
     python benchmarks/memory.py --sizes 1.7B --modes offload
+    python benchmarks/memory.py --sizes 1.7B --modes offload --blocks 2
 
 Writes benchmarks/results/memory.json and .csv and prints the table.
 """
@@ -92,28 +99,56 @@ def tensor_digest(directory: Path) -> str:
     return h.hexdigest()
 
 
-def run_one(size: str, mode: str, samples: int, out_json: Path) -> None:
+class _EnoughBlocks(Exception):
+    """Raised after the blocks a partial run (``--blocks``) measures."""
+
+
+def run_one(size: str, mode: str, samples: int, out_json: Path, blocks: int | None = None) -> None:
     """One quantization in this process; writes its row (peak RSS is this process's own)."""
+    import qe
     from qe.commands.quantize import run_quantize
     from qe.models.loading import Placement, parse_max_memory
+    from qe.plugins import QEPluginManager
     from qe.recipe import Recipe
 
+    class StopAfter:
+        @qe.hookimpl
+        def qe_block_end(self, block_index, num_blocks, figures):
+            if blocks is not None and block_index + 1 >= blocks:
+                raise _EnoughBlocks
+
     path = model_dir(size)
+    total = SIZES[size]["num_hidden_layers"]
     with tempfile.TemporaryDirectory() as tmp:
         placement = Placement(offload_folder=str(Path(tmp) / "offload"),
                               max_memory=parse_max_memory(OFFLOAD_MAX_MEMORY)) if mode == "offload" else None
         recipe = Recipe(quantizer="gptq", compensator=COMPENSATOR, setting="W4A8", calib="pydoc", samples=samples)
         t0 = time.perf_counter()
-        ckpt, manifest = run_quantize(recipe, str(path), out=Path(tmp) / "ckpt", progress=False, check_heldout=False,
-                                      placement=placement)
+        manifest = digest = None
+        try:
+            ckpt, manifest = run_quantize(recipe, str(path), out=Path(tmp) / "ckpt", progress=False,
+                                          check_heldout=False, placement=placement,
+                                          manager=QEPluginManager(extra_plugins=[StopAfter()]))
+            digest = tensor_digest(ckpt)[:16]
+        except _EnoughBlocks:
+            pass
         wall = time.perf_counter() - t0
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        row = {"size": size, "mode": mode, "samples": samples, "wall_s": round(wall, 1),
-               "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-               "peak_rss_GB": round(peak_rss_gb(), 3), "model_GB": round(manifest["size"]["model_bytes"] / 1e9, 3),
-               "checkpoint_GB": round(manifest["size"]["checkpoint_bytes"] / 1e9, 3),
-               "tensors_sha256": tensor_digest(ckpt)[:16], "load_avg": round(os.getloadavg()[0], 2)}
+        cpu = usage.ru_utime + usage.ru_stime
+        done = total if manifest is not None else blocks
+        model_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        row = {"size": size, "mode": mode, "samples": samples, "blocks": f"{done} of {total}",
+               "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+               "wall_s_per_block": round(wall / done, 1), "cpu_s_per_block": round(cpu / done, 1),
+               "peak_rss_GB": round(peak_rss_gb(), 3), "model_GB": round(model_bytes / 1e9, 3),
+               "checkpoint_GB": round(manifest["size"]["checkpoint_bytes"] / 1e9, 3) if manifest else None,
+               "tensors_sha256": digest, "load_avg": round(os.getloadavg()[0], 2)}
     out_json.write_text(json.dumps(row))
+
+
+def _complete(row: dict) -> bool:
+    blocks = row.get("blocks")
+    return blocks is None or blocks.split(" of ")[0] == blocks.split(" of ")[1]
 
 
 def main() -> None:
@@ -122,11 +157,13 @@ def main() -> None:
     ap.add_argument("--modes", default="memory,offload")
     ap.add_argument("--samples", type=int, default=2, help="pydoc calibration windows of 512 tokens")
     ap.add_argument("--redo", action="store_true", help="rerun cells already in the results")
+    ap.add_argument("--blocks", type=int, default=None,
+                    help="measure loading, capture and the first N blocks only (a partial row)")
     ap.add_argument("--one", nargs=2, metavar=("SIZE", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--row", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        run_one(*args.one, args.samples, Path(args.row))
+        run_one(*args.one, args.samples, Path(args.row), args.blocks)
         return
     results = RESULTS.with_suffix(".json")
     data = json.loads(results.read_text()) if results.is_file() else {"rows": []}
@@ -135,12 +172,14 @@ def main() -> None:
         for mode in args.modes.split(","):
             if size not in SIZES or mode not in MODES:
                 sys.exit(f"unknown size {size!r} or mode {mode!r}: sizes {', '.join(SIZES)}; modes {', '.join(MODES)}")
-            if (size, mode) in rows and not args.redo:
+            have = rows.get((size, mode))
+            if have is not None and not args.redo and (_complete(have) or args.blocks is not None):
                 continue
             model_dir(size)  # written outside the measured process
             with tempfile.NamedTemporaryFile(suffix=".json") as row_file:
+                partial = ["--blocks", str(args.blocks)] if args.blocks is not None else []
                 subprocess.run([sys.executable, __file__, "--one", size, mode, "--samples", str(args.samples),
-                                "--row", row_file.name], check=True)
+                                "--row", row_file.name, *partial], check=True)
                 rows[(size, mode)] = json.loads(Path(row_file.name).read_text())
             print(f"{size} {mode}: {rows[(size, mode)]}", file=sys.stderr)
             _write(results, rows)
@@ -151,12 +190,15 @@ def _write(results: Path, rows: dict) -> None:
     ordered = [rows[k] for k in sorted(rows, key=lambda k: (list(SIZES).index(k[0]), MODES.index(k[1])))]
     for r in ordered:  # the ratios the issue asks for, measured between rows of this file
         mem = rows.get((r["size"], "memory"))
+        mem = mem if mem and _complete(mem) and _complete(r) else None  # ratios between whole runs only
         r["offload_vs_memory_wall"] = round(r["wall_s"] / mem["wall_s"], 3) if mem and r["mode"] == "offload" else None
         r["offload_vs_memory_cpu"] = round(r["cpu_s"] / mem["cpu_s"], 3) if mem and r["mode"] == "offload" else None
-        r["same_tensors_as_memory"] = (r["tensors_sha256"] == mem["tensors_sha256"]) if mem and r["mode"] == "offload" else None
+        both = mem and r["mode"] == "offload" and r.get("tensors_sha256") and mem.get("tensors_sha256")
+        r["same_tensors_as_memory"] = (r["tensors_sha256"] == mem["tensors_sha256"]) if both else None
         first = rows.get(("135M", r["mode"]))
         r["rss_vs_135M"] = round(r["peak_rss_GB"] / first["peak_rss_GB"], 3) if first else None
-    columns = ["size", "mode", "samples", "wall_s", "cpu_s", "peak_rss_GB", "model_GB", "checkpoint_GB", "rss_vs_135M",
+    columns = ["size", "mode", "samples", "blocks", "wall_s", "cpu_s", "wall_s_per_block", "cpu_s_per_block",
+               "peak_rss_GB", "model_GB", "checkpoint_GB", "rss_vs_135M",
                "offload_vs_memory_wall", "offload_vs_memory_cpu", "same_tensors_as_memory", "load_avg"]
     print_table(ordered, columns)
     results.parent.mkdir(parents=True, exist_ok=True)
