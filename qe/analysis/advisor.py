@@ -14,8 +14,11 @@ No weight is quantized and nothing is fitted. The figures:
 From them: ``predicted_gain`` (the layer's predicted relative error reduction by a rank-``r_ref``
 term plus a routing bonus, the figure the layers are ranked by), ``compensator`` (``qe`` where
 routing is above :data:`ROUTING_PAYS`, else ``lowrank``) and ``rank`` (the smallest rank whose
-energy share reaches :data:`ENERGY_TARGET`). ``benchmarks/advisor.py`` checks the ranking
-against the per-layer error reduction a quantization measures (Spearman, docs/results.md).
+energy share reaches :data:`ENERGY_TARGET`). ``benchmarks/equal_bits.py --advisor CELL`` checks
+the ranking against the per-layer error reduction a quantization measures (Spearman,
+docs/results.md, equal bits): it holds for a round-to-nearest base, whose error is close to
+independent noise, and not for GPTQ's, whose error feedback already shaped the error against
+the inputs (there the ranking is a weak prior).
 """
 
 from __future__ import annotations
