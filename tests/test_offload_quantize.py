@@ -45,6 +45,8 @@ def test_offloaded_quantization_equals_in_memory(name, placed, tmp_path, same_ch
     for block in off.adapter.decoder_blocks(off.model):
         assert any(isinstance(m, QuantLinear) for m in block.modules())
         assert all(t.device.type == "meta" for t in block.state_dict().values())
+        # nor a dequantized float weight cached by the forward that fed the next block
+        assert all(m._dequantized is None for m in block.modules() if isinstance(m, QuantLinear))
     # ... and the offloaded quantized model computes what the reloaded checkpoint computes.
     ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
     with torch.no_grad():

@@ -58,8 +58,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_rotation", torch.ones(in_features, dtype=torch.int8) if input_rotation else None)
         self.compensator: nn.Module | None = None
         self._dequantized: torch.Tensor | None = None  # cache for the torch path
-        # Off for offloaded modules: the cache would keep a float copy of every weight in memory.
-        self.keep_dequantized = True
+        self._keep_dequantized = True
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -118,6 +117,19 @@ class QuantLinear(nn.Module):
         return cls(layout.pop("in_features"), layout.pop("out_features"), **layout)
 
     # ------------------------------------------------------------------ weights
+    @property
+    def keep_dequantized(self) -> bool:
+        """Whether the torch path keeps the dequantized float weight between forwards. Off for
+        offloaded modules, where the cache would keep a float copy of every weight in memory;
+        turning it off drops what is cached."""
+        return self._keep_dequantized
+
+    @keep_dequantized.setter
+    def keep_dequantized(self, keep: bool) -> None:
+        self._keep_dequantized = keep
+        if not keep:
+            self._dequantized = None
+
     def codes(self) -> torch.Tensor:
         return unpack(self.qweight, self.bits, self.in_features)
 
