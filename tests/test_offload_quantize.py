@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import qe
 from qe.commands.quantize import run_quantize
+from qe.compensators.modules import FactorModule
 from qe.models import tiny
 from qe.models.loading import Placement, load_model, load_quantized
 from qe.models.offload import is_offloaded, offload_to_file
@@ -23,10 +24,26 @@ RECIPES = {
     "rtn+none": Recipe(quantizer="rtn", compensator="none", setting="W4A8", samples=3),
     "gptq+qe": Recipe(quantizer="gptq", compensator="qe[k=4;num_experts=2;shared_rank=4;expert_rank=2]",
                       setting="W4A8", samples=3),
+    # integer factors: the compensator caches their dequantized values between forwards
+    "gptq+qe-int8": Recipe(quantizer="gptq", compensator="qe[k=4;num_experts=2;shared_rank=4;expert_rank=2;adapter_bits=8]",
+                           setting="W4A8", samples=3),
 }
 
 
-@pytest.mark.parametrize("name,placed", [("gptq+qe", "blocks on disk"), ("rtn+none", "max-memory")])
+def _float_caches(modules) -> list[str]:
+    """What offloaded quantized modules still hold in memory beside their (meta) buffers."""
+    found = []
+    for m in modules:
+        if isinstance(m, QuantLinear):
+            if m._dequantized is not None:
+                found.append("dequantized weight")
+            if isinstance(m.compensator, FactorModule) and m.compensator._cache:
+                found.append("dequantized factors")
+    return found
+
+
+@pytest.mark.parametrize("name,placed", [("gptq+qe", "blocks on disk"), ("rtn+none", "max-memory"),
+                                         ("gptq+qe-int8", "blocks on disk")])
 def test_offloaded_quantization_equals_in_memory(name, placed, tmp_path, same_checkpoint_tensors):
     """Blocks offloaded by an explicit map, or by ``--max-memory`` (accelerate's automatic map,
     which offloads the whole language model of this tiny model, embeddings included)."""
@@ -45,8 +62,8 @@ def test_offloaded_quantization_equals_in_memory(name, placed, tmp_path, same_ch
     for block in off.adapter.decoder_blocks(off.model):
         assert any(isinstance(m, QuantLinear) for m in block.modules())
         assert all(t.device.type == "meta" for t in block.state_dict().values())
-        # nor a dequantized float weight cached by the forward that fed the next block
-        assert all(m._dequantized is None for m in block.modules() if isinstance(m, QuantLinear))
+        # nor a dequantized float weight or factor cached by the forward that fed the next block
+        assert _float_caches(block.modules()) == []
     # ... and the offloaded quantized model computes what the reloaded checkpoint computes.
     ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
     with torch.no_grad():
@@ -103,7 +120,7 @@ def test_offloaded_checkpoint_is_written_in_small_shards(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def qe_checkpoint(tmp_path_factory):
     path = tiny.tiny_model_dir("llava")
-    ckpt, _ = run_quantize(RECIPES["gptq+qe"], str(path), out=tmp_path_factory.mktemp("ckpt") / "qe",
+    ckpt, _ = run_quantize(RECIPES["gptq+qe-int8"], str(path), out=tmp_path_factory.mktemp("ckpt") / "qe",
                            progress=False, check_heldout=False)
     return ckpt
 
@@ -121,6 +138,7 @@ def test_checkpoint_loads_with_its_blocks_left_on_disk(qe_checkpoint):
     with torch.no_grad():
         torch.testing.assert_close(placed.model(input_ids=ids).logits, full.model(input_ids=ids).logits,
                                    rtol=0, atol=0)
+    assert _float_caches(placed.model.modules()) == []  # the forward left nothing of the disk blocks behind
 
 
 @pytest.mark.parametrize("propagation", ["quantized", "fp-inputs"])

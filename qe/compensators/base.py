@@ -123,6 +123,12 @@ class CompensatorModule(nn.Module):
         is refused before anything is allocated: check sizes and ranks against the layer."""
         return None
 
+    def set_caching(self, enabled: bool) -> None:
+        """Whether the module may keep tensors derived from its buffers between forwards (a
+        dequantized factor, say). Off for an offloaded module, whose buffers leave memory after
+        each forward: a module that caches drops its cache and stops caching. Nothing to do by
+        default."""
+
     def storage_bytes(self) -> int:
         """Bytes of the tensors this module saves (in their own dtypes)."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())

@@ -100,6 +100,7 @@ class FactorModule(CompensatorModule):
         self.adapter_bits = adapter_bits
         self._factors: dict[str, tuple[tuple[int, ...], int]] = {}  # name → (shape, dim of one step)
         self._cache: dict[str, torch.Tensor] = {}
+        self._caching = True
 
     def _add_factor(self, name: str, shape: tuple[int, ...], dim: int) -> None:
         self._factors[name] = (tuple(shape), dim)
@@ -137,7 +138,8 @@ class FactorModule(CompensatorModule):
                 codes = codes.reshape(stored)
                 value = dequantize_symmetric(codes, scale, self.adapter_bits)
                 value = value if dim == -1 else value.transpose(-1, -2)
-        self._cache[name] = value
+        if self._caching:
+            self._cache[name] = value
         return value
 
     def set_factor(self, name: str, value: torch.Tensor) -> torch.Tensor:
@@ -157,6 +159,11 @@ class FactorModule(CompensatorModule):
             self.get_buffer(f"{name}_codes").copy_(codes)
             self.get_buffer(f"{name}_scale").copy_(scale)
         return self.factor(name)
+
+    def set_caching(self, enabled: bool) -> None:
+        self._caching = enabled
+        if not enabled:
+            self._cache = {}
 
     def castable_keys(self) -> set[str]:
         # Factors stored in 16 bits or fewer keep their own precision (the fit accounted for it).

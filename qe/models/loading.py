@@ -457,6 +457,11 @@ def _dispatch_from_shards(model, directory: Path, manifest: dict, device_map: An
     index = checkpoint.shard_index(directory, manifest["shards"], aliases, {k: state[k].dtype for k in on_disk})
     main = device or next((d for d in device_map.values() if d not in ("cpu", "disk")), "cpu")
     dispatch_model(model, device_map, main_device=main, offload_index=index, offload_buffers=True)
+    from qe.quantizers.qlinear import QuantLinear
+
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.qweight.device.type == "meta":  # offloaded between forwards
+            m.keep_dequantized = False
 
 
 def _placement(device_map: dict, key: str) -> Any:

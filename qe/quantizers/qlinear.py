@@ -18,13 +18,16 @@ torch twins elsewhere (``QE_KERNELS=torch|triton`` forces one, see :mod:`qe.kern
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from qe.quantized import QuantizedWeight, dequantize, fake_quantize_activations
 from qe.quantizers.packing import pack, packed_columns, unpack
+
+if TYPE_CHECKING:
+    from qe.compensators.base import CompensatorModule
 
 
 class QuantLinear(nn.Module):
@@ -56,7 +59,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("static_act_scale", torch.ones(()) if static_act_scale else None)
         # ±1 signs r of the online rotation (int8: exact in any dtype, and model.to(dtype) leaves them)
         self.register_buffer("input_rotation", torch.ones(in_features, dtype=torch.int8) if input_rotation else None)
-        self.compensator: nn.Module | None = None
+        self.compensator: CompensatorModule | None = None
         self._dequantized: torch.Tensor | None = None  # cache for the torch path
         self._keep_dequantized = True
 
@@ -71,7 +74,7 @@ class QuantLinear(nn.Module):
         input_scale: torch.Tensor | None = None,
         act_exempt: torch.Tensor | None = None,
         static_act_scale: torch.Tensor | None = None,
-        compensator: nn.Module | None = None,
+        compensator: CompensatorModule | None = None,
         input_rotation: torch.Tensor | None = None,
     ) -> QuantLinear:
         d_out, d_in = q.shape
@@ -119,9 +122,9 @@ class QuantLinear(nn.Module):
     # ------------------------------------------------------------------ weights
     @property
     def keep_dequantized(self) -> bool:
-        """Whether the torch path keeps the dequantized float weight between forwards. Off for
-        offloaded modules, where the cache would keep a float copy of every weight in memory;
-        turning it off drops what is cached."""
+        """Whether the torch path keeps the dequantized float weight (and the compensator its
+        dequantized factors) between forwards. Off for offloaded modules, where the caches
+        would keep a float copy of every weight in memory; turning it off drops them."""
         return self._keep_dequantized
 
     @keep_dequantized.setter
@@ -129,6 +132,8 @@ class QuantLinear(nn.Module):
         self._keep_dequantized = keep
         if not keep:
             self._dequantized = None
+        if self.compensator is not None:
+            self.compensator.set_caching(keep)
 
     def codes(self) -> torch.Tensor:
         return unpack(self.qweight, self.bits, self.in_features)
