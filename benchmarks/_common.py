@@ -114,14 +114,19 @@ class ResultStore:
         return key in self.rows
 
     def put(self, key: str, row: dict) -> None:
-        # Rows another process finished since this one started are kept (two jobs on one store).
-        if self.path.exists():
-            self.rows = {**json.loads(self.path.read_text())["rows"], **self.rows}
-        self.rows[key] = row
+        import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"machine": machine(), "rows": self.rows}, indent=1))
-        os.replace(tmp, self.path)
+        # Two jobs may fill one store: under a lock, rows on disk (the other job's, and newer
+        # versions of this one's) are kept and this row is added.
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.exists():
+                self.rows = {**self.rows, **json.loads(self.path.read_text())["rows"]}
+            self.rows[key] = row
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"machine": machine(), "rows": self.rows}, indent=1))
+            os.replace(tmp, self.path)
 
     def write_csv(self, path: Path, columns: list[str]) -> None:
         import csv

@@ -17,8 +17,9 @@ Resumable: rows already in the JSON are kept; ``--sizes``/``--modes`` run subset
 
 ``--blocks N`` measures a part of a run too long for the machine at hand: loading, capture and
 the first ``N`` decoder blocks, then the process stops (no checkpoint is written, so there is
-no tensor digest). Its row says how many blocks it covers and gives the wall and CPU time per
-block; its peak RSS covers that part only (what follows repeats the same per-block work, and
+no tensor digest). Its row says how many blocks it covers; ``*_per_block`` is the run's time
+divided by its blocks, loading and capture included (so a partial row's overstates a block);
+its peak RSS covers that part only (what follows repeats the same per-block work, and
 the offloaded checkpoint is written one shard at a time). A full run replaces a partial row.
 
     python benchmarks/memory.py --sizes 135M,360M
@@ -124,23 +125,24 @@ def run_one(size: str, mode: str, samples: int, out_json: Path, blocks: int | No
                               max_memory=parse_max_memory(OFFLOAD_MAX_MEMORY)) if mode == "offload" else None
         recipe = Recipe(quantizer="gptq", compensator=COMPENSATOR, setting="W4A8", calib="pydoc", samples=samples)
         t0 = time.perf_counter()
-        manifest = digest = None
+        manifest = ckpt = None
         try:
             ckpt, manifest = run_quantize(recipe, str(path), out=Path(tmp) / "ckpt", progress=False,
                                           check_heldout=False, placement=placement,
                                           manager=QEPluginManager(extra_plugins=[StopAfter()]))
-            digest = tensor_digest(ckpt)[:16]
         except _EnoughBlocks:
             pass
         wall = time.perf_counter() - t0
         usage = resource.getrusage(resource.RUSAGE_SELF)
         cpu = usage.ru_utime + usage.ru_stime
+        peak = peak_rss_gb()
+        digest = tensor_digest(ckpt)[:16] if ckpt is not None else None  # after the measurement
         done = total if manifest is not None else blocks
         model_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         row = {"size": size, "mode": mode, "samples": samples, "blocks": f"{done} of {total}",
                "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
                "wall_s_per_block": round(wall / done, 1), "cpu_s_per_block": round(cpu / done, 1),
-               "peak_rss_GB": round(peak_rss_gb(), 3), "model_GB": round(model_bytes / 1e9, 3),
+               "peak_rss_GB": round(peak, 3), "model_GB": round(model_bytes / 1e9, 3),
                "checkpoint_GB": round(manifest["size"]["checkpoint_bytes"] / 1e9, 3) if manifest else None,
                "tensors_sha256": digest, "load_avg": round(os.getloadavg()[0], 2)}
     out_json.write_text(json.dumps(row))
@@ -165,6 +167,11 @@ def main() -> None:
     if args.one:
         run_one(*args.one, args.samples, Path(args.row), args.blocks)
         return
+    for size in args.sizes.split(","):
+        total = SIZES.get(size, {}).get("num_hidden_layers")
+        if args.blocks is not None and total is not None and not 1 <= args.blocks < total:
+            sys.exit(f"--blocks {args.blocks}: a partial run of {size} covers 1 to {total - 1} of its {total} blocks; "
+                     "leave --blocks out for the whole run")
     results = RESULTS.with_suffix(".json")
     data = json.loads(results.read_text()) if results.is_file() else {"rows": []}
     rows = {(r["size"], r["mode"]): r for r in data["rows"]}
