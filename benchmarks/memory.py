@@ -10,6 +10,12 @@ calibration windows, without the before/after check:
 * ``offload``: ``--max-memory cpu=<limit> --offload-folder <dir>``: accelerate places what does
   not fit on disk and qe onloads one decoder block at a time, writing each as it finishes.
 
+Peak memory is given twice. ``peak_rss_GB`` is the kernel's peak resident set size, which
+counts the pages of memory-mapped files the process read (the model's safetensors while it
+loads, offloaded weights): the kernel drops those under memory pressure, so they do not
+decide whether a model fits. ``peak_anon_GB`` is the peak of the anonymous memory alone (the
+process's own allocations), sampled every 50 ms from ``/proc/self/status``: what must fit.
+
 Wall time depends on whatever else the machine runs; the process's CPU time (user + system)
 is recorded beside it, and the offload/in-memory ratio is given for both. Both modes of one
 size must give the same checkpoint tensors (a SHA-256 over every tensor).
@@ -100,6 +106,33 @@ def tensor_digest(directory: Path) -> str:
     return h.hexdigest()
 
 
+class AnonymousPeak:
+    """The peak of ``RssAnon`` in ``/proc/self/status``, sampled by a daemon thread."""
+
+    def __init__(self, every: float = 0.05):
+        import threading
+
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+        self._thread.start()
+
+    def _run(self, every: float) -> None:
+        while not self._stop.is_set():
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("RssAnon:"):
+                        self.peak_kib = max(self.peak_kib, int(line.split()[1]))
+                        break
+            self._stop.wait(every)
+
+    def stop(self) -> float:
+        """The peak so far, in GB (2^30 bytes, like ``peak_rss_gb``)."""
+        self._stop.set()
+        self._thread.join()
+        return self.peak_kib / 2**20
+
+
 class _EnoughBlocks(Exception):
     """Raised after the blocks a partial run (``--blocks``) measures."""
 
@@ -124,6 +157,7 @@ def run_one(size: str, mode: str, samples: int, out_json: Path, blocks: int | No
         placement = Placement(offload_folder=str(Path(tmp) / "offload"),
                               max_memory=parse_max_memory(OFFLOAD_MAX_MEMORY)) if mode == "offload" else None
         recipe = Recipe(quantizer="gptq", compensator=COMPENSATOR, setting="W4A8", calib="pydoc", samples=samples)
+        anon = AnonymousPeak()
         t0 = time.perf_counter()
         manifest = ckpt = None
         try:
@@ -136,13 +170,15 @@ def run_one(size: str, mode: str, samples: int, out_json: Path, blocks: int | No
         usage = resource.getrusage(resource.RUSAGE_SELF)
         cpu = usage.ru_utime + usage.ru_stime
         peak = peak_rss_gb()
+        peak_anon = anon.stop()
         digest = tensor_digest(ckpt)[:16] if ckpt is not None else None  # after the measurement
         done = total if manifest is not None else blocks
         model_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         row = {"size": size, "mode": mode, "samples": samples, "blocks": f"{done} of {total}",
                "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
                "wall_s_per_block": round(wall / done, 1), "cpu_s_per_block": round(cpu / done, 1),
-               "peak_rss_GB": round(peak, 3), "model_GB": round(model_bytes / 1e9, 3),
+               "peak_rss_GB": round(peak, 3), "peak_anon_GB": round(peak_anon, 3),
+               "model_GB": round(model_bytes / 1e9, 3),
                "checkpoint_GB": round(manifest["size"]["checkpoint_bytes"] / 1e9, 3) if manifest else None,
                "tensors_sha256": digest, "load_avg": round(os.getloadavg()[0], 2)}
     out_json.write_text(json.dumps(row))
@@ -204,8 +240,10 @@ def _write(results: Path, rows: dict) -> None:
         r["same_tensors_as_memory"] = (r["tensors_sha256"] == mem["tensors_sha256"]) if both else None
         first = rows.get(("135M", r["mode"]))
         r["rss_vs_135M"] = round(r["peak_rss_GB"] / first["peak_rss_GB"], 3) if first else None
+        have_anon = first and first.get("peak_anon_GB") and r.get("peak_anon_GB")
+        r["anon_vs_135M"] = round(r["peak_anon_GB"] / first["peak_anon_GB"], 3) if have_anon else None
     columns = ["size", "mode", "samples", "blocks", "wall_s", "cpu_s", "wall_s_per_block", "cpu_s_per_block",
-               "peak_rss_GB", "model_GB", "checkpoint_GB", "rss_vs_135M",
+               "peak_rss_GB", "peak_anon_GB", "model_GB", "checkpoint_GB", "rss_vs_135M", "anon_vs_135M",
                "offload_vs_memory_wall", "offload_vs_memory_cpu", "same_tensors_as_memory", "load_avg"]
     print_table(ordered, columns)
     results.parent.mkdir(parents=True, exist_ok=True)
