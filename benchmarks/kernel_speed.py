@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from qe.kernels import QELinearWeights, backend, qe_linear, quantize_activations, quantized_linear
-from qe.quantizers.packing import pack
+from qe.packing import pack
 
 # (linear names, d_in, d_out) of the decoder linears; q/o, k/v and gate/up share shapes.
 MODELS = {

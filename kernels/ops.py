@@ -24,7 +24,7 @@ import torch
 
 from qe.errors import QEError
 from qe.kernels import reference
-from qe.quantizers.packing import packed_columns
+from qe.packing import packed_columns
 
 
 class KernelError(QEError):
@@ -125,7 +125,7 @@ def _check_act_bits(bits: int) -> None:
 def _check_weight(qweight, scales, zeros, bits, group_size, d_in, device) -> None:
     _check(1 <= bits <= 8, f"weight bits {bits} are not supported; use 1 to 8")
     _check(qweight.dtype == torch.uint8 and qweight.dim() == 2, "qweight must be a 2-D uint8 tensor "
-           "packed by qe.quantizers.packing.pack")
+           "packed by qe.packing.pack")
     d_out = qweight.shape[0]
     _check(qweight.shape[1] == packed_columns(d_in, bits),
            f"qweight has {qweight.shape[1]} bytes per row; {bits}-bit codes of {d_in} inputs take "

@@ -10,7 +10,7 @@ Conventions shared with the kernels (see ``kernels/README.md``):
 * exempt channels (``keep == False``) are zero in what the activation quantizer sees;
 * activation codes: ``qmax = 2^(a-1) - 1``, ``scale_t = max(max_c |x̃_tc ⊙ keep_c| / qmax, 1e-12)``,
   ``q = clamp(round_half_even(x̃ / scale_t), -qmax, qmax)`` as int8;
-* packed weights: :mod:`qe.quantizers.packing`; ``W[o, c] = (code - zero[o, g(c)]) · scale[o, g(c)]``;
+* packed weights: :mod:`qe.packing`; ``W[o, c] = (code - zero[o, g(c)]) · scale[o, g(c)]``;
 * integer-activation GEMMs are exact: the twin accumulates in float64, where every product
   ``q · (code - zero) · scale`` and the sum over 18944 inputs are exact to well below fp32's
   resolution (fp32 itself stops being exact past 2^24);
@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qe.packing import unpack
 from qe.quantized import dequantize
-from qe.quantizers.packing import unpack
 from qe.transforms.hadamard import sylvester_butterflies
 
 ACT_SCALE_FLOOR = 1e-12  # the same floor as qe.quantizers.grid

@@ -91,7 +91,7 @@ def _load_smoothed(x_ptr, in_scale_ptr, rows, ks, row_ok, k_ok, stride_xt, HAS_I
 def _load_codes(qw_ptr, ns, ks, n_ok, k_ok, row_bytes, BITS: tl.constexpr):
     """``(BK, BN)`` tile of weight codes (int32) for output rows ``ns`` and inputs ``ks``.
 
-    Packed layout (qe.quantizers.packing): code c of a row sits at bits ``c·b … c·b + b - 1``
+    Packed layout (qe.packing): code c of a row sits at bits ``c·b … c·b + b - 1``
     of the row's little-endian bit stream, so it starts in byte ``c·b // 8`` at bit ``c·b % 8``
     and, for widths that do not divide 8, may run into the next byte.
     """

@@ -214,8 +214,8 @@ def base_bits_floor(loaded: LoadedModel, composition: Composition, skip: tuple[s
     """``(bits, weights)``: the packed codes of every linear the pipeline would quantize — a
     lower bound of any checkpoint's bits, known before calibration."""
     from qe.capture import BlockWalker
+    from qe.packing import packed_columns
     from qe.pipeline import _matches
-    from qe.quantizers.packing import packed_columns
 
     walker = BlockWalker(loaded, progress=False)
     bits = weights = 0

@@ -33,7 +33,8 @@ def test_grid_writes_every_file(grid):
     assert all(r["added_params"] > 0 and r["mean_rel_error"] < r["mean_rel_error_base"] for r in lowrank)
     csv_lines = (path / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 6
-    assert "| W4A8 | gptq | lowrank[rank=4] |" in (path / "results.md").read_text()
+    assert "| W4A8 | gptq | lowrank[rank=4] |" in (path / "results.md").read_text()  # no transform column: none ran
+    assert csv_lines[0].startswith("setting,transform,quantizer,")
     counts = json.loads((path / "grid.json").read_text())["calibration_tokens"]
     assert counts["vision"] > 0 and counts["text"] + counts["answer"] > 0
     assert f"{counts['vision']} vision" in (path / "results.md").read_text()
@@ -108,6 +109,19 @@ def test_fp_inputs_grid_shares_statistics_and_matches_quantize(tmp_path):
     alone = perplexity(loaded, max_tokens=1024, progress=False).ppl
     in_grid = next(r for r in rows if r["compensator"] == "lowrank[rank=4]")["ppl"]
     assert in_grid == pytest.approx(alone, rel=1e-6)
+
+
+def test_a_grid_with_a_transform_names_it_in_every_table(tmp_path):
+    """rotate+rtn and rtn cells differ only by their transform: the tables must say which is which."""
+    opts = CompareOptions(samples=2, eval_tokens=1024, progress=False, caption_nll=False)
+    path, rows = run_compare("tiny:llava", "rtn", "none", "W4A8", out=tmp_path / "g", options=opts,
+                             transforms=["none", "rotate"])
+    md = (path / "results.md").read_text()
+    assert "| W4A8 | none | rtn | none |" in md and "| W4A8 | rotate | rtn | none |" in md
+    import csv
+
+    with (path / "results.csv").open() as fh:
+        assert sorted(r["transform"] for r in csv.DictReader(fh) if r["setting"] != "FP32") == ["none", "rotate"]
 
 
 def test_bad_grid_input_fails_before_loading(tmp_path):

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 
 from qe.kernels import ops
 from qe.kernels import reference as twin
+from qe.packing import pack
 from qe.quantized import fake_quantize_activations, quantize_activations_per_token
 from qe.quantizers.grid import quantize_rtn
-from qe.quantizers.packing import pack
 from qe.quantizers.qlinear import QuantLinear
 
 kern = pytest.importorskip("qe.kernels.triton_kernels", reason="triton is not installed")

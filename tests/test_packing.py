@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qe.quantizers.packing import pack, packed_columns, unpack
+from qe.packing import pack, packed_columns, unpack
 
 
 def reference_pack(codes: list[list[int]], bits: int) -> list[list[int]]:

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLUMNS = ["setting", "quantizer", "compensator", "status", "ppl", "caption_nll", "mean_rel_error_base",
+COLUMNS = ["setting", "transform", "quantizer", "compensator", "status", "ppl", "caption_nll", "mean_rel_error_base",
            "mean_rel_error", "router_agreement", "bits_per_weight", "bits_per_weight_with_adapters", "added_params",
            "added_params_ratio", "added_flops_per_token", "quantize_seconds", "fit_seconds", "eval_seconds", "error"]
 
@@ -37,8 +37,12 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
+    # A transform column only where a cell has one: rotate+rtn and rtn rows look alike otherwise.
+    transforms = any(r.get("transform") not in (None, "none", "–") for r in rows)
     head = ["setting", "quantizer", "compensator", "ppl", "caption NLL", "rel. error (base → comp.)",
             "bits/weight (+adapters)", "added params", "quantize s", "status"]
+    if transforms:
+        head.insert(1, "transform")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.get("status") != "ok":
@@ -51,6 +55,8 @@ def markdown_table(rows: list[dict]) -> str:
             cells = [r.get("setting", ""), r.get("quantizer", ""), r.get("compensator", ""), _fmt(r.get("ppl"), ".3f"),
                      _fmt(r.get("caption_nll"), ".3f"), err, bits, _fmt(r.get("added_params"), ",.0f"),
                      _fmt(r.get("quantize_seconds"), ".0f"), "ok"]
+        if transforms:
+            cells.insert(1, r.get("transform") or "none")
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 

@@ -22,7 +22,7 @@ for ``load_state_dict``.
   rank component (``A_scale``: a column of ``A``, a row of ``B``; a row of the router), stored
   as they are; ``A`` is stored transposed so that each step's values form one row;
 * 4: the same with 4-bit codes, two per byte, each row packed as the base weights are
-  (:mod:`qe.quantizers.packing`: a row of ``c`` codes takes ``4 · ⌈c / 8⌉`` bytes).
+  (:mod:`qe.packing`: a row of ``c`` codes takes ``4 · ⌈c / 8⌉`` bytes).
 
 :meth:`FactorModule.factor` returns any factor as float32 whatever its storage; the fit writes a
 factor with :meth:`FactorModule.set_factor` and reads back what was stored, so that it refits
@@ -38,8 +38,8 @@ import torch
 
 from qe.compensators.base import CompensatorModule
 from qe.errors import ConfigError
+from qe.packing import pack, packed_columns, unpack
 from qe.quantized import dequantize_symmetric, fake_quantize_activations, quantize_symmetric
-from qe.quantizers.packing import pack, packed_columns, unpack
 
 ROUTINGS = ("router", "random", "oracle")
 MAX_EXPERTS = 4096  # a layout asking for more is taken as damaged

@@ -4,7 +4,7 @@
     x̃ = x / input_scale                       (explicit smoothing; absent when folded into a norm)
     y = Q_a(x̃ ⊙ act_keep) · Q_w(W̃)ᵀ + b + compensator(x̃)
 
-``Q_w(W̃)`` is stored packed (:mod:`qe.quantizers.packing`) with per-row or per-group scales
+``Q_w(W̃)`` is stored packed (:mod:`qe.packing`) with per-row or per-group scales
 and zero points; ``Q_a`` is per-token dynamic symmetric (or static per-tensor) fake
 quantization; ``act_keep`` zeroes the exempt channels before ``Q_a`` so their outliers do not
 set the per-token scale (those channels reach the output only through the compensator,
@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from qe.packing import pack, packed_columns, unpack
 from qe.quantized import QuantizedWeight, dequantize, fake_quantize_activations
-from qe.quantizers.packing import pack, packed_columns, unpack
 
 if TYPE_CHECKING:
     from qe.compensators.base import CompensatorModule
