@@ -204,6 +204,12 @@ def check_finite_tensors(tensors: dict[str, torch.Tensor], where: str = "") -> N
                                  "check the model's dtype, the recipe's parameters and the calibration data")
 
 
+def save_module(module: nn.Module, path: Path) -> None:
+    """``module``'s state dict (on the CPU, contiguous) as the safetensors file ``path``: the file
+    an offloaded quantized block is read back from."""
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, path)
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     """Write a safetensors file under a temporary name, then rename it into place, with the
     permissions of any file created under the user's umask; NaN or Inf is refused."""

@@ -37,10 +37,10 @@ from tqdm.auto import tqdm
 
 from qe.analysis.statistics import LinearStats, choose_sample_positions
 from qe.capture import Block, BlockInputs, BlockStep, BlockWalker, StreamContext, attach_stats
-from qe.checkpoint import save_safetensors
+from qe.checkpoint import save_module
 from qe.compensators.base import Compensator, CompensatorModule, LayerContext, LayerPlan
 from qe.composition import Composition
-from qe.errors import ConfigError, ModelError, NumericalError
+from qe.errors import ConfigError, NumericalError
 from qe.modality import MODALITIES, Modality
 from qe.models.base import EncodedSample
 from qe.models.loading import LoadedModel
@@ -160,13 +160,7 @@ class QuantizationPipeline:
             kv_cache.enable(loaded.adapter.language_model(loaded.model), attentions[0])
 
     def _kv_attention(self, block: Block) -> nn.Module:
-        name = self.loaded.adapter.attention_name
-        try:
-            return block.module.get_submodule(name)
-        except AttributeError:
-            raise ModelError(f"{block.prefix} has no attention module at {name!r} (model adapter "
-                             f"{self.loaded.adapter.name!r}), so its KV cache cannot be quantized: drop KV<bits> "
-                             "from the setting") from None
+        return self.loaded.adapter.block_attention(block.module, block.prefix)
 
     def quantize_kv_cache(self, block: Block) -> None:
         """From now on, the block's attention quantizes the keys and values it caches (a setting
@@ -273,8 +267,8 @@ class QuantizationPipeline:
         block_file: Callable[[int], Path] | None = None,
     ) -> PipelineResult:
         """Quantize every decoder block from ``start_block`` on (earlier ones must already be
-        quantized in the model: that is how ``--resume`` continues, passing the earlier
-        ``result`` to extend). ``on_block_done`` runs after each block, before the
+        quantized in the model, and :meth:`restored` told: that is how ``--resume`` continues,
+        passing the earlier ``result`` to extend). ``on_block_done`` runs after each block, before the
         ``qe_block_end`` event (a checkpointing caller saves there). ``inputs`` are block 0's
         captured inputs when the caller already has them (``qe compare`` shares them); a
         transform that changes the model makes them stale, and they are captured again from
@@ -294,7 +288,6 @@ class QuantizationPipeline:
             inputs = None
         result = result if result is not None else PipelineResult()
         result.warnings.extend(w for w in self.warnings if w not in result.warnings)
-        self.restored(start_block)
         t_start = time.perf_counter()
         num_blocks = self.walker.num_blocks
         if not self.needs_calibration:
@@ -400,7 +393,7 @@ class QuantizationPipeline:
                 path = block_file(block.index)
             else:
                 path = self._spill_folder() / f"block-{block.index:05d}.safetensors"
-                save_safetensors({k: v.detach().cpu().contiguous() for k, v in block.module.state_dict().items()}, path)
+                save_module(block.module, path)
         offload_to_file(block.module, path, device)
 
     def _spill_folder(self) -> Path:

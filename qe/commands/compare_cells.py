@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from qe.analysis.statistics import choose_sample_positions
 from qe.capture import Block, BlockWalker, StreamContext, attach_stats
-from qe.checkpoint import save_safetensors
+from qe.checkpoint import save_module
 from qe.composition import Composition, resolve_composition
 from qe.data.calibration import encode_samples
 from qe.errors import ConfigError, QEError
@@ -279,7 +279,7 @@ def _fp_inputs_grid(loaded, walker, cells, opts, inputs, evaluator, record, mana
                     pipe.quantize_block_with_stats(Block(block.index, qblock, block.prefix), stats, cell.result)
                     if spill is not None:  # every cell's quantized blocks in memory would be the model several times over
                         path = spill / f"cell-{number[cell.key]}-block-{block.index:05d}.safetensors"
-                        save_safetensors({k: v.detach().cpu().contiguous() for k, v in qblock.state_dict().items()}, path)
+                        save_module(qblock, path)
                         offload_to_file(qblock, path, device)
                     cell.blocks.append(qblock)
                 except (Exception, QEError) as exc:

@@ -233,7 +233,7 @@ def _run(recipe, composition, loaded, source, encoded, dhash, identity, run_hash
             pipeline.prepare_model()  # a rotation changes the model the saved blocks were quantized in
         done = _restore_blocks(loaded, work, state, manager)
         if pipeline is not None:
-            pipeline.restored(done)  # also when every block is done and run() is skipped
+            pipeline.restored(done)  # before run(), and also when every block is done and run() is skipped
         result.layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in state["layers"] if r["block"] < done]
         result.blocks = state["blocks"][:done]
         result.seconds = state["seconds"]

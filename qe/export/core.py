@@ -90,8 +90,8 @@ def export_checkpoint(
     require(fmt)
     if fmt == "transformers":
         return export_transformers(source, out, force=force, manager=manager)
+    check_kv_cache(loaded.manifest if loaded is not None else ckpt_mod.read_manifest(source))  # before loading it
     loaded = loaded if loaded is not None else load_quantized(source, manager=manager)
-    check_kv_cache(loaded.manifest)
     model = loaded.model
     layers = ckpt_mod.quantized_layers(model)
     if not layers:

@@ -165,6 +165,15 @@ class ModelAdapter(Plugin):
             raise ModelError(f"block {type(block).__name__} has none of the linears {', '.join(LLAMA_LINEARS)}")
         return out
 
+    def block_attention(self, block: nn.Module, prefix: str) -> nn.Module:
+        """The attention module of one decoder block (``attention_name``), whose KV cache a
+        ``KV<bits>`` setting quantizes; one line naming the block (``prefix``) when it has none."""
+        try:
+            return block.get_submodule(self.attention_name)
+        except AttributeError:
+            raise ModelError(f"{prefix} has no attention module at {self.attention_name!r} (model adapter "
+                             f"{self.name!r}), so its KV cache cannot be quantized: drop KV<bits> from the setting") from None
+
     def smoothing_groups(self, block: nn.Module) -> list[SmoothingGroup]:
         """Linears sharing one input, with the norm to fold smoothing scales into."""
         have = self.block_linears(block)

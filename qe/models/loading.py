@@ -424,13 +424,8 @@ def _restore_kv_cache(model, adapter, manifest: dict, directory: Path) -> None:
         raise ModelError(f"checkpoint {directory}: composition.setting: {e}: the manifest is damaged; re-quantize") from None
     if not setting.quantizes_kv_cache:
         return
-    attentions = []
-    for i, block in enumerate(adapter.decoder_blocks(model)):
-        try:
-            attentions.append(block.get_submodule(adapter.attention_name))
-        except AttributeError:
-            raise ModelError(f"checkpoint {directory}: block {i} has no attention module at {adapter.attention_name!r} "
-                             f"for its {setting.name} KV cache: the checkpoint does not match its model") from None
+    attentions = [adapter.block_attention(block, adapter.block_prefix(model, i))
+                  for i, block in enumerate(adapter.decoder_blocks(model))]
     kv_cache.enable(adapter.language_model(model), attentions[0])
     for attention in attentions:
         kv_cache.mark_attention(attention, setting.kv_bits)
