@@ -15,6 +15,9 @@ counts the pages of memory-mapped files the process read (the model's safetensor
 loads, offloaded weights): the kernel drops those under memory pressure, so they do not
 decide whether a model fits. ``peak_anon_GB`` is the peak of the anonymous memory alone (the
 process's own allocations), sampled every 50 ms from ``/proc/self/status``: what must fit.
+``peak_anon_where`` says where it is reached: in one linear's quantization and fit (named by
+its module path within the block, e.g. ``mlp.down_proj``) or between layers (loading, capture,
+the blocks' forwards, writing); ``anon_GB_by_window`` in the JSON gives every window's peak.
 
 Wall time depends on whatever else the machine runs; the process's CPU time (user + system)
 is recorded beside it, and the offload/in-memory ratio is given for both. Both modes of one
@@ -113,6 +116,7 @@ class AnonymousPeak:
         import threading
 
         self.peak_kib = 0
+        self.window_kib = 0  # the peak since the last ``window()``
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
         self._thread.start()
@@ -122,9 +126,16 @@ class AnonymousPeak:
             with open("/proc/self/status") as fh:
                 for line in fh:
                     if line.startswith("RssAnon:"):
-                        self.peak_kib = max(self.peak_kib, int(line.split()[1]))
+                        now = int(line.split()[1])
+                        self.peak_kib = max(self.peak_kib, now)
+                        self.window_kib = max(self.window_kib, now)
                         break
             self._stop.wait(every)
+
+    def window(self) -> float:
+        """The peak since the previous call, in GB; starts the next window."""
+        peak, self.window_kib = self.window_kib, 0
+        return peak / 2**20
 
     def stop(self) -> float:
         """The peak so far, in GB (2^30 bytes, like ``peak_rss_gb``)."""
@@ -145,7 +156,23 @@ def run_one(size: str, mode: str, samples: int, out_json: Path, blocks: int | No
     from qe.plugins import QEPluginManager
     from qe.recipe import Recipe
 
-    class StopAfter:
+    anon = AnonymousPeak()
+    # Where the peak is reached: each linear's quantization and fit is one window, and what
+    # runs between them (loading, capture, the blocks' forwards, writing) another.
+    windows: dict[str, float] = {}
+
+    def close_window(name: str) -> None:
+        windows[name] = max(windows.get(name, 0.0), anon.window())
+
+    class Profile:
+        @qe.hookimpl
+        def qe_layer_start(self, block_index, layer_name):
+            close_window("between layers")
+
+        @qe.hookimpl
+        def qe_layer_end(self, block_index, layer_name, figures):
+            close_window(layer_name.rsplit(".", 2)[-2] + "." + layer_name.rsplit(".", 1)[-1])
+
         @qe.hookimpl
         def qe_block_end(self, block_index, num_blocks, figures):
             if blocks is not None and block_index + 1 >= blocks:
@@ -157,19 +184,19 @@ def run_one(size: str, mode: str, samples: int, out_json: Path, blocks: int | No
         placement = Placement(offload_folder=str(Path(tmp) / "offload"),
                               max_memory=parse_max_memory(OFFLOAD_MAX_MEMORY)) if mode == "offload" else None
         recipe = Recipe(quantizer="gptq", compensator=COMPENSATOR, setting="W4A8", calib="pydoc", samples=samples)
-        anon = AnonymousPeak()
         t0 = time.perf_counter()
         manifest = ckpt = None
         try:
             ckpt, manifest = run_quantize(recipe, str(path), out=Path(tmp) / "ckpt", progress=False,
                                           check_heldout=False, placement=placement,
-                                          manager=QEPluginManager(extra_plugins=[StopAfter()]))
+                                          manager=QEPluginManager(extra_plugins=[Profile()]))
         except _EnoughBlocks:
             pass
         wall = time.perf_counter() - t0
         usage = resource.getrusage(resource.RUSAGE_SELF)
         cpu = usage.ru_utime + usage.ru_stime
         peak = peak_rss_gb()
+        close_window("between layers")
         peak_anon = anon.stop()
         digest = tensor_digest(ckpt)[:16] if ckpt is not None else None  # after the measurement
         done = total if manifest is not None else blocks
@@ -180,7 +207,9 @@ def run_one(size: str, mode: str, samples: int, out_json: Path, blocks: int | No
                "peak_rss_GB": round(peak, 3), "peak_anon_GB": round(peak_anon, 3),
                "model_GB": round(model_bytes / 1e9, 3),
                "checkpoint_GB": round(manifest["size"]["checkpoint_bytes"] / 1e9, 3) if manifest else None,
-               "tensors_sha256": digest, "load_avg": round(os.getloadavg()[0], 2)}
+               "tensors_sha256": digest, "load_avg": round(os.getloadavg()[0], 2),
+               "peak_anon_where": max(windows, key=windows.__getitem__),
+               "anon_GB_by_window": {k: round(v, 3) for k, v in sorted(windows.items(), key=lambda kv: -kv[1])}}
     out_json.write_text(json.dumps(row))
 
 
@@ -243,7 +272,7 @@ def _write(results: Path, rows: dict) -> None:
         have_anon = first and first.get("peak_anon_GB") and r.get("peak_anon_GB")
         r["anon_vs_135M"] = round(r["peak_anon_GB"] / first["peak_anon_GB"], 3) if have_anon else None
     columns = ["size", "mode", "samples", "blocks", "wall_s", "cpu_s", "wall_s_per_block", "cpu_s_per_block",
-               "peak_rss_GB", "peak_anon_GB", "model_GB", "checkpoint_GB", "rss_vs_135M", "anon_vs_135M",
+               "peak_rss_GB", "peak_anon_GB", "peak_anon_where", "model_GB", "checkpoint_GB", "rss_vs_135M", "anon_vs_135M",
                "offload_vs_memory_wall", "offload_vs_memory_cpu", "same_tensors_as_memory", "load_avg"]
     print_table(ordered, columns)
     results.parent.mkdir(parents=True, exist_ok=True)

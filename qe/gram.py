@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from scipy.linalg import blas
+from scipy.linalg import blas, lapack
 
 from qe.errors import NumericalError
 
@@ -43,6 +43,18 @@ def mirror_upper(G: torch.Tensor) -> torch.Tensor:
     return upper + upper.triu(1).T
 
 
+def mirror_upper_in_place(G: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """Copy ``G``'s upper triangle onto its lower one, in place (``G`` returned); a block of
+    rows at a time, so the only temporaries are ``block``-row slices."""
+    d = G.shape[-1]
+    for i0 in range(0, d, block):
+        i1 = min(i0 + block, d)
+        G[i0:i1, :i0] = G[:i0, i0:i1].T
+        diag = G[i0:i1, i0:i1]
+        diag.copy_(mirror_upper(diag))
+    return G
+
+
 def symmetric_gram(M: torch.Tensor) -> torch.Tensor:
     """``MᵀM`` as float64, exactly symmetric (products in M's dtype)."""
     return mirror_upper(gram_upper(M).double())
@@ -67,10 +79,44 @@ def damping(H: torch.Tensor, damp: float) -> float:
 
 
 def damped(H: torch.Tensor, damp: float, scale: float | None = None) -> torch.Tensor:
-    """``H + λ·c·I`` in float64, ``c`` = ``scale`` or ``mean(diag H)``."""
-    Hd = H.double().clone()
+    """``H + λ·c·I`` in float64 (a new tensor), ``c`` = ``scale`` or ``mean(diag H)``."""
+    Hd = H.to(torch.float64, copy=True)
     Hd.diagonal().add_(damping(H, damp) if scale is None else damp * scale)
     return Hd
+
+
+def _lapack_in_place(A: torch.Tensor) -> bool:
+    # LAPACK reads a C-ordered matrix as its transpose in Fortran order, in place, without a copy.
+    return A.device.type == "cpu" and A.dtype == torch.float64 and A.is_contiguous() and A.dim() == 2
+
+
+def cholesky_in_place(A: torch.Tensor) -> bool:
+    """Overwrite the symmetric float64 ``A`` with its lower Cholesky factor (``A = L Lᵀ``, upper
+    triangle zeroed); False when ``A`` is not positive definite, and ``A`` then holds garbage.
+
+    In place on the CPU, where a ``d × d`` float64 copy is 0.5 GB at d = 8,192: torch's own
+    factorization allocates one such copy even when told to write into its input.
+    """
+    if not _lapack_in_place(A):
+        L, info = torch.linalg.cholesky_ex(A)
+        A.copy_(L)
+        return int(info) == 0
+    with _blas_threads().limit(limits=torch.get_num_threads(), user_api="blas"):
+        # Fortran's upper factor Uᵀ U of Aᵀ = A is, read back in C order, the lower factor of A.
+        _, info = lapack.dpotrf(A.numpy().T, lower=0, clean=1, overwrite_a=1)
+    return info == 0
+
+
+def invert_lower_in_place(L: torch.Tensor) -> torch.Tensor:
+    """``L⁻¹`` of a lower-triangular float64 ``L``, written into ``L`` (returned)."""
+    if not _lapack_in_place(L):
+        eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
+        return L.copy_(torch.linalg.solve_triangular(L, eye, upper=False))
+    with _blas_threads().limit(limits=torch.get_num_threads(), user_api="blas"):
+        _, info = lapack.dtrtri(L.numpy().T, lower=0, overwrite_c=1)  # Lᵀ inverted in place
+    if info != 0:
+        raise NumericalError(f"a triangular factor is singular (LAPACK dtrtri info={info})")
+    return L
 
 
 def damped_cholesky(H: torch.Tensor, damp: float, where: str = "", *, scale: float | None = None,
@@ -80,15 +126,18 @@ def damped_cholesky(H: torch.Tensor, damp: float, where: str = "", *, scale: flo
 
     A factorization that fails (H numerically indefinite) is retried with λ ×10, up to
     :data:`CHOLESKY_RETRIES` times; ``on_retry(λ, next λ)`` is told each time (GPTQ warns).
+    Each attempt factors one damped copy of ``H`` in place: ``H`` and the factor are the only
+    ``d × d`` matrices held.
     """
     of = f" of {where}" if where else ""
     if not torch.isfinite(H).all():
         raise NumericalError(f"NaN or Inf in the Hessian{of}: check the calibration inputs")
     lam = damp
     for _ in range(CHOLESKY_RETRIES + 1):
-        L, info = torch.linalg.cholesky_ex(damped(H, lam, scale))
-        if int(info) == 0:
+        L = damped(H, lam, scale)
+        if cholesky_in_place(L):
             return L, lam
+        del L
         following = lam * 10 if lam > 0 else 1e-6
         if on_retry is not None:
             on_retry(lam, following)

@@ -1,5 +1,6 @@
 """Gram matrices: BLAS syrk's triangle equals the full product, on any thread count and layout,
-and the streamed Hessian is exactly symmetric."""
+the streamed Hessian is exactly symmetric, and the in-place factorizations (which keep GPTQ's
+working set at two d × d matrices) equal torch's."""
 
 import pytest
 import torch
@@ -7,7 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qe.analysis.statistics import InputStats
-from qe.gram import gram_upper, symmetric_gram
+from qe.gram import (
+    cholesky_in_place,
+    gram_upper,
+    invert_lower_in_place,
+    mirror_upper,
+    mirror_upper_in_place,
+    symmetric_gram,
+)
 
 
 @given(seed=st.integers(0, 1000), tokens=st.integers(0, 200), d=st.integers(1, 40), threads=st.integers(1, 2),
@@ -45,6 +53,53 @@ def test_streamed_hessian_is_symmetric_and_exact(seed, chunks):
     exact = x.double().T @ x.double()
     assert torch.equal(inp.xtx, inp.xtx.T)
     assert torch.allclose(inp.xtx, exact, rtol=1e-5, atol=1e-4)
+
+
+@given(seed=st.integers(0, 1000), chunks=st.integers(2, 4))
+@settings(max_examples=10, deadline=None)
+def test_streamed_hessian_read_between_updates_stays_exact(seed, chunks):
+    # xtx mirrors the accumulator in place; an update after a read must not keep stale halves.
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(90, 16, generator=g)
+    inp = InputStats(16, None, hessian=True, moments=False)
+    seen = torch.zeros(0, 16)
+    for part in x.chunk(chunks):
+        inp.update(part, torch.zeros(len(part), dtype=torch.int8), 0)
+        seen = torch.cat([seen, part])
+        exact = seen.double().T @ seen.double()
+        assert torch.equal(inp.xtx, inp.xtx.T)
+        assert torch.allclose(inp.xtx, exact, rtol=1e-5, atol=1e-4)
+
+
+@given(seed=st.integers(0, 1000), d=st.integers(0, 40), block=st.integers(1, 9))
+@settings(max_examples=30, deadline=None)
+def test_mirror_in_place_equals_the_copying_mirror(seed, d, block):
+    G = torch.randn(d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))  # any lower half
+    expected = mirror_upper(G)
+    ptr = G.data_ptr()
+    assert torch.equal(mirror_upper_in_place(G, block), expected)
+    assert G.data_ptr() == ptr and torch.equal(G, expected)
+
+
+@given(seed=st.integers(0, 1000), d=st.integers(1, 48))
+@settings(max_examples=30, deadline=None)
+def test_cholesky_and_triangular_inverse_in_place(seed, d):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(d + 3, d, dtype=torch.float64, generator=g) * torch.rand(d, dtype=torch.float64, generator=g)
+    A = X.T @ X + 0.1 * torch.eye(d, dtype=torch.float64)
+    A0 = A.clone()
+    ptr = A.data_ptr()
+    assert cholesky_in_place(A)
+    assert A.data_ptr() == ptr and torch.equal(A, A.tril())
+    assert torch.allclose(A, torch.linalg.cholesky(A0), rtol=1e-10, atol=1e-12)
+    L = A.clone()
+    assert invert_lower_in_place(A).data_ptr() == ptr
+    assert torch.allclose(A @ L, torch.eye(d, dtype=torch.float64), atol=1e-8)
+
+
+def test_cholesky_in_place_reports_an_indefinite_matrix():
+    assert not cholesky_in_place(torch.diag(torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)))
+    assert cholesky_in_place(torch.diag(torch.tensor([1.0, 4.0, 2.0], dtype=torch.float64)))
 
 
 @pytest.mark.parametrize("d", [1, 5, 200, 577, 1000])

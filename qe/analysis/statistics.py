@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from qe.errors import NumericalError
-from qe.gram import gram_upper, mirror_upper
+from qe.gram import gram_upper, mirror_upper_in_place
 from qe.modality import MODALITIES
 
 NUM_MODALITIES = len(MODALITIES)
@@ -53,9 +53,10 @@ class InputStats:
         self.n_by_modality = torch.zeros(NUM_MODALITIES, dtype=torch.long)
         self.absmax = torch.zeros(d_in)
         # Only the upper triangle is accumulated (a symmetric rank-k update does half a GEMM's
-        # work); ``xtx`` mirrors it on read.
+        # work); ``xtx`` mirrors it on read, in place: one d × d float64 matrix, not two
+        # (0.5 GB each at an MLP width of 8,192).
         self._xtx_upper = torch.zeros(d_in, d_in, dtype=torch.float64) if hessian else None
-        self._xtx: torch.Tensor | None = None
+        self._mirrored = False
         self.moments = torch.zeros(4, d_in, dtype=torch.float64) if moments else None
         self.sample_positions = sample_positions
         self._sample_chunks: list[torch.Tensor] = []
@@ -75,9 +76,10 @@ class InputStats:
         self.n_by_modality += torch.bincount(modality.long(), minlength=NUM_MODALITIES)[:NUM_MODALITIES].cpu()
         self.absmax = torch.maximum(self.absmax, batch_absmax.cpu())
         if self._xtx_upper is not None:
-            # fp32 product per batch, fp64 accumulation across batches
-            self._xtx_upper += gram_upper(x).double().cpu()
-            self._xtx = None
+            # fp32 product per batch, fp64 accumulation across batches (add_ promotes without a
+            # float64 copy of the product)
+            self._xtx_upper.add_(gram_upper(x).cpu())
+            self._mirrored = False
         if self.moments is not None:
             x2 = x * x
             self.moments += torch.stack([x.sum(0), x2.sum(0), (x2 * x).sum(0), (x2 * x2).sum(0)]).double().cpu()
@@ -97,12 +99,17 @@ class InputStats:
 
     @property
     def xtx(self) -> torch.Tensor | None:
-        """``Σ_t x_t x_tᵀ`` (float64, symmetric), or None when no Hessian is streamed."""
+        """``Σ_t x_t x_tᵀ`` (float64, symmetric), or None when no Hessian is streamed.
+
+        The accumulator itself, not a copy: read it after the streaming (a later ``update``
+        changes it), and do not modify it.
+        """
         if self._xtx_upper is None:
             return None
-        if self._xtx is None:
-            self._xtx = mirror_upper(self._xtx_upper)
-        return self._xtx
+        if not self._mirrored:
+            mirror_upper_in_place(self._xtx_upper)
+            self._mirrored = True
+        return self._xtx_upper
 
     @property
     def sample(self) -> torch.Tensor:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from qe.errors import ConfigError, DataError, NumericalError
-from qe.gram import damped_cholesky
+from qe.gram import damped_cholesky, invert_lower_in_place
 from qe.quantized import QuantizedWeight
 from qe.quantizers.base import Quantizer
 from qe.quantizers.grid import (
@@ -67,12 +67,13 @@ class GPTQConfig:
             )
 
 
-def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float, mean_diag: float, layer_name: str) -> torch.Tensor:
-    """``U`` upper triangular with ``Uᵀ U = (H + damp·mean_diag·I)⁻¹``; the damping rises ×10 while
-    Cholesky fails.
+def _upper_cholesky_of_inverse(H_rev: torch.Tensor, damp: float, mean_diag: float, layer_name: str) -> torch.Tensor:
+    """``U`` upper triangular with ``Uᵀ U = (H + damp·mean_diag·I)⁻¹``, from ``H_rev = J H J`` (``H``
+    with its index order reversed, float64); the damping rises ×10 while Cholesky fails.
 
-    Without forming the inverse: the Cholesky factor of ``H`` with its index order reversed
-    gives ``H = R Rᵀ`` with ``R`` upper triangular, so ``H⁻¹ = R⁻ᵀ R⁻¹`` and ``U = R⁻¹``.
+    Without forming the inverse: ``J H J = M Mᵀ`` (``M`` lower) gives ``H = R Rᵀ`` with
+    ``R = J M J`` upper triangular, so ``H⁻¹ = R⁻ᵀ R⁻¹`` and ``U = R⁻¹ = J M⁻¹ J``. ``M`` is
+    inverted in place, so at most two ``d × d`` matrices are held besides ``H_rev``.
     """
     where = f"GPTQ on {layer_name}" if layer_name else "GPTQ"
 
@@ -80,9 +81,9 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float, mean_diag: float, l
         warnings.warn(f"{where}: the Hessian with damping {lam:g} is not positive definite; retrying with damping "
                       f"{following:g}", RuntimeWarning, stacklevel=4)
 
-    M, _ = damped_cholesky(H.flip(0, 1), damp, where, scale=mean_diag, on_retry=warn)  # lower, J H J = M Mᵀ
-    R = M.flip(0, 1)  # upper, H = R Rᵀ
-    U = torch.linalg.solve_triangular(R, torch.eye(H.shape[0], dtype=R.dtype, device=R.device), upper=True)
+    M, _ = damped_cholesky(H_rev, damp, where, scale=mean_diag, on_retry=warn)
+    U = invert_lower_in_place(M).flip(0, 1)
+    del M
     if not bool(torch.isfinite(U).all()):
         raise NumericalError(f"{where}: the damped Hessian's inverse overflows: check the calibration data or use rtn")
     return U
@@ -128,8 +129,9 @@ def gptq_quantize(
 
     # Columns of W are rows of Wt, so each column's work reads and writes contiguous memory.
     Wt = weight.detach().to(torch.float64).T.contiguous()  # (d_in, d_out), updated in place
-    H = hessian.detach().to(device=Wt.device, dtype=torch.float64).clone()  # (d_in, d_in)
-    dropped = torch.diagonal(H) == 0  # dead input channels
+    hessian = hessian.detach().to(device=Wt.device, dtype=torch.float64)  # no copy when it is already
+    diag = torch.diagonal(hessian)
+    dropped = diag == 0  # dead input channels
     if exempt is not None:
         exempt = exempt.to(device=Wt.device, dtype=torch.bool)
         dropped |= exempt
@@ -137,10 +139,7 @@ def gptq_quantize(
     if not bool(live.any()):
         warnings.warn(f"GPTQ on {layer_name or 'a layer'}: no input channel is live (all exempt or never active in the "
                       "calibration data); its weight quantizes to zero", RuntimeWarning, stacklevel=2)
-    mean_diag = float(torch.diagonal(H)[live].mean()) if bool(live.any()) else 1.0
-    H[dropped, :] = 0
-    H[:, dropped] = 0
-    H.diagonal()[dropped] = 1
+    mean_diag = float(diag[live].mean()) if bool(live.any()) else 1.0
     Wt[dropped] = 0
 
     n_g = num_groups(d_in, group_size)
@@ -151,13 +150,21 @@ def gptq_quantize(
     else:  # per channel, or static groups: parameters from the weight before any update
         scales, zeros = group_params(Wt.T.float(), bits, symmetric, group_size, clip_grid)
 
-    if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    if act_order:  # dropped columns sort by the H_cc = 1 they get below
+        perm = torch.argsort(diag.masked_fill(dropped, 1.0), descending=True, stable=True)
     else:
         perm = torch.arange(d_in, device=Wt.device)
     Wt = Wt.index_select(0, perm)
-    H = H.index_select(0, perm).index_select(1, perm)
-    U = _upper_cholesky_of_inverse(H, damp, mean_diag, layer_name)  # (d_in, d_in) upper, permuted order
+    # The Hessian in processing order, reversed (what the factorization wants), in one copy;
+    # dropped columns decoupled: H[c, :] = H[:, c] = 0, H_cc = 1.
+    rev = perm.flip(0)
+    H_rev = hessian[rev[:, None], rev]
+    gone = dropped[rev]
+    H_rev[gone, :] = 0
+    H_rev[:, gone] = 0
+    H_rev.diagonal()[gone] = 1
+    U = _upper_cholesky_of_inverse(H_rev, damp, mean_diag, layer_name)  # (d_in, d_in) upper, permuted order
+    del H_rev
     # (d_in, d_out) grid parameters of each processed column
     col_scale = scales.T.index_select(0, g_of[perm]).contiguous()
     col_zero = zeros.T.index_select(0, g_of[perm]).contiguous()
