@@ -85,6 +85,12 @@ def damped(H: torch.Tensor, damp: float, scale: float | None = None) -> torch.Te
     return Hd
 
 
+def damped_times(H: torch.Tensor, M: torch.Tensor, damp: float) -> torch.Tensor:
+    """``(H + λ·mean(diag H)·I) · M`` in float64, without forming the damped ``d × d`` copy."""
+    Md = M.to(torch.float64)
+    return torch.addmm(Md, H.to(torch.float64), Md, beta=damping(H, damp))
+
+
 def _lapack_in_place(A: torch.Tensor) -> bool:
     # LAPACK reads a C-ordered matrix as its transpose in Fortran order, in place, without a copy.
     return A.device.type == "cpu" and A.dtype == torch.float64 and A.is_contiguous() and A.dim() == 2

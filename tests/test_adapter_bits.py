@@ -74,9 +74,10 @@ def test_adapter_bits_is_checked():
 def test_refit_is_the_least_squares_optimum_for_the_stored_b(seed, rank):
     g = torch.Generator().manual_seed(seed)
     E, X = torch.randn(10, 12, generator=g), torch.randn(40, 12, generator=g)
-    Hd = damped(X.T.double() @ X.double(), 0.01)
+    H = X.T.double() @ X.double()
+    Hd = damped(H, 0.01)
     B_q = round_factor(torch.randn(rank, 12, generator=g), 8, -1)
-    A = refit_left(E, Hd, B_q)
+    A = refit_left(E, H, B_q, 0.01)
 
     def objective(A_):
         R = (E.double() - A_.double() @ B_q.double())

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from qe.analysis.statistics import InputStats
 from qe.gram import (
     cholesky_in_place,
+    damped,
+    damped_times,
     gram_upper,
     invert_lower_in_place,
     mirror_upper,
@@ -108,3 +110,13 @@ def test_symmetric_gram_equals_the_product(d):
     G = symmetric_gram(M)
     assert G.dtype == torch.float64 and torch.equal(G, G.T)
     assert torch.allclose(G, M.double().T @ M.double(), rtol=1e-5, atol=1e-3)
+
+
+@given(seed=st.integers(0, 1000), d=st.integers(1, 30), cols=st.integers(1, 6), damp=st.floats(0.0, 1.0))
+@settings(max_examples=30, deadline=None)
+def test_damped_times_equals_the_product_with_the_damped_copy(seed, d, cols, damp):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(d + 2, d, generator=g)
+    H = X.double().T @ X.double()
+    M = torch.randn(d, cols, generator=g)
+    assert torch.allclose(damped_times(H, M, damp), damped(H, damp) @ M.double(), rtol=1e-10, atol=1e-10)

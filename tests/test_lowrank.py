@@ -11,8 +11,6 @@ from safetensors.torch import load_file, save_file
 from qe.checkpoint import compensator_module
 from qe.compensators.base import LayerContext, LayerPlan
 from qe.compensators.linalg import (
-    damped,
-    damped_cholesky,
     damped_objective,
     lqer_lowrank,
     svd_lowrank_plain,
@@ -26,6 +24,7 @@ from qe.compensators.lowrank import (
 )
 from qe.compensators.modules import LowRankAdapter
 from qe.errors import ConfigError, NumericalError
+from qe.gram import damped, damped_cholesky
 from qe.plugins import QEPluginManager, default_manager
 from qe.quantizers.grid import quantize_rtn
 from qe.settings import parse_setting

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from qe.compensators.modules import FactorModule
-from qe.gram import damped
+from qe.gram import damped_times
 
 # Ridge (relative to the mean diagonal) that keeps B_q H B_qᵀ invertible when B_q has zero
 # rows (directions the fit dropped); far below any damping the fits use.
@@ -34,9 +34,11 @@ def _solve_left(rhs: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(g, rhs.double().transpose(-1, -2)).transpose(-1, -2)
 
 
-def refit_left(E: torch.Tensor, Hd: torch.Tensor, B_q: torch.Tensor) -> torch.Tensor:
-    """``A`` minimising ``tr((E − A B_q) H_d (E − A B_q)ᵀ)`` for fixed ``B_q`` (float32)."""
-    HB = Hd.double() @ B_q.double().T  # (d_in, r)
+def refit_left(E: torch.Tensor, H: torch.Tensor | None, B_q: torch.Tensor, damp: float) -> torch.Tensor:
+    """``A`` minimising ``tr((E − A B_q) H_d (E − A B_q)ᵀ)`` for fixed ``B_q`` (float32);
+    ``H_d`` is ``H`` damped, or the identity without ``H``."""
+    Bt = B_q.double().T
+    HB = damped_times(H.to(E.device), Bt, damp) if H is not None else Bt  # (d_in, r)
     return _solve_left(E.double() @ HB, B_q.double() @ HB).float()
 
 
@@ -48,8 +50,7 @@ def store_pair(module: FactorModule, names: tuple[str, str], E: torch.Tensor, H:
     if module.adapter_bits == 32 or B.numel() == 0:
         return module.set_factor(name_a, A), module.set_factor(name_b, B)
     B_q = module.set_factor(name_b, B)
-    Hd = damped(H, damp) if H is not None else torch.eye(E.shape[1], dtype=torch.float64, device=E.device)
-    A_q = module.set_factor(name_a, refit_left(E, Hd.to(E.device), B_q))
+    A_q = module.set_factor(name_a, refit_left(E, H, B_q, damp))
     return A_q, B_q
 
 

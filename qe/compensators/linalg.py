@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from qe.errors import NumericalError
-from qe.gram import damped, damped_cholesky
+from qe.gram import damped_cholesky, damped_times
 
 # Exact eigh below this size (cheap there) or when the rank is a large share of the size.
 EXACT_EIGH_MAX = 192
@@ -86,7 +86,7 @@ def top_eigenpairs(
 def damped_objective(E: torch.Tensor, A: torch.Tensor, B: torch.Tensor, H: torch.Tensor, damp: float) -> float:
     """``tr((E − AB) H_d (E − AB)ᵀ)`` with ``H_d = H + λ·mean(diag H)·I`` (float64)."""
     R = E.double() - A.double() @ B.double()
-    return float(((R @ damped(H, damp)) * R).sum())
+    return float((damped_times(H, R.T, damp).T * R).sum())
 
 
 # --------------------------------------------------------------------------- factor builders
@@ -172,7 +172,7 @@ def whitened_lowrank(
         return E.new_zeros(d_out, 0), E.new_zeros(0, d_in)
     if d_out <= d_in:
         Ed = E.double()
-        G = Ed @ damped(H, damp) @ Ed.T
+        G = Ed @ damped_times(H, Ed.T, damp)
         return lowrank_from_output_gram(E, (G + G.T) / 2, rank, exact=exact)
     L, _ = damped_cholesky(H, damp, where)
     return lowrank_from_input_cholesky(E, L, rank, exact=exact)
