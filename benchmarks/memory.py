@@ -16,8 +16,11 @@ loads, offloaded weights): the kernel drops those under memory pressure, so they
 decide whether a model fits. ``peak_anon_GB`` is the peak of the anonymous memory alone (the
 process's own allocations), sampled every 50 ms from ``/proc/self/status``: what must fit.
 ``peak_anon_where`` says where it is reached: in one linear's quantization and fit (named by
-its module path within the block, e.g. ``mlp.down_proj``) or between layers (loading, capture,
-the blocks' forwards, writing); ``anon_GB_by_window`` in the JSON gives every window's peak.
+its module path within the block, e.g. ``mlp.down_proj``), in loading and capture, in a
+block's statistics (its full-precision forward), between a block's linears, between blocks
+(the quantized forward, the write) or at the end; ``anon_GB_by_window`` in the JSON gives
+every window's peak. A window's peak is the memory held at its highest moment, including
+what earlier windows left allocated.
 
 Wall time depends on whatever else the machine runs; the process's CPU time (user + system)
 is recorded beside it, and the offload/in-memory ratio is given for both. Both modes of one
@@ -157,17 +160,27 @@ def run_one(size: str, mode: str, samples: int, out_json: Path, blocks: int | No
     from qe.recipe import Recipe
 
     anon = AnonymousPeak()
-    # Where the peak is reached: each linear's quantization and fit is one window, and what
-    # runs between them (loading, capture, the blocks' forwards, writing) another.
+    # Where the peak is reached, window by window: loading and capture; each block's statistics
+    # (its full-precision forward, after the previous block's write); each linear's quantization
+    # and fit; what runs between a block's linears; the end (the last write).
     windows: dict[str, float] = {}
+    first_of_block: set[int] = set()
 
     def close_window(name: str) -> None:
         windows[name] = max(windows.get(name, 0.0), anon.window())
 
     class Profile:
         @qe.hookimpl
+        def qe_block_start(self, block_index, num_blocks):
+            close_window("loading and capture" if block_index == 0 else "between blocks")
+
+        @qe.hookimpl
         def qe_layer_start(self, block_index, layer_name):
-            close_window("between layers")
+            if block_index in first_of_block:
+                close_window("between linears")
+            else:
+                first_of_block.add(block_index)
+                close_window("block statistics")
 
         @qe.hookimpl
         def qe_layer_end(self, block_index, layer_name, figures):
@@ -196,7 +209,7 @@ def run_one(size: str, mode: str, samples: int, out_json: Path, blocks: int | No
         usage = resource.getrusage(resource.RUSAGE_SELF)
         cpu = usage.ru_utime + usage.ru_stime
         peak = peak_rss_gb()
-        close_window("between layers")
+        close_window("end")
         peak_anon = anon.stop()
         digest = tensor_digest(ckpt)[:16] if ckpt is not None else None  # after the measurement
         done = total if manifest is not None else blocks

@@ -132,15 +132,27 @@ def damped_cholesky(H: torch.Tensor, damp: float, where: str = "", *, scale: flo
 
     A factorization that fails (H numerically indefinite) is retried with λ ×10, up to
     :data:`CHOLESKY_RETRIES` times; ``on_retry(λ, next λ)`` is told each time (GPTQ warns).
-    Each attempt factors one damped copy of ``H`` in place: ``H`` and the factor are the only
+    Each attempt factors one copy of ``H`` in place: ``H`` and the factor are the only
     ``d × d`` matrices held.
     """
     of = f" of {where}" if where else ""
     if not torch.isfinite(H).all():
         raise NumericalError(f"NaN or Inf in the Hessian{of}: check the calibration inputs")
+    c = damping(H, 1.0) if scale is None else scale
+    return factor_damped(lambda: H.to(torch.float64, copy=True), damp, c, where, on_retry)
+
+
+def factor_damped(fresh: Callable[[], torch.Tensor], damp: float, scale: float, where: str = "",
+                  on_retry: Callable[[float, float], None] | None = None) -> tuple[torch.Tensor, float]:
+    """:func:`damped_cholesky` of the matrix ``fresh()`` returns (a new float64 tensor each call,
+    owned by the factorization), damped by ``λ·scale``: each attempt damps and factors it in
+    place, so the factor is the only ``d × d`` matrix held (a caller that can rebuild a large
+    matrix saves the copy a retry would need)."""
+    of = f" of {where}" if where else ""
     lam = damp
     for _ in range(CHOLESKY_RETRIES + 1):
-        L = damped(H, lam, scale)
+        L = fresh()
+        L.diagonal().add_(lam * scale)
         if cholesky_in_place(L):
             return L, lam
         del L

@@ -1,6 +1,6 @@
 """Gram matrices: BLAS syrk's triangle equals the full product, on any thread count and layout,
 the streamed Hessian is exactly symmetric, and the in-place factorizations (which keep GPTQ's
-working set at two d × d matrices) equal torch's."""
+working set near one d × d matrix) equal torch's."""
 
 import pytest
 import torch
@@ -11,7 +11,9 @@ from qe.analysis.statistics import InputStats
 from qe.gram import (
     cholesky_in_place,
     damped,
+    damped_cholesky,
     damped_times,
+    factor_damped,
     gram_upper,
     invert_lower_in_place,
     mirror_upper,
@@ -120,3 +122,19 @@ def test_damped_times_equals_the_product_with_the_damped_copy(seed, d, cols, dam
     H = X.double().T @ X.double()
     M = torch.randn(d, cols, generator=g)
     assert torch.allclose(damped_times(H, M, damp), damped(H, damp) @ M.double(), rtol=1e-10, atol=1e-10)
+
+
+def test_factor_damped_rebuilds_the_matrix_for_each_retry():
+    H = torch.diag(torch.tensor([1.0, 2.0, -0.05], dtype=torch.float64))
+    built = []
+
+    def fresh():
+        built.append(1)
+        return H.clone()
+
+    retries = []
+    L, lam = factor_damped(fresh, 0.01, 1.0, on_retry=lambda a, b: retries.append((a, b)))
+    assert len(built) == len(retries) + 1 and lam > 0.01  # a failed attempt's matrix is garbage: rebuilt
+    expected, lam_expected = damped_cholesky(H, 0.01, scale=1.0)
+    assert lam == lam_expected and torch.allclose(L, expected)
+    assert torch.equal(H, torch.diag(torch.tensor([1.0, 2.0, -0.05], dtype=torch.float64)))

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from qe.errors import ConfigError, DataError, NumericalError
-from qe.gram import damped_cholesky, invert_lower_in_place
+from qe.gram import factor_damped, invert_lower_in_place
 from qe.quantized import QuantizedWeight
 from qe.quantizers.base import Quantizer
 from qe.quantizers.grid import (
@@ -67,26 +67,35 @@ class GPTQConfig:
             )
 
 
-def _upper_cholesky_of_inverse(H_rev: torch.Tensor, damp: float, mean_diag: float, layer_name: str) -> torch.Tensor:
-    """``U`` upper triangular with ``Uᵀ U = (H + damp·mean_diag·I)⁻¹``, from ``H_rev = J H J`` (``H``
-    with its index order reversed, float64); the damping rises ×10 while Cholesky fails.
+class _InverseCholesky:
+    """``U`` upper triangular with ``Uᵀ U = (H + damp·mean_diag·I)⁻¹`` (``H`` in processing
+    order), held as ``M⁻¹`` and read one block at a time; the damping rises ×10 while Cholesky
+    fails.
 
-    Without forming the inverse: ``J H J = M Mᵀ`` (``M`` lower) gives ``H = R Rᵀ`` with
-    ``R = J M J`` upper triangular, so ``H⁻¹ = R⁻ᵀ R⁻¹`` and ``U = R⁻¹ = J M⁻¹ J``. ``M`` is
-    inverted in place, so at most two ``d × d`` matrices are held besides ``H_rev``.
+    Without forming the inverse: with ``J`` the order reversal, ``J H J = M Mᵀ`` (``M`` lower)
+    gives ``H = R Rᵀ`` with ``R = J M J`` upper triangular, so ``H⁻¹ = R⁻ᵀ R⁻¹`` and
+    ``U = R⁻¹ = J M⁻¹ J``. ``J H J`` is built by ``reversed_hessian`` (once, or again on a
+    retry), factored and inverted in place, and ``U``'s blocks are flipped out of ``M⁻¹`` as
+    they are read: the one ``d × d`` matrix GPTQ adds to the Hessian it is given.
     """
-    where = f"GPTQ on {layer_name}" if layer_name else "GPTQ"
 
-    def warn(lam: float, following: float) -> None:
-        warnings.warn(f"{where}: the Hessian with damping {lam:g} is not positive definite; retrying with damping "
-                      f"{following:g}", RuntimeWarning, stacklevel=4)
+    def __init__(self, reversed_hessian, damp: float, mean_diag: float, layer_name: str):
+        where = f"GPTQ on {layer_name}" if layer_name else "GPTQ"
 
-    M, _ = damped_cholesky(H_rev, damp, where, scale=mean_diag, on_retry=warn)
-    U = invert_lower_in_place(M).flip(0, 1)
-    del M
-    if not bool(torch.isfinite(U).all()):
-        raise NumericalError(f"{where}: the damped Hessian's inverse overflows: check the calibration data or use rtn")
-    return U
+        def warn(lam: float, following: float) -> None:
+            warnings.warn(f"{where}: the Hessian with damping {lam:g} is not positive definite; retrying with "
+                          f"damping {following:g}", RuntimeWarning, stacklevel=4)
+
+        M, _ = factor_damped(reversed_hessian, damp, mean_diag, where, on_retry=warn)
+        self.M_inv = invert_lower_in_place(M)
+        if not bool(torch.isfinite(self.M_inv).all()):
+            raise NumericalError(f"{where}: the damped Hessian's inverse overflows: check the calibration data or use rtn")
+        self.d = M.shape[0]
+
+    def block(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        """``U[r0:r1, c0:c1]`` (a copy)."""
+        d = self.d
+        return self.M_inv[d - r1 : d - r0, d - c1 : d - c0].flip(0, 1)
 
 
 def _block_bounds(d_in: int, block_size: int, group_size: int, dynamic_groups: bool) -> list[int]:
@@ -158,13 +167,16 @@ def gptq_quantize(
     # The Hessian in processing order, reversed (what the factorization wants), in one copy;
     # dropped columns decoupled: H[c, :] = H[:, c] = 0, H_cc = 1.
     rev = perm.flip(0)
-    H_rev = hessian[rev[:, None], rev]
     gone = dropped[rev]
-    H_rev[gone, :] = 0
-    H_rev[:, gone] = 0
-    H_rev.diagonal()[gone] = 1
-    U = _upper_cholesky_of_inverse(H_rev, damp, mean_diag, layer_name)  # (d_in, d_in) upper, permuted order
-    del H_rev
+
+    def reversed_hessian() -> torch.Tensor:
+        H_rev = hessian[rev[:, None], rev]
+        H_rev[gone, :] = 0
+        H_rev[:, gone] = 0
+        H_rev.diagonal()[gone] = 1
+        return H_rev
+
+    U = _InverseCholesky(reversed_hessian, damp, mean_diag, layer_name)  # upper, permuted order
     # (d_in, d_out) grid parameters of each processed column
     col_scale = scales.T.index_select(0, g_of[perm]).contiguous()
     col_zero = zeros.T.index_select(0, g_of[perm]).contiguous()
@@ -179,7 +191,7 @@ def gptq_quantize(
             col_scale[i1 : i1 + group_size], col_zero[i1 : i1 + group_size] = s.T, z.T
         W1 = Wt[i1:i2]  # (B, d_out): the block's columns as left by the earlier blocks' updates
         Err1 = torch.zeros_like(W1)  # (B, d_out) scaled errors e_c
-        U1 = U[i1:i2, i1:i2]
+        U1 = U.block(i1, i2, i1, i2)
         for i in range(i2 - i1):
             # Column i after the rank-1 updates of the block's earlier columns, summed in one
             # matrix-vector product: the same as W1[:, i+1:] -= e_i ⊗ U1[i, i+1:] done eagerly,
@@ -189,7 +201,7 @@ def gptq_quantize(
             c = quantize_to_codes(w.float(), s, z, bits)  # the float32 grid, exactly as RTN rounds
             codes_t[i1 + i] = c
             Err1[i] = (w - dequantize_codes(c, s, z).double()) / U1[i, i]
-        Wt[i2:] -= U[i1:i2, i2:].T @ Err1  # lazy update of the columns after the block
+        Wt[i2:] -= U.block(i1, i2, i2, d_in).T @ Err1  # lazy update of the columns after the block
 
     codes = codes_t.index_select(0, torch.argsort(perm)).T
     check_finite(codes, "GPTQ codes", layer_name)  # a NaN would be cast silently to code 0
