@@ -53,3 +53,44 @@ def same_checkpoint_tensors():
             assert torch.equal(ta[key], tb[key]), key
 
     return check
+
+
+_HIGH_WATER_SCRIPT = """
+import sys
+import torch
+{setup}
+
+def high_water():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+d = int(sys.argv[1])
+g = torch.Generator().manual_seed(0)
+X = torch.randn(d + 16, d, generator=g)
+H = (X.T @ X).double()
+del X
+W = torch.randn(8, d, generator=g)
+run(W[:, :64], H[:64, :64].clone())  # lazy imports and allocator warm-up
+with open("/proc/self/clear_refs", "w") as fh:  # the high-water mark restarts from what is held now
+    fh.write("5")
+base = high_water()
+run(W, H)
+print((high_water() - base) / (d * d * 8))
+"""
+
+
+@pytest.fixture
+def matrices_held():
+    """``measure(setup, d)``: how far one call ``run(W, H)`` raises a fresh process's memory
+    high-water mark, in ``d × d`` float64 matrices; ``setup`` is Python source defining ``run``,
+    ``H`` a ``d × d`` float64 Hessian, ``W`` an ``(8, d)`` weight."""
+    import subprocess
+    import sys
+
+    def measure(setup: str, d: int) -> float:
+        out = subprocess.run([sys.executable, "-c", _HIGH_WATER_SCRIPT.format(setup=setup), str(d)],
+                             capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return float(out.stdout.strip())
+
+    return measure

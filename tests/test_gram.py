@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from qe.analysis.statistics import InputStats
 from qe.gram import (
+    all_finite,
     cholesky_in_place,
     damped,
     damped_cholesky,
@@ -138,3 +139,15 @@ def test_factor_damped_rebuilds_the_matrix_for_each_retry():
     expected, lam_expected = damped_cholesky(H, 0.01, scale=1.0)
     assert lam == lam_expected and torch.allclose(L, expected)
     assert torch.equal(H, torch.diag(torch.tensor([1.0, 2.0, -0.05], dtype=torch.float64)))
+
+
+@given(seed=st.integers(0, 1000), rows=st.integers(0, 30), cols=st.integers(1, 30), chunk=st.integers(1, 50),
+       bad=st.sampled_from([None, float("nan"), float("inf"), float("-inf")]), transpose=st.booleans())
+@settings(max_examples=40, deadline=None)
+def test_all_finite_by_chunks_equals_the_whole_check(seed, rows, cols, chunk, bad, transpose):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(rows, cols, dtype=torch.float64, generator=g)
+    if bad is not None and t.numel():
+        t.view(-1)[int(torch.randint(t.numel(), (1,), generator=g))] = bad
+    t = t.T if transpose else t  # a non-contiguous view is checked in place
+    assert all_finite(t, chunk) == bool(torch.isfinite(t).all())

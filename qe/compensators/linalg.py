@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from qe.errors import NumericalError
-from qe.gram import damped_cholesky, damped_times
+from qe.gram import all_finite, damped_cholesky, damped_times
 
 # Exact eigh below this size (cheap there) or when the rank is a large share of the size.
 EXACT_EIGH_MAX = 192
@@ -166,7 +166,7 @@ def whitened_lowrank(
     """
     d_out, d_in = E.shape
     rank = min(rank, d_out, d_in)
-    if not torch.isfinite(E).all():
+    if not all_finite(E):
         raise NumericalError(f"NaN or Inf in the weight error{' of ' + where if where else ''}")
     if rank == 0:
         return E.new_zeros(d_out, 0), E.new_zeros(0, d_in)

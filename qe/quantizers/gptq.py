@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from qe.errors import ConfigError, DataError, NumericalError
-from qe.gram import factor_damped, invert_lower_in_place
+from qe.gram import all_finite, factor_damped, invert_lower_in_place
 from qe.quantized import QuantizedWeight
 from qe.quantizers.base import Quantizer
 from qe.quantizers.grid import (
@@ -88,7 +88,7 @@ class _InverseCholesky:
 
         M, _ = factor_damped(reversed_hessian, damp, mean_diag, where, on_retry=warn)
         self.M_inv = invert_lower_in_place(M)
-        if not bool(torch.isfinite(self.M_inv).all()):
+        if not all_finite(self.M_inv):
             raise NumericalError(f"{where}: the damped Hessian's inverse overflows: check the calibration data or use rtn")
         self.d = M.shape[0]
 

@@ -29,6 +29,7 @@ import math
 import torch
 
 from qe.errors import ConfigError, NumericalError
+from qe.gram import all_finite
 from qe.quantized import QuantizedWeight, dequantize_codes, symmetric_scale
 
 _EPS = 1e-12
@@ -61,7 +62,7 @@ def check_weight_bits(bits: int, layer_name: str = "") -> None:
 
 def check_finite(t: torch.Tensor, what: str, layer_name: str = "") -> None:
     """Raise :class:`NumericalError` if ``t`` holds NaN or Inf."""
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise NumericalError(
             f"NaN or Inf in the {what}{_where(layer_name)}: check the model's dtype and the calibration data"
         )

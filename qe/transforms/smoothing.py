@@ -78,7 +78,9 @@ def smooth_tokens(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 def smooth_hessian(hessian: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``H̃ = diag(1/s) H diag(1/s)`` for ``x̃ = x / s`` (``(d_in, d_in)``, H's dtype)."""
     s = s.to(hessian)
-    return hessian / (s[:, None] * s[None, :])
+    # Two divisions into one new matrix, not an outer product of s: one d × d allocation, not two.
+    out = hessian / s[:, None]
+    return out.div_(s[None, :])
 
 
 # --------------------------------------------------------------------------- folding
@@ -259,6 +261,7 @@ def choose_alpha(
     best: AlphaChoice | None = None
     for alpha in candidates:
         s = smoothing_scales(act_absmax, weights, alpha)
+        h = None  # the previous candidate's d × d Hessian goes before the next is made
         h = smooth_hessian(hessian, s) if hessian is not None else None
         quantized = [fn(smooth_weight(w.float(), s), h, ex)
                      for fn, w, ex in zip(fns, weights, _per_weight(exempt, len(weights)))]
@@ -316,6 +319,7 @@ def search_activation_scales(
     for k in range(grid):
         r = k / grid
         s = activation_scales(act_meanabs, r)
+        h = None  # the previous ratio's d × d Hessian goes before the next is made
         h = smooth_hessian(hessian, s) if hessian is not None else None
         dequantized = [quantize_fn(smooth_weight(w.float(), s), h, exempt) for w in weights]
         errors[r] = relative_group_error(tokens, weights, dequantized, s, a_bits, exempt, act_exempt, token_weights)
