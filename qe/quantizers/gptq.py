@@ -24,6 +24,7 @@ Choices (see :class:`GPTQConfig`):
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +80,7 @@ class _InverseCholesky:
     they are read: the one ``d × d`` matrix GPTQ adds to the Hessian it is given.
     """
 
-    def __init__(self, reversed_hessian, damp: float, mean_diag: float, layer_name: str):
+    def __init__(self, reversed_hessian: Callable[[], torch.Tensor], damp: float, mean_diag: float, layer_name: str):
         where = f"GPTQ on {layer_name}" if layer_name else "GPTQ"
 
         def warn(lam: float, following: float) -> None:
