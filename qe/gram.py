@@ -56,8 +56,10 @@ def mirror_upper_in_place(G: torch.Tensor, block: int = 512) -> torch.Tensor:
 
 
 def symmetric_gram(M: torch.Tensor) -> torch.Tensor:
-    """``MᵀM`` as float64, exactly symmetric (products in M's dtype)."""
-    return mirror_upper(gram_upper(M).double())
+    """``MᵀM`` as float64, exactly symmetric (products in M's dtype); mirrored in place, so the
+    float64 result and, briefly, the product in M's dtype are all it allocates."""
+    G = gram_upper(M)
+    return mirror_upper_in_place(G if G.dtype == torch.float64 else G.double())
 
 
 @functools.cache
@@ -100,9 +102,17 @@ def damped_times(H: torch.Tensor, M: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.addmm(Md, H.to(torch.float64), Md, beta=damping(H, damp))
 
 
-def _lapack_in_place(A: torch.Tensor) -> bool:
-    # LAPACK reads a C-ordered matrix as its transpose in Fortran order, in place, without a copy.
-    return A.device.type == "cpu" and A.dtype == torch.float64 and A.is_contiguous() and A.dim() == 2
+def _fortran_view(A: torch.Tensor) -> tuple[np.ndarray, bool] | None:
+    """A Fortran-ordered NumPy view of ``A``'s memory, for LAPACK to work in place, and whether
+    it holds ``Aᵀ`` (``A`` C-ordered) rather than ``A`` (``A`` Fortran-ordered, as the Grams
+    from :func:`gram_upper` are); None off the CPU, for other dtypes, or a strided ``A``."""
+    if A.device.type != "cpu" or A.dtype != torch.float64 or A.dim() != 2:
+        return None
+    if A.mT.is_contiguous():
+        return A.numpy(), False
+    if A.is_contiguous():
+        return A.numpy().T, True
+    return None
 
 
 def cholesky_in_place(A: torch.Tensor) -> bool:
@@ -112,23 +122,27 @@ def cholesky_in_place(A: torch.Tensor) -> bool:
     In place on the CPU, where a ``d × d`` float64 copy is 0.5 GB at d = 8,192: torch's own
     factorization allocates one such copy even when told to write into its input.
     """
-    if not _lapack_in_place(A):
+    view = _fortran_view(A)
+    if view is None:
         L, info = torch.linalg.cholesky_ex(A)
         A.copy_(L)
         return int(info) == 0
+    a, transposed = view
     with _blas_threads().limit(limits=torch.get_num_threads(), user_api="blas"):
-        # Fortran's upper factor Uᵀ U of Aᵀ = A is, read back in C order, the lower factor of A.
-        _, info = lapack.dpotrf(A.numpy().T, lower=0, clean=1, overwrite_a=1)
+        # On Aᵀ (= A), the upper factor Uᵀ U lands where A's lower factor L = Uᵀ belongs.
+        _, info = lapack.dpotrf(a, lower=0 if transposed else 1, clean=1, overwrite_a=1)
     return info == 0
 
 
 def invert_lower_in_place(L: torch.Tensor) -> torch.Tensor:
     """``L⁻¹`` of a lower-triangular float64 ``L``, written into ``L`` (returned)."""
-    if not _lapack_in_place(L):
+    view = _fortran_view(L)
+    if view is None:
         eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
         return L.copy_(torch.linalg.solve_triangular(L, eye, upper=False))
+    a, transposed = view
     with _blas_threads().limit(limits=torch.get_num_threads(), user_api="blas"):
-        _, info = lapack.dtrtri(L.numpy().T, lower=0, overwrite_c=1)  # Lᵀ inverted in place
+        _, info = lapack.dtrtri(a, lower=0 if transposed else 1, overwrite_c=1)  # (Lᵀ)⁻¹ = (L⁻¹)ᵀ on Lᵀ
     if info != 0:
         raise NumericalError(f"a triangular factor is singular (LAPACK dtrtri info={info})")
     return L
@@ -171,3 +185,16 @@ def factor_damped(fresh: Callable[[], torch.Tensor], damp: float, scale: float, 
         lam = following
     raise NumericalError(f"the Hessian{of} is not positive definite even with damping {lam / 10:g}: "
                          "check the calibration inputs, or use rtn")
+
+
+def damped_gram_cholesky(M: torch.Tensor, damp: float, where: str = "") -> tuple[torch.Tensor, float]:
+    """:func:`damped_cholesky` of the Gram ``MᵀM`` (:func:`symmetric_gram`), factored in the
+    Gram's own memory (rebuilt from ``M`` for a retry): the factor is the one ``d × d`` matrix
+    held, not the Gram and a damped copy of it."""
+    G = symmetric_gram(M)
+    if not all_finite(G):
+        raise NumericalError(f"NaN or Inf in the Hessian{' of ' + where if where else ''}: check the calibration inputs")
+    scale = damping(G, 1.0)
+    first = [G]  # handed over to the factorization, which overwrites it
+    del G
+    return factor_damped(lambda: first.pop() if first else symmetric_gram(M), damp, scale, where)
