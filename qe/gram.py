@@ -106,7 +106,7 @@ def _fortran_view(A: torch.Tensor) -> tuple[np.ndarray, bool] | None:
     """A Fortran-ordered NumPy view of ``A``'s memory, for LAPACK to work in place, and whether
     it holds ``Aᵀ`` (``A`` C-ordered) rather than ``A`` (``A`` Fortran-ordered, as the Grams
     from :func:`gram_upper` are); None off the CPU, for other dtypes, or a strided ``A``."""
-    if A.device.type != "cpu" or A.dtype != torch.float64 or A.dim() != 2:
+    if A.device.type != "cpu" or A.dtype != torch.float64 or A.dim() != 2 or A.requires_grad:
         return None
     if A.mT.is_contiguous():
         return A.numpy(), False

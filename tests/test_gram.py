@@ -173,3 +173,21 @@ def test_a_gram_and_its_factor_hold_few_matrices(matrices_held):
     mirroring by copies and factoring a damped copy (through torch, which copies again) took 4.8."""
     setup = "from qe.gram import damped_gram_cholesky\nrun = lambda W, H: damped_gram_cholesky(H[:1024].float(), 0.01)"
     assert matrices_held(setup, 2000) < 3.2
+
+
+def test_gram_cholesky_retries_on_a_fresh_gram():
+    # A zero Gram with no damping fails; the retry rebuilds it (the failed one is garbage).
+    L, lam = damped_gram_cholesky(torch.zeros(3, 4), 0.0)
+    assert lam == 1e-6 and torch.allclose(L, 1e-3 * torch.eye(4, dtype=torch.float64))
+
+
+def test_strided_and_gradient_inputs_factor_through_torch():
+    X = torch.randn(12, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    big = X.T @ X + torch.eye(9, dtype=torch.float64)
+    view = big[:6, :6]  # neither C- nor Fortran-contiguous: LAPACK cannot work in place on it
+    expected = torch.linalg.cholesky(view.clone())
+    assert cholesky_in_place(view) and torch.allclose(view, expected)
+    assert torch.allclose(invert_lower_in_place(view) @ expected, torch.eye(6, dtype=torch.float64), atol=1e-10)
+    H = (X.T @ X).requires_grad_()
+    L, _ = damped_cholesky(H, 0.01)
+    assert torch.allclose(L, torch.linalg.cholesky(damped(H.detach(), 0.01)))

@@ -255,6 +255,23 @@ def test_router_factor_is_shared_by_a_smoothing_group():
     assert comp._router_factor(other, other.tokens.abs()) is not L1
 
 
+def test_router_factor_is_released_with_its_group():
+    """A d × d factor is kept for one group at a time: replaced by the next group's while the
+    first group's tokens are still alive, and dropped when its own group's tokens go."""
+    import gc
+    import weakref
+
+    comp = QuantExperts(QuantExpertsConfig(k=4, num_experts=3, shared_rank=4, expert_rank=3))
+    first, second = make_layer(T=300), make_layer(T=300, seed=9)
+    L1 = weakref.ref(comp._router_factor(first, first.tokens.abs()))
+    L2 = weakref.ref(comp._router_factor(second, second.tokens.abs()))
+    gc.collect()
+    assert L1() is None and L2() is not None  # first's tokens alive, its factor gone
+    del second
+    gc.collect()
+    assert L2() is None and not comp._router_cache
+
+
 def test_max_tokens_subsamples():
     layer = make_layer(T=700)
     figs = fit(layer, max_tokens=300)[3].fit_figures

@@ -96,7 +96,9 @@ def test_smoothed_hessian_is_the_hessian_of_the_smoothed_tokens(group, alpha):
     s = smoothing_scales(x.abs().amax(0), weights, alpha)
     H = x.double().T @ x.double()
     xs = smooth_tokens(x.double(), s)
-    torch.testing.assert_close(smooth_hessian(H, s), xs.T @ xs, rtol=1e-9, atol=1e-9 * float(H.abs().max().clamp_min(1)))
+    smoothed = smooth_hessian(H, s)
+    torch.testing.assert_close(smoothed, xs.T @ xs, rtol=1e-9, atol=1e-9 * float(H.abs().max().clamp_min(1)))
+    assert torch.equal(smoothed, smoothed.T)  # exactly symmetric, as the Hessian it smooths
 
 
 # --------------------------------------------------------------------------- folding into norms

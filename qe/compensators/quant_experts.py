@@ -181,6 +181,7 @@ class QuantExperts(Compensator):
         # Ridge normal matrices of the router, shared by linears reading the same token sample
         # (a smoothing group): key → (weak reference to the tokens, their version, factor).
         self._router_cache: dict[tuple, tuple[Any, int, torch.Tensor, float]] = {}
+        self._router_release: weakref.finalize | None = None
 
     # ------------------------------------------------------------------ checks
     def validate_layer(self, name: str, d_in: int, d_out: int) -> None:
@@ -445,9 +446,14 @@ class QuantExperts(Compensator):
             ref = weakref.ref(tokens)
         except TypeError:
             return L
-        self._router_cache = {key: (ref, tokens._version, L, 0.0)}  # one group at a time
-        # The factor is d × d (0.5 GB in float64 at d = 8,192): gone with the group's tokens.
-        weakref.finalize(tokens, self._router_cache.pop, key, None)
+        # One group at a time; the factor is d × d (0.5 GB in float64 at d = 8,192), so it also
+        # goes with the group's tokens (the previous group's release is cancelled: its entry
+        # is replaced here).
+        self._router_cache.clear()
+        if self._router_release is not None:
+            self._router_release.detach()
+        self._router_cache[key] = (ref, tokens._version, L, 0.0)
+        self._router_release = weakref.finalize(tokens, self._router_cache.clear)
         return L
 
     # ------------------------------------------------------------------ costs

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from qe.errors import ConfigError, NumericalError
+from qe.gram import mirror_upper_in_place
 from qe.quantized import fake_quantize_activations
 
 SCALE_RANGE = (1e-5, 1e5)  # s is clamped to this range so no channel is scaled to 0 or ∞
@@ -78,9 +79,11 @@ def smooth_tokens(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 def smooth_hessian(hessian: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``H̃ = diag(1/s) H diag(1/s)`` for ``x̃ = x / s`` (``(d_in, d_in)``, H's dtype)."""
     s = s.to(hessian)
-    # Two divisions into one new matrix, not an outer product of s: one d × d allocation, not two.
+    # Two divisions into one new matrix, not an outer product of s: one d × d allocation, not
+    # two; the order of the divisions differs across the diagonal, so the upper triangle is
+    # mirrored to keep the result exactly symmetric.
     out = hessian / s[:, None]
-    return out.div_(s[None, :])
+    return mirror_upper_in_place(out.div_(s[None, :]))
 
 
 # --------------------------------------------------------------------------- folding
