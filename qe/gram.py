@@ -148,6 +148,11 @@ def invert_lower_in_place(L: torch.Tensor) -> torch.Tensor:
     return L
 
 
+def _require_finite(H: torch.Tensor, where: str) -> None:
+    if not all_finite(H):
+        raise NumericalError(f"NaN or Inf in the Hessian{' of ' + where if where else ''}: check the calibration inputs")
+
+
 def damped_cholesky(H: torch.Tensor, damp: float, where: str = "", *, scale: float | None = None,
                     on_retry: Callable[[float, float], None] | None = None) -> tuple[torch.Tensor, float]:
     """Lower Cholesky factor of ``H + λ·c·I`` (float64, ``c`` = ``scale`` or ``mean(diag H)``)
@@ -158,9 +163,7 @@ def damped_cholesky(H: torch.Tensor, damp: float, where: str = "", *, scale: flo
     Each attempt factors one copy of ``H`` in place: ``H`` and the factor are the only
     ``d × d`` matrices held.
     """
-    of = f" of {where}" if where else ""
-    if not all_finite(H):
-        raise NumericalError(f"NaN or Inf in the Hessian{of}: check the calibration inputs")
+    _require_finite(H, where)
     c = damping(H, 1.0) if scale is None else scale
     return factor_damped(lambda: H.to(torch.float64, copy=True), damp, c, where, on_retry)
 
@@ -192,8 +195,7 @@ def damped_gram_cholesky(M: torch.Tensor, damp: float, where: str = "") -> tuple
     Gram's own memory (rebuilt from ``M`` for a retry): the factor is the one ``d × d`` matrix
     held, not the Gram and a damped copy of it."""
     G = symmetric_gram(M)
-    if not all_finite(G):
-        raise NumericalError(f"NaN or Inf in the Hessian{' of ' + where if where else ''}: check the calibration inputs")
+    _require_finite(G, where)
     scale = damping(G, 1.0)
     first = [G]  # handed over to the factorization, which overwrites it
     del G
