@@ -173,19 +173,22 @@ def run_cell(label: str, loaded, encoded, evaluator, args) -> dict:
 
 
 def advisor_check(store: ResultStore, cell: str, loaded, encoded, out: Path) -> dict | None:
-    """Spearman correlation between the advisor's predicted gain and the measured per-layer
-    relative error reduction ``1 − rel_error / rel_error_base`` of a finished cell. The advice
-    (one ``qe analyze`` pass) is kept in ``<out>/advice.json``; None while the cell is not done."""
+    """Spearman correlation between the advisor's predicted gain (for the cell's setting and base
+    quantizer) and the measured per-layer relative error reduction ``1 − rel_error /
+    rel_error_base`` of a finished cell. The advice (one ``qe analyze`` pass per setting) is kept
+    in ``<out>/advice-<setting>.json``; None while the cell is not done."""
     import json
 
     from qe.analysis.advisor import spearman
     from qe.analysis.analyze import AnalyzeOptions, run_analysis
 
-    cache = out / "advice.json"
+    setting, budget, kind = cell.split("/")
+    quantizer = composition_of(kind, setting, float(budget), linears(loaded))[0]
+    cache = out / f"advice-{setting}.json"
     if cache.is_file():
         advice = json.loads(cache.read_text())
     else:
-        analysis = run_analysis(loaded, encoded, AnalyzeOptions(progress=False, plot_blocks=()))
+        analysis = run_analysis(loaded, encoded, AnalyzeOptions(progress=False, plot_blocks=(), setting=setting))
         advice = {s["name"]: s["advice"] for s in analysis.layers}
         out.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(advice, indent=1))
@@ -196,13 +199,14 @@ def advisor_check(store: ResultStore, cell: str, loaded, encoded, out: Path) -> 
     for name, a in advice.items():
         m = layers.get(name)
         if m and m["rel_error_base"]:
-            predicted.append(a["predicted_gain"])
+            predicted.append(a["predicted_gain"][quantizer])
             measured.append(1 - m["rel_error"] / m["rel_error_base"])
             names.append(name)
-    rho = spearman(predicted, measured)
+    others = {base: spearman([advice[n]["predicted_gain"][base] for n in names], measured)
+              for base in advice[names[0]]["predicted_gain"]} if names else {}
     energy32 = [advice[n]["energy"]["32"] for n in names]
-    return {"cell": cell, "layers": len(names), "spearman_predicted_gain": rho,
-            "spearman_energy32": spearman(energy32, measured),
+    return {"cell": cell, "base": quantizer, "layers": len(names), "spearman_predicted_gain": spearman(predicted, measured),
+            "spearman_by_base_model": others, "spearman_energy32": spearman(energy32, measured),
             "per_layer": [{"name": n, "predicted": p, "measured": m} for n, p, m in zip(names, predicted, measured)]}
 
 
@@ -235,16 +239,17 @@ def main() -> None:
     if args.advisor:
         report = advisor_check(store, args.advisor, loaded, encoded, out)
         if report is None:
-            print(f"advice written to {out / 'advice.json'}; {args.advisor} is not done yet: rerun when it is")
+            print(f"advice written to {out}; {args.advisor} is not done yet: rerun when it is")
             return
         report["machine"] = machine()
         import json
 
         path = out / f"advisor-{args.advisor.replace('/', '_')}.json"
         path.write_text(json.dumps(report, indent=1))
-        print(f"{report['layers']} layers of {args.advisor}: Spearman(predicted gain, measured reduction) = "
-              f"{report['spearman_predicted_gain']:.3f}; Spearman(energy share at rank 32, measured) = "
-              f"{report['spearman_energy32']:.3f}  (wrote {path})")
+        print(f"{report['layers']} layers of {args.advisor}: Spearman(predicted gain on {report['base']}, measured "
+              f"reduction) = {report['spearman_predicted_gain']:.3f}; by base model "
+              + ", ".join(f"{b} {v:.3f}" for b, v in report["spearman_by_base_model"].items())
+              + f"; Spearman(energy share at rank 32, measured) = {report['spearman_energy32']:.3f}  (wrote {path})")
         return
     evaluator = Evaluator(loaded, CompareOptions(eval_tokens=args.eval_tokens, caption_nll=False))
     wanted = [c for c in labels if not args.cells or any(s.strip() in c for s in args.cells.split(","))]

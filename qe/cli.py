@@ -144,7 +144,7 @@ def cmd_analyze(args) -> int:
         args.model, calib=args.calib, samples=args.samples or 32, out=args.out, estimator=args.estimator, k=args.k,
         num_experts=args.num_experts, layers=args.layers, plot_blocks=_plot_blocks(args.plot_layers), seed=_seed(args),
         device=_device(args), dtype=_dtype(args), progress=not args.quiet, force=args.force,
-        trust_remote_code=args.trust_remote_code, placement=_placement(args), scope=args.scope,
+        trust_remote_code=args.trust_remote_code, placement=_placement(args), scope=args.scope, setting=args.setting,
     )
     run = summary["run"]
     layers = summary["layers"]
@@ -172,6 +172,8 @@ def _analyze_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scope", choices=["language", "vision", "all"], default="language",
                    help="which blocks to report: language (default: the language model's decoder blocks), vision "
                         "(the vision tower's blocks and the projector), all (both)")
+    p.add_argument("--setting", default="W4A8",
+                   help="the quantization the advice predicts compensation gains for (default W4A8)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 

@@ -150,13 +150,31 @@ def test_summary_validates_against_schema(tiny_report):
     path, _ = tiny_report
     data = json.loads((path / "summary.json").read_text())
     jsonschema.validate(data, load_schema())
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == 2
     assert len(data["layers"]) == 2 * 7
     layer = data["layers"][0]
     assert len(layer["token_independent"]) == 4 and len(layer["token_dependent"]) == 8
     assert sum(layer["tokens"].values()) == data["run"]["calibration"]["tokens"]["text"] + \
         data["run"]["calibration"]["tokens"]["vision"] + data["run"]["calibration"]["tokens"]["answer"]
     assert data["run"]["calibration"]["tokens"]["vision"] > 0
+    assert data["run"]["setting"] == "W4A8chsym"  # the default the advice predicts for
+
+
+def test_advice_follows_the_setting(tiny_report, tmp_path):
+    """Weights only: no activation rounding, the whole error is the weights'; more weight bits:
+    the same shares of a smaller weight error, so activation rounding's part grows."""
+    from qe.commands.analyze import analyze
+
+    _, w4a8 = tiny_report
+    _, w4a16 = analyze("tiny:llava", samples=6, out=tmp_path / "a16", k=4, num_experts=2, progress=False,
+                       plot_blocks=(), setting="W4A16chsym")
+    _, w8a8 = analyze("tiny:llava", samples=6, out=tmp_path / "w8", k=4, num_experts=2, progress=False,
+                      plot_blocks=(), setting="W8A8")
+    for a, b, c in zip(w4a8["layers"], w4a16["layers"], w8a8["layers"]):
+        for base in ("rtn", "gptq"):
+            assert b["advice"]["weight_fraction"][base] == 1.0
+            assert b["advice"]["predicted_gain"][base] >= a["advice"]["predicted_gain"][base]
+            assert c["advice"]["weight_fraction"][base] < a["advice"]["weight_fraction"][base]
 
 
 def test_bad_input_fails_before_work(tmp_path):
@@ -168,4 +186,6 @@ def test_bad_input_fails_before_work(tmp_path):
         analyze("tiny:llava", k=1000, out=tmp_path / "b", progress=False)
     with pytest.raises(ConfigError, match="unknown estimator 'nope'"):
         analyze("tiny:llava", estimator="nope", out=tmp_path / "c", progress=False)
+    with pytest.raises(ConfigError, match="activation bits 3 unsupported"):
+        analyze("tiny:llava", setting="W4A3", out=tmp_path / "d", progress=False)
     assert not (tmp_path / "a").exists()

@@ -115,6 +115,7 @@ def test_streamed_statistics_equal_without_offload(pair):
         assert x["token_dependent"] == y["token_dependent"]
         assert x["tokens"] == y["tokens"]
         assert x["outliers"]["max_abs"] == y["outliers"]["max_abs"]
+        assert x["advice"]["predicted_gain"] == y["advice"]["predicted_gain"]  # the error model read the weights
     assert [r["f_all"] for r in a.channel_rows] == [r["f_all"] for r in b.channel_rows]
     # the blocks went back to disk
     assert all(p.device.type == "meta" for block in off.blocks for p in block.parameters())

@@ -1,38 +1,54 @@
-"""Per-layer advice from the streamed statistics alone: which compensator pays, and how much rank.
+"""Per-layer advice from the streamed statistics (and the layer's own weights): which compensator
+pays, and how much rank.
 
-No weight is quantized and nothing is fitted. The figures:
+Nothing is quantized and nothing is fitted. The figures:
 
 * ``energy``: the share of the sampled inputs' energy ``Σ_t ‖x_t‖²`` in their top-r principal
-  directions, per rank r. A whitened rank-r fit of a weight error ``E`` minimises
-  ``Σ_t ‖(E − A B) x_t‖²``; for a rounding error close to independent noise (round to nearest)
-  it removes about that share of the error, so it predicts the low-rank term's relative gain;
+  directions, per rank r; ``rank`` is the smallest rank whose share reaches :data:`ENERGY_TARGET`;
 * ``routing``: the token-dependent share of top-k memberships times the routed clusters'
   mean within-cluster NPMI (clamped at 0): how much per-token structure routed experts could
-  use beyond one shared term;
-* ``outlier``: ``log10`` of the largest max/median magnitude ratio of a channel.
+  use beyond one shared term; ``compensator`` is ``qe`` where it reaches :data:`ROUTING_PAYS`;
+* ``outlier``: ``log10`` of the largest max/median magnitude ratio of a channel;
+* ``predicted_gain``: per base quantizer (``rtn``, ``gptq``), the predicted relative reduction of
+  the layer's output error by a whitened rank-``r_ref`` term (plus a routing bonus), from a
+  model of that quantizer's error (:func:`error_model`). Layers are ranked by it.
 
-From them: ``predicted_gain`` (the layer's predicted relative error reduction by a rank-``r_ref``
-term plus a routing bonus, the figure the layers are ranked by), ``compensator`` (``qe`` where
-routing is above :data:`ROUTING_PAYS`, else ``lowrank``) and ``rank`` (the smallest rank whose
-energy share reaches :data:`ENERGY_TARGET`). ``benchmarks/equal_bits.py --advisor CELL`` checks
-the ranking against the per-layer error reduction a quantization measures (Spearman,
-docs/results.md, equal bits): it holds for a round-to-nearest base, whose error is close to
-independent noise, and not for GPTQ's, whose error feedback already shaped the error against
-the inputs (there the ranking is a weak prior).
+The error model. A weight's rounding error is modelled as independent noise, uniform within the
+entry's grid step ``s`` (variance ``s²/12``, steps from the setting's grid). A whitened rank-r fit
+of an error ``ΔW`` removes the top-r share of the singular-value energy of ``ΔW H^½`` (``H`` the
+inputs' second moment). Round to nearest leaves ``ΔW = R``, so ``R H^½``. GPTQ (act order)
+feeds each column's rounding error forward: ``ΔW = E U`` with ``H⁻¹ = UᵀU`` (``U`` upper, in
+quantization order) and ``E``'s column ``j`` the rounding error over ``U_jj``. ``U H Uᵀ = I``
+makes ``U H^½`` orthogonal, so ``ΔW H^½`` has ``E``'s singular values, and ``E``'s column ``j``
+has variance ``s²/12 · c_j``, ``c_j`` the part of input ``j``'s second moment the inputs
+quantized after it do not explain (:func:`conditional_variances`). GPTQ's error is therefore
+spread over the columns by ``c``, not concentrated in the inputs' top directions, and a
+low-rank term removes less of it. Each share is estimated from one seeded draw of the noise.
+Per-token activation rounding adds an error ``W δx`` of energy ``‖W‖²_F · s_t²/12`` per token that
+no low-rank term removes; the gain is scaled by the weight error's part of the total.
+``benchmarks/equal_bits.py --advisor CELL`` checks the ranking against measured reductions
+(Spearman, docs/results.md, equal bits).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from qe.quantizers.grid import column_groups, group_params
+from qe.settings import QuantSetting
+
 ADVISOR_RANKS = (8, 16, 32, 64, 128, 256)
 ENERGY_TOKENS = 1024  # sampled tokens the spectrum is computed from (a uniform random draw)
+ERROR_TOKENS = 8192  # sampled tokens the error model's second moment is computed from
 ENERGY_TARGET = 0.8  # share of the input energy the advised rank should capture
 ROUTING_PAYS = 0.05  # routing figure above which routed experts are advised
 R_REF = 32  # the rank predicted_gain refers to (QE's default shared and expert rank)
+BASES = ("rtn", "gptq")  # the base quantizers the error model predicts for
+GPTQ_DAMP = 0.01  # GPTQ's default damping, as a share of the mean diagonal
 
 
 def energy_shares(sample: torch.Tensor, ranks: tuple[int, ...] = ADVISOR_RANKS) -> dict[int, float]:
@@ -48,25 +64,103 @@ def energy_shares(sample: torch.Tensor, ranks: tuple[int, ...] = ADVISOR_RANKS) 
     return {r: (float(cum[min(r, cum.numel()) - 1]) / total if total > 0 else 0.0) for r in ranks}
 
 
-def advise(summary: dict[str, Any], energy: dict[int, float]) -> dict[str, Any]:
-    """The advice of one layer from its summary (:func:`qe.analysis.analyze.summarize_linear`)
-    and its inputs' :func:`energy_shares`."""
+@dataclass(frozen=True)
+class InputModel:
+    """What the error model needs from one input (shared by the linears that read it, q/k/v):
+    ``second_moment`` ``H = E[x xᵀ]`` ``(d_in, d_in)``; GPTQ's quantization ``order`` (act order:
+    decreasing second moment) and ``gptq_metric`` ``D H Dᵀ`` in that order, where ``D =
+    diag(U)⁻¹ U`` for ``H_damped⁻¹ = UᵀU`` (``U`` upper): GPTQ turns a row of rounding errors ``r``
+    (in order) into the weight error ``r D``, so ``r D H Dᵀ rᵀ`` is its output energy; and
+    ``token_absmax`` ``(T,)``, which sets each token's activation step."""
+
+    second_moment: torch.Tensor
+    order: torch.Tensor
+    gptq_metric: torch.Tensor
+    token_absmax: torch.Tensor
+
+
+def input_model(sample: torch.Tensor, damp: float = GPTQ_DAMP) -> InputModel:
+    """The :class:`InputModel` of the sampled inputs ``(T, d_in)`` (the first
+    :data:`ERROR_TOKENS`), with GPTQ's damping ``damp`` (a share of the mean diagonal)."""
+    X = sample[:ERROR_TOKENS].double()
+    H = X.T @ X / max(X.shape[0], 1)
+    diag = H.diagonal()
+    order = torch.argsort(diag, descending=True)
+    P = H[order[:, None], order]
+    damped = P.clone()
+    damped.diagonal().add_(damp * float(diag.mean()) + 1e-12)  # the epsilon keeps an all-zero input factorable
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    D = U / U.diagonal()[:, None]
+    return InputModel(second_moment=H, order=order, gptq_metric=D @ P @ D.T, token_absmax=X.abs().amax(dim=1))
+
+
+def _top_shares(gram: torch.Tensor, ranks: tuple[int, ...]) -> dict[int, float]:
+    """Share of the trace of the positive semi-definite ``gram`` in its top-r eigenvalues, per rank."""
+    values = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+    total, cum = float(values.sum()), values.cumsum(0)
+    return {r: (float(cum[min(r, cum.numel()) - 1]) / total if total > 0 else 0.0) for r in ranks}
+
+
+def error_model(weight: torch.Tensor, inputs: InputModel, setting: QuantSetting, seed: int = 0,
+                ranks: tuple[int, ...] = (R_REF, 2 * R_REF)) -> dict[str, dict[str, Any]] | None:
+    """Per base quantizer (:data:`BASES`): ``share`` (per rank r, the share of the weight error's
+    output energy a whitened rank-r term removes), the expected output-error energy per token of
+    the weight rounding (``weight_energy``) and of the activation rounding (``activation_energy``),
+    and ``weight_fraction``, the former's part of their sum, for ``weight`` ``(d_out, d_in)``
+    quantized with ``setting`` on the inputs ``inputs`` describes (the module docstring derives
+    them). None when the setting leaves the weights in full precision."""
+    if not setting.quantizes_weights:
+        return None
+    W = weight.detach().to("cpu", torch.float32)
+    scales, _ = group_params(W, setting.w_bits, setting.symmetric, setting.group_size)
+    step = scales[:, column_groups(W.shape[1], setting.group_size)].double()  # (d_out, d_in)
+    variance = step.pow(2) / 12
+    noise = torch.randn(W.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * variance.sqrt()
+    # Per base, the error ΔW = noise·M and its output energy E‖ΔW x‖² = Σ_ij var_ij (M H Mᵀ)_jj.
+    metric = {"rtn": (noise, variance, inputs.second_moment),
+              "gptq": (noise[:, inputs.order], variance[:, inputs.order], inputs.gptq_metric)}
+    activation_energy = 0.0
+    if setting.quantizes_activations and inputs.token_absmax.numel():
+        token_steps = inputs.token_absmax / (2 ** (setting.a_bits - 1) - 1)  # the per-token grid's step
+        activation_energy = float(W.double().pow(2).sum()) * float((token_steps.pow(2) / 12).mean())
+    out = {}
+    for base, (N, var, K) in metric.items():
+        weight_energy = float((var @ K.diagonal()).sum())
+        total = weight_energy + activation_energy
+        out[base] = {"share": _top_shares(N @ K @ N.T, ranks), "weight_energy": weight_energy,
+                     "activation_energy": activation_energy,
+                     "weight_fraction": weight_energy / total if total > 0 else 0.0}
+    return out
+
+
+def advise(summary: dict[str, Any], energy: dict[int, float],
+           errors: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """The advice of one layer from its summary (:func:`qe.analysis.analyze.summarize_linear`),
+    its inputs' :func:`energy_shares` and its :func:`error_model` (None: nothing is quantized,
+    nothing to gain)."""
     within = [w for w in summary["clusters"]["mean_within_npmi"] if isinstance(w, float) and w == w]
     npmi = max(0.0, sum(within) / len(within)) if within else 0.0
     routing = summary["token_dependent_share"] * npmi
     ratios = summary["outliers"]["top_max_over_median"]
     outlier = math.log10(max(ratios[0][1], 1.0)) if ratios else 0.0
-    base = energy.get(R_REF, float("nan"))
-    # The routed experts add per-token rank on top of the shared term: bonus up to the energy
-    # a second rank-r_ref block would add, scaled by how routable the layer is.
-    more = energy.get(2 * R_REF, base)
-    predicted = base + min(1.0, routing / ROUTING_PAYS / 4) * max(0.0, more - base)
+    # The routed experts add per-token rank on top of the shared term: a bonus up to what a
+    # second rank-r_ref block would remove, scaled by how routable the layer is.
+    routable = min(1.0, routing / ROUTING_PAYS / 4)
+    predicted = {}
+    for base in BASES:
+        if errors is None:
+            predicted[base] = 0.0
+            continue
+        share = errors[base]["share"]
+        gain = share[R_REF] + routable * max(0.0, share[2 * R_REF] - share[R_REF])
+        predicted[base] = gain * errors[base]["weight_fraction"]
     rank = next((r for r in ADVISOR_RANKS if energy[r] >= ENERGY_TARGET), ADVISOR_RANKS[-1])
     return {
         "energy": {str(r): v for r, v in energy.items()},
         "routing": routing,
         "outlier": outlier,
         "predicted_gain": predicted,
+        "weight_fraction": {base: errors[base]["weight_fraction"] for base in BASES} if errors else None,
         "compensator": "qe" if routing >= ROUTING_PAYS else "lowrank",
         "rank": rank,
     }

@@ -29,7 +29,9 @@ from qe.errors import ConfigError
 from qe.modality import MODALITIES, Modality
 from qe.models.base import EncodedSample
 from qe.models.loading import LoadedModel
+from qe.models.offload import onloaded
 from qe.plugins import QEPluginManager, default_manager
+from qe.settings import parse_setting
 
 MODALITY_PAIRS = (("vision", "text"), ("vision", "answer"), ("text", "answer"))
 
@@ -47,6 +49,7 @@ class AnalyzeOptions:
     device: str = "cpu"
     progress: bool = True
     cluster_assign: str = "cluster_qr"  # spectral clustering's label assignment (see channels.spectral_clusters)
+    setting: str = "W4A8"  # the quantization the advisor predicts compensation gains for
 
 
 @dataclass
@@ -141,11 +144,13 @@ def run_analysis(
                               hessian=False, moments=True, estimator=estimator, k=opts.k, keep_topk=True,
                               linears=names, record_range=first_sample if i in plot_blocks else None) as stats:
                 step.next_hidden = step.run(context)
-            energy_cache: dict[int, dict[int, float]] = {}
-            for name in walker.linears(block):
-                if name in stats:
+            input_cache: dict[int, tuple] = {}
+            with onloaded(block.module):  # the advisor's error model reads the weights
+                for name, linear in walker.linears(block).items():
+                    if name not in stats:
+                        continue
                     summary, rows, plot = summarize_linear(stats[name], i, name, opts, want_plot=i in plot_blocks,
-                                                           energy_cache=energy_cache)
+                                                           weight=linear.weight, input_cache=input_cache)
                     summary["stack"] = stack
                     result.layers.append(summary)
                     hook.qe_layer_end(block_index=i, layer_name=summary["name"], figures={
@@ -171,9 +176,11 @@ def _overlap(a: list[int], b: list[int]) -> dict[str, float]:
 
 
 def summarize_linear(st: LinearStats, block_index: int, name: str, opts: AnalyzeOptions, want_plot: bool = False,
-                     energy_cache: dict[int, dict[int, float]] | None = None):
-    """The per-layer summary (a JSON-ready dict), its channel rows, and plot data.
-    ``energy_cache`` keeps the input spectrum of linears sharing one input (q/k/v)."""
+                     weight: torch.Tensor | None = None, input_cache: dict[int, tuple] | None = None):
+    """The per-layer summary (a JSON-ready dict), its channel rows, and plot data. ``weight``
+    (the linear's, ``(d_out, d_in)``) feeds the advisor's error model (without it the advice
+    predicts no gain). ``input_cache`` keeps the input's spectrum and :class:`~qe.analysis.advisor.InputModel`
+    for linears sharing one input (q/k/v)."""
     imp, inp = st.importance, st.input
     k, n_r = opts.k, opts.num_experts
     d_in = inp.d_in
@@ -249,12 +256,15 @@ def summarize_linear(st: LinearStats, block_index: int, name: str, opts: Analyze
         },
     }
     summary["finding"] = finding(summary, k)
-    energy = energy_cache.get(id(inp)) if energy_cache is not None else None
-    if energy is None:
-        energy = advisor.energy_shares(inp.sample)
-        if energy_cache is not None:
-            energy_cache[id(inp)] = energy
-    summary["advice"] = advisor.advise(summary, energy)
+    cached = input_cache.get(id(inp)) if input_cache is not None else None
+    if cached is None:
+        cached = advisor.energy_shares(inp.sample), advisor.input_model(inp.sample)
+        if input_cache is not None:
+            input_cache[id(inp)] = cached
+    energy, inputs = cached
+    errors = advisor.error_model(weight, inputs, parse_setting(opts.setting), seed=opts.seed) \
+        if weight is not None else None
+    summary["advice"] = advisor.advise(summary, energy, errors)
 
     role = torch.zeros(d_in, dtype=torch.long) - 1  # -1 none, -2 shared, >= 0 cluster
     role[C_s] = -2

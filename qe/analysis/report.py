@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from qe.analysis.analyze import AnalysisResult, LayerPlotData  # noqa: E402
 from qe.modality import MODALITIES  # noqa: E402
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: advice.predicted_gain per base quantizer, advice.weight_fraction, run.setting
 MODALITY_COLORS = {"all": "black", "text": "tab:blue", "vision": "tab:orange", "answer": "tab:green"}
 
 
@@ -328,7 +328,8 @@ def write_index(path: Path, summary: dict, cross_plots: list[tuple[str, str]], l
         nr = s.get("never_ranked") or {}
         nr_text = f"{nr['count']}/{nr['of']}" if nr.get("of") else "–"
         adv = s.get("advice")
-        adv_text = (f"{adv['compensator']} rank {adv['rank']} (predicted gain {_fmt(adv['predicted_gain'], '.0%')})"
+        adv_text = (f"{adv['compensator']} rank {adv['rank']} (predicted gain "
+                    f"{_fmt(adv['predicted_gain']['rtn'], '.0%')} on RTN, {_fmt(adv['predicted_gain']['gptq'], '.0%')} on GPTQ)"
                     if adv else "–")
         out.append(f"<tr><td>{label}</td><td>{s['d_in']}</td><td>{_fmt(s['token_dependent_share'], '.0%')}</td>"
                    f"<td>{ov_text}</td><td>{_fmt(ratio, '.0f')}</td><td>{nr_text}</td><td>{e(adv_text)}</td>"

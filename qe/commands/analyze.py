@@ -42,19 +42,23 @@ def analyze(
     trust_remote_code: bool = False,
     placement: Placement | None = None,
     scope: str = "language",
+    setting: str = "W4A8",
 ) -> tuple[Path, dict]:
     """Run ``qe analyze``; return the report directory and the summary. ``scope``: the
-    language model's blocks, the vision tower's and the projector (``vision``), or both."""
+    language model's blocks, the vision tower's and the projector (``vision``), or both;
+    ``setting``: the quantization whose compensation gains the advice predicts."""
     from qe.analysis.analyze import AnalyzeOptions
     from qe.data.sources import check_source
     from qe.models.stacks import check_scope
     from qe.plugins import default_manager
+    from qe.settings import parse_setting
 
     check_scope(scope)
     manager = default_manager()
     manager.resolve("estimator", estimator)  # fail on a bad name before loading anything
+    setting = parse_setting(setting).name  # a bad setting fails before loading anything
     options = AnalyzeOptions(estimator=estimator, k=k, num_experts=num_experts, layers=layers, plot_blocks=plot_blocks,
-                             seed=seed, device=device, progress=progress)
+                             seed=seed, device=device, progress=progress, setting=setting)
     check_source(calib)  # a bad --calib or JSONL record fails before the model loads
     if out:  # checked now, not after the analysis
         check_output(out, kind="dir", force=force)
@@ -87,6 +91,7 @@ def _analyze(model, loaded, calib, samples, out, estimator, k, num_experts, laye
         "model": loaded.name, "model_path": loaded.path, "adapter": loaded.adapter.name,
         "synthetic_vision_tower": loaded.synthetic_vision, "notes": loaded.notes,
         "estimator": estimator, "k": k, "num_experts": num_experts, "seed": seed, "layers_pattern": layers, "scope": scope,
+        "setting": options.setting,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "calibration": {"source": source, "samples": len(encoded), "tokens": token_counts(encoded),
                         "data_hash": data_hash(encoded)},
