@@ -24,7 +24,8 @@ what earlier windows left allocated.
 
 Wall time depends on whatever else the machine runs; the process's CPU time (user + system)
 is recorded beside it, and the offload/in-memory ratio is given for both. Both modes of one
-size must give the same checkpoint tensors (a SHA-256 over every tensor).
+size must give the same checkpoint tensors (``qe.checkpoint.tensors_digest``: a SHA-256 over
+every tensor by key, whatever the shards).
 Resumable: rows already in the JSON are kept; ``--sizes``/``--modes`` run subsets.
 
 ``--blocks N`` measures a part of a run too long for the machine at hand: loading, capture and
@@ -45,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
 import resource
@@ -99,19 +99,6 @@ def model_dir(size: str) -> Path:
     return out
 
 
-def tensor_digest(directory: Path) -> str:
-    import torch
-    from safetensors import safe_open
-
-    h = hashlib.sha256()
-    for f in sorted(directory.glob("model-*.safetensors")):
-        with safe_open(str(f), framework="pt") as fh:
-            for key in sorted(fh.keys()):
-                h.update(key.encode())
-                h.update(fh.get_tensor(key).contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 class AnonymousPeak:
     """The peak of ``RssAnon`` in ``/proc/self/status``, sampled by a daemon thread."""
 
@@ -154,6 +141,7 @@ class _EnoughBlocks(Exception):
 def run_one(size: str, mode: str, samples: int, out_json: Path, blocks: int | None = None) -> None:
     """One quantization in this process; writes its row (peak RSS is this process's own)."""
     import qe
+    from qe.checkpoint import tensors_digest
     from qe.commands.quantize import run_quantize
     from qe.models.loading import Placement, parse_max_memory
     from qe.plugins import QEPluginManager
@@ -211,7 +199,7 @@ def run_one(size: str, mode: str, samples: int, out_json: Path, blocks: int | No
         peak = peak_rss_gb()
         close_window("end")
         peak_anon = anon.stop()
-        digest = tensor_digest(ckpt)[:16] if ckpt is not None else None  # after the measurement
+        digest = tensors_digest(ckpt)[:16] if ckpt is not None else None  # after the measurement
         done = total if manifest is not None else blocks
         model_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         row = {"size": size, "mode": mode, "samples": samples, "blocks": f"{done} of {total}",

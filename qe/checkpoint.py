@@ -15,6 +15,7 @@ manifest before reading it, so a truncated or tampered checkpoint is refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -46,6 +47,25 @@ def sha256_file(path: Path) -> str:
     with Path(path).open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def tensors_digest(directory: Path | str) -> str:
+    """SHA-256 over a checkpoint's tensors, key by key in sorted order (each key, dtype, shape and
+    bytes), whatever the shards: two checkpoints with equal tensors have equal digests however
+    they were split (an offloaded run writes smaller shards than an in-memory one)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    h = hashlib.sha256()
+    with contextlib.ExitStack() as stack:
+        where = {}
+        for name in manifest["shards"]:
+            fh = stack.enter_context(safe_open(str(confined_file(directory, name)), framework="pt"))
+            where.update((key, fh) for key in fh.keys())
+        for key in sorted(where):
+            t = where[key].get_tensor(key).contiguous()
+            h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

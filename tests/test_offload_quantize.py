@@ -4,9 +4,11 @@ tensors as the run on the model held in memory."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import qe
 from qe.commands.quantize import run_quantize
@@ -115,6 +117,15 @@ def test_offloaded_checkpoint_is_written_in_small_shards(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(load_quantized(out).model(input_ids=ids).logits,
                                    load_quantized(ref_dir).model(input_ids=ids).logits, rtol=0, atol=0)
+    # The tensors' digest does not see the sharding, and does see one changed value.
+    assert checkpoint.tensors_digest(out) == checkpoint.tensors_digest(ref_dir)
+    shard = ref_dir / json.loads((ref_dir / "qe_manifest.json").read_text())["shards"][0]
+    tensors = load_file(str(shard))
+    key = sorted(tensors)[len(tensors) // 2]
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] += 1
+    save_file(tensors, str(shard))
+    assert checkpoint.tensors_digest(out) != checkpoint.tensors_digest(ref_dir)
 
 
 @pytest.fixture(scope="module")
