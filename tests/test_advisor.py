@@ -78,6 +78,27 @@ def test_error_model_predicts_what_rtn_gptq_and_activation_rounding_do(seed):
     assert model["gptq"]["activation_energy"] == pytest.approx(activation, rel=0.05)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_error_model_predicts_gptq_on_qes_base(seed):
+    """Reference comparison on QE's base: the exempt columns' whole contribution, and GPTQ's
+    rounding of the rest, against gptq_quantize with the same exempt channels."""
+    X, W = _layer(seed)
+    exempt = [0, 1, 2, 10, 20]
+    model = error_model(W, input_model(X), parse_setting("W4A8"), seed=seed, exempt=exempt)
+    mask = torch.zeros(W.shape[1], dtype=torch.bool)
+    mask[exempt] = True
+    error = (gptq_quantize(W, (X.T @ X).double(), 4, 0, True, act_order=True, exempt=mask).dequantize() - W).double()
+    kept = error * ~mask
+    energy, share = _measured(kept, torch.zeros_like(kept), X)
+    assert model["qe"]["weight_energy"] == pytest.approx(energy, rel=0.1)
+    assert model["qe"]["share"][32] == pytest.approx(share, abs=0.03)
+    exempt_energy = float(((error - kept) @ X.double().T).pow(2).sum() / X.shape[0])
+    assert model["qe"]["exempt_energy"] == pytest.approx(exempt_energy, rel=1e-6)
+    # Without its outlier channels the activation grid is finer.
+    assert model["qe"]["activation_energy"] < model["gptq"]["activation_energy"] / 4
+    assert "qe" not in error_model(W, input_model(X), parse_setting("W4A8"))
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), a_bits=st.sampled_from([4, 5, 6, 7, 16]), w_bits=st.integers(2, 8),
        group=st.sampled_from([0, 8, 16]))

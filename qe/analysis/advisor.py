@@ -71,12 +71,12 @@ class InputModel:
     decreasing second moment) and ``gptq_metric`` ``D H Dᵀ`` in that order, where ``D =
     diag(U)⁻¹ U`` for ``H_damped⁻¹ = UᵀU`` (``U`` upper): GPTQ turns a row of rounding errors ``r``
     (in order) into the weight error ``r D``, so ``r D H Dᵀ rᵀ`` is its output energy; and
-    ``token_absmax`` ``(T,)``, which sets each token's activation step."""
+    ``tokens`` ``(T, d_in)``, whose magnitudes set each token's activation step."""
 
     second_moment: torch.Tensor
     order: torch.Tensor
     gptq_metric: torch.Tensor
-    token_absmax: torch.Tensor
+    tokens: torch.Tensor
 
 
 def input_model(sample: torch.Tensor, damp: float = GPTQ_DAMP) -> InputModel:
@@ -91,7 +91,7 @@ def input_model(sample: torch.Tensor, damp: float = GPTQ_DAMP) -> InputModel:
     damped.diagonal().add_(damp * float(diag.mean()) + 1e-12)  # the epsilon keeps an all-zero input factorable
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
     D = U / U.diagonal()[:, None]
-    return InputModel(second_moment=H, order=order, gptq_metric=D @ P @ D.T, token_absmax=X.abs().amax(dim=1))
+    return InputModel(second_moment=H, order=order, gptq_metric=D @ P @ D.T, tokens=sample[:ERROR_TOKENS].float())
 
 
 def _top_shares(gram: torch.Tensor, ranks: tuple[int, ...]) -> dict[int, float]:
@@ -102,34 +102,53 @@ def _top_shares(gram: torch.Tensor, ranks: tuple[int, ...]) -> dict[int, float]:
 
 
 def error_model(weight: torch.Tensor, inputs: InputModel, setting: QuantSetting, seed: int = 0,
-                ranks: tuple[int, ...] = (R_REF, 2 * R_REF)) -> dict[str, dict[str, Any]] | None:
-    """Per base quantizer (:data:`BASES`): ``share`` (per rank r, the share of the weight error's
-    output energy a whitened rank-r term removes), the expected output-error energy per token of
-    the weight rounding (``weight_energy``) and of the activation rounding (``activation_energy``),
-    and ``weight_fraction``, the former's part of their sum, for ``weight`` ``(d_out, d_in)``
+                ranks: tuple[int, ...] = (R_REF, 2 * R_REF),
+                exempt: list[int] | None = None) -> dict[str, dict[str, Any]] | None:
+    """Per base quantizer (:data:`BASES`, and ``qe`` when ``exempt`` channels are given):
+    ``share`` (per rank r, the share of the weight error's output energy a whitened rank-r term
+    removes), the expected output-error energy per token of the weight rounding
+    (``weight_energy``) and of the activation rounding (``activation_energy``), and
+    ``weight_fraction``, the former's part of their sum, for ``weight`` ``(d_out, d_in)``
     quantized with ``setting`` on the inputs ``inputs`` describes (the module docstring derives
-    them). None when the setting leaves the weights in full precision."""
+    them). ``qe`` is GPTQ on QE's base: the ``exempt`` channels (QE's shared channels) leave
+    the weight and activation grids and their columns' whole contribution is the error the
+    shared expert restores (``exempt_energy``; ``weight_energy`` is the rest's). None when the
+    setting leaves the weights in full precision."""
     if not setting.quantizes_weights:
         return None
     W = weight.detach().to("cpu", torch.float32)
-    scales, _ = group_params(W, setting.w_bits, setting.symmetric, setting.group_size)
-    step = scales[:, column_groups(W.shape[1], setting.group_size)].double()  # (d_out, d_in)
-    variance = step.pow(2) / 12
-    noise = torch.randn(W.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * variance.sqrt()
-    # Per base, the error ΔW = noise·M and its output energy E‖ΔW x‖² = Σ_ij var_ij (M H Mᵀ)_jj.
-    metric = {"rtn": (noise, variance, inputs.second_moment),
-              "gptq": (noise[:, inputs.order], variance[:, inputs.order], inputs.gptq_metric)}
-    activation_energy = 0.0
-    if setting.quantizes_activations and inputs.token_absmax.numel():
-        token_steps = inputs.token_absmax / (2 ** (setting.a_bits - 1) - 1)  # the per-token grid's step
-        activation_energy = float(W.double().pow(2).sum()) * float((token_steps.pow(2) / 12).mean())
+    d_in = W.shape[1]
+    kept = torch.ones(d_in, dtype=torch.bool)
+    if exempt:
+        kept[torch.as_tensor(exempt, dtype=torch.long)] = False
+    noise = torch.randn(W.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    metrics = {"rtn": (W, None, inputs.second_moment, False), "gptq": (W, inputs.order, inputs.gptq_metric, False)}
+    if exempt:
+        metrics["qe"] = (W * kept, inputs.order, inputs.gptq_metric, True)
     out = {}
-    for base, (N, var, K) in metric.items():
-        weight_energy = float((var @ K.diagonal()).sum())
+    for base, (base_weight, order, K, on_qe_base) in metrics.items():
+        scales, _ = group_params(base_weight, setting.w_bits, setting.symmetric, setting.group_size)
+        variance = scales[:, column_groups(d_in, setting.group_size)].double().pow(2) / 12  # (d_out, d_in)
+        if on_qe_base:
+            variance = variance * kept
+        N = noise * variance.sqrt()
+        if order is not None:
+            N, variance = N[:, order], variance[:, order]
+        # The error ΔW = N·M (M = I, or D in GPTQ's order): E‖ΔW x‖² = Σ_ij var_ij (M H Mᵀ)_jj.
+        weight_energy = float((variance @ K.diagonal()).sum())
+        activation_energy = 0.0
+        if setting.quantizes_activations and inputs.tokens.numel():
+            magnitudes = inputs.tokens.abs() * kept if on_qe_base else inputs.tokens.abs()
+            steps = magnitudes.amax(dim=1).double() / (2 ** (setting.a_bits - 1) - 1)  # the per-token grid's step
+            activation_energy = float(base_weight.double().pow(2).sum()) * float((steps.pow(2) / 12).mean())
         total = weight_energy + activation_energy
         out[base] = {"share": _top_shares(N @ K @ N.T, ranks), "weight_energy": weight_energy,
                      "activation_energy": activation_energy,
                      "weight_fraction": weight_energy / total if total > 0 else 0.0}
+        if on_qe_base:
+            E = W.double()[:, ~kept]
+            H = inputs.second_moment[~kept][:, ~kept]
+            out[base]["exempt_energy"] = float(((E @ H) * E).sum())
     return out
 
 
@@ -147,13 +166,18 @@ def advise(summary: dict[str, Any], energy: dict[int, float],
     # second rank-r_ref block would remove, scaled by how routable the layer is.
     routable = min(1.0, routing / ROUTING_PAYS / 4)
     predicted = {}
-    for base in BASES:
+    for base in BASES + (("qe",) if errors and "qe" in errors else ()):
         if errors is None:
             predicted[base] = 0.0
             continue
-        share = errors[base]["share"]
+        e = errors[base]
+        share = e["share"]
         gain = share[R_REF] + routable * max(0.0, share[2 * R_REF] - share[R_REF])
-        predicted[base] = gain * errors[base]["weight_fraction"]
+        if base == "qe":  # the shared expert restores the exempt columns; experts fit the rest
+            total = e["exempt_energy"] + e["weight_energy"] + e["activation_energy"]
+            predicted[base] = (e["exempt_energy"] + gain * e["weight_energy"]) / total if total > 0 else 0.0
+        else:
+            predicted[base] = gain * e["weight_fraction"]
     rank = next((r for r in ADVISOR_RANKS if energy[r] >= ENERGY_TARGET), ADVISOR_RANKS[-1])
     return {
         "energy": {str(r): v for r, v in energy.items()},

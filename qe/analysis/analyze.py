@@ -262,7 +262,7 @@ def summarize_linear(st: LinearStats, block_index: int, name: str, opts: Analyze
         if input_cache is not None:
             input_cache[id(inp)] = cached
     energy, inputs = cached
-    errors = advisor.error_model(weight, inputs, parse_setting(opts.setting), seed=opts.seed) \
+    errors = advisor.error_model(weight, inputs, parse_setting(opts.setting), seed=opts.seed, exempt=C_s.tolist()) \
         if weight is not None else None
     summary["advice"] = advisor.advise(summary, energy, errors)
 

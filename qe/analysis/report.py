@@ -328,8 +328,9 @@ def write_index(path: Path, summary: dict, cross_plots: list[tuple[str, str]], l
         nr = s.get("never_ranked") or {}
         nr_text = f"{nr['count']}/{nr['of']}" if nr.get("of") else "–"
         adv = s.get("advice")
+        bases = {"rtn": "RTN", "gptq": "GPTQ", "qe": "QE's base"}
         adv_text = (f"{adv['compensator']} rank {adv['rank']} (predicted gain "
-                    f"{_fmt(adv['predicted_gain']['rtn'], '.0%')} on RTN, {_fmt(adv['predicted_gain']['gptq'], '.0%')} on GPTQ)"
+                    + ", ".join(f"{_fmt(v, '.0%')} on {bases.get(b, b)}" for b, v in adv["predicted_gain"].items()) + ")"
                     if adv else "–")
         out.append(f"<tr><td>{label}</td><td>{s['d_in']}</td><td>{_fmt(s['token_dependent_share'], '.0%')}</td>"
                    f"<td>{ov_text}</td><td>{_fmt(ratio, '.0f')}</td><td>{nr_text}</td><td>{e(adv_text)}</td>"
