@@ -33,7 +33,7 @@ no low-rank term removes; the gain is scaled by the weight error's part of the t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -77,13 +77,22 @@ class InputModel:
     order: torch.Tensor
     gptq_metric: torch.Tensor
     tokens: torch.Tensor
+    _factors: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    def factor(self, metric: str) -> torch.Tensor:
+        """``F`` with ``F Fᵀ`` the ``second_moment`` or the ``gptq_metric`` (computed once)."""
+        if metric not in self._factors:
+            K = self.second_moment if metric == "rtn" else self.gptq_metric
+            values, vectors = torch.linalg.eigh(K)
+            self._factors[metric] = vectors * values.clamp_min(0).sqrt()
+        return self._factors[metric]
 
 
 def input_model(sample: torch.Tensor, damp: float = GPTQ_DAMP) -> InputModel:
     """The :class:`InputModel` of the sampled inputs ``(T, d_in)`` (the first
     :data:`ERROR_TOKENS`), with GPTQ's damping ``damp`` (a share of the mean diagonal)."""
-    X = sample[:ERROR_TOKENS].double()
-    H = X.T @ X / max(X.shape[0], 1)
+    X = sample[:ERROR_TOKENS].float()
+    H = (X.T @ X).double() / max(X.shape[0], 1)  # float32 products: a prediction needs no more, at half the time
     diag = H.diagonal()
     order = torch.argsort(diag, descending=True)
     P = H[order[:, None], order]
@@ -91,7 +100,17 @@ def input_model(sample: torch.Tensor, damp: float = GPTQ_DAMP) -> InputModel:
     damped.diagonal().add_(damp * float(diag.mean()) + 1e-12)  # the epsilon keeps an all-zero input factorable
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
     D = U / U.diagonal()[:, None]
-    return InputModel(second_moment=H, order=order, gptq_metric=D @ P @ D.T, tokens=sample[:ERROR_TOKENS].float())
+    return InputModel(second_moment=H, order=order, gptq_metric=D @ P @ D.T, tokens=X)
+
+
+def _error_gram(N: torch.Tensor, inputs: InputModel, metric: str) -> torch.Tensor:
+    """A matrix with the nonzero eigenvalues of ``N K Nᵀ`` (``K`` the ``metric``), on the
+    smaller side: ``N K Nᵀ`` for a short ``N``, ``(N F)ᵀ (N F)`` for a tall one."""
+    if N.shape[0] <= N.shape[1]:
+        K = inputs.second_moment if metric == "rtn" else inputs.gptq_metric
+        return N @ K @ N.T
+    M = N @ inputs.factor(metric)
+    return M.T @ M
 
 
 def _top_shares(gram: torch.Tensor, ranks: tuple[int, ...]) -> dict[int, float]:
@@ -122,11 +141,12 @@ def error_model(weight: torch.Tensor, inputs: InputModel, setting: QuantSetting,
     if exempt:
         kept[torch.as_tensor(exempt, dtype=torch.long)] = False
     noise = torch.randn(W.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    metrics = {"rtn": (W, None, inputs.second_moment, False), "gptq": (W, inputs.order, inputs.gptq_metric, False)}
+    metrics = {"rtn": (W, None, "rtn", False), "gptq": (W, inputs.order, "gptq", False)}
     if exempt:
-        metrics["qe"] = (W * kept, inputs.order, inputs.gptq_metric, True)
+        metrics["qe"] = (W * kept, inputs.order, "gptq", True)
     out = {}
-    for base, (base_weight, order, K, on_qe_base) in metrics.items():
+    for base, (base_weight, order, metric, on_qe_base) in metrics.items():
+        K = inputs.second_moment if metric == "rtn" else inputs.gptq_metric
         scales, _ = group_params(base_weight, setting.w_bits, setting.symmetric, setting.group_size)
         variance = scales[:, column_groups(d_in, setting.group_size)].double().pow(2) / 12  # (d_out, d_in)
         if on_qe_base:
@@ -142,7 +162,7 @@ def error_model(weight: torch.Tensor, inputs: InputModel, setting: QuantSetting,
             steps = magnitudes.amax(dim=1).double() / (2 ** (setting.a_bits - 1) - 1)  # the per-token grid's step
             activation_energy = float(base_weight.double().pow(2).sum()) * float((steps.pow(2) / 12).mean())
         total = weight_energy + activation_energy
-        out[base] = {"share": _top_shares(N @ K @ N.T, ranks), "weight_energy": weight_energy,
+        out[base] = {"share": _top_shares(_error_gram(N, inputs, metric), ranks), "weight_energy": weight_energy,
                      "activation_energy": activation_energy,
                      "weight_fraction": weight_energy / total if total > 0 else 0.0}
         if on_qe_base:
