@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from qe.gram import symmetric_gram
 from qe.quantizers.grid import column_groups, group_params
 from qe.settings import QuantSetting
 
@@ -92,15 +93,19 @@ def input_model(sample: torch.Tensor, damp: float = GPTQ_DAMP) -> InputModel:
     """The :class:`InputModel` of the sampled inputs ``(T, d_in)`` (the first
     :data:`ERROR_TOKENS`), with GPTQ's damping ``damp`` (a share of the mean diagonal)."""
     X = sample[:ERROR_TOKENS].float()
-    H = (X.T @ X).double() / max(X.shape[0], 1)  # float32 products: a prediction needs no more, at half the time
+    H = symmetric_gram(X).div_(max(X.shape[0], 1))  # float32 products: a prediction needs no more
     diag = H.diagonal()
     order = torch.argsort(diag, descending=True)
     P = H[order[:, None], order]
-    damped = P.clone()
-    damped.diagonal().add_(damp * float(diag.mean()) + 1e-12)  # the epsilon keeps an all-zero input factorable
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    lam = damp * float(diag.mean()) + 1e-12  # the epsilon keeps an all-zero input factorable
+    P.diagonal().add_(lam)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(P)), upper=True)
     D = U / U.diagonal()[:, None]
-    return InputModel(second_moment=H, order=order, gptq_metric=D @ P @ D.T, tokens=X)
+    # D H Dᵀ = D (H_damped − λI) Dᵀ = diag(U)⁻² − λ D Dᵀ, since U H_damped Uᵀ = I: one product, not two.
+    metric = D @ D.T
+    metric.mul_(-lam).diagonal().add_(U.diagonal().pow(-2))
+    # The products that follow run in float32: a prediction needs no more, at half the time.
+    return InputModel(second_moment=H.float(), order=order, gptq_metric=metric.float(), tokens=X)
 
 
 def _error_gram(N: torch.Tensor, inputs: InputModel, metric: str) -> torch.Tensor:
@@ -115,7 +120,7 @@ def _error_gram(N: torch.Tensor, inputs: InputModel, metric: str) -> torch.Tenso
 
 def _top_shares(gram: torch.Tensor, ranks: tuple[int, ...]) -> dict[int, float]:
     """Share of the trace of the positive semi-definite ``gram`` in its top-r eigenvalues, per rank."""
-    values = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+    values = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).double()  # float64 sums: shares stay within [0, 1]
     total, cum = float(values.sum()), values.cumsum(0)
     return {r: (float(cum[min(r, cum.numel()) - 1]) / total if total > 0 else 0.0) for r in ranks}
 
@@ -140,26 +145,27 @@ def error_model(weight: torch.Tensor, inputs: InputModel, setting: QuantSetting,
     kept = torch.ones(d_in, dtype=torch.bool)
     if exempt:
         kept[torch.as_tensor(exempt, dtype=torch.long)] = False
-    noise = torch.randn(W.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    noise = torch.randn(W.shape, generator=torch.Generator().manual_seed(seed))
     metrics = {"rtn": (W, None, "rtn", False), "gptq": (W, inputs.order, "gptq", False)}
     if exempt:
         metrics["qe"] = (W * kept, inputs.order, "gptq", True)
+    magnitudes = inputs.tokens.abs()
+    token_absmax = {False: magnitudes.amax(dim=1), True: (magnitudes * kept).amax(dim=1) if exempt else None}
     out = {}
     for base, (base_weight, order, metric, on_qe_base) in metrics.items():
         K = inputs.second_moment if metric == "rtn" else inputs.gptq_metric
         scales, _ = group_params(base_weight, setting.w_bits, setting.symmetric, setting.group_size)
-        variance = scales[:, column_groups(d_in, setting.group_size)].double().pow(2) / 12  # (d_out, d_in)
+        variance = scales[:, column_groups(d_in, setting.group_size)].pow(2) / 12  # (d_out, d_in)
         if on_qe_base:
             variance = variance * kept
         N = noise * variance.sqrt()
         if order is not None:
             N, variance = N[:, order], variance[:, order]
         # The error ΔW = N·M (M = I, or D in GPTQ's order): E‖ΔW x‖² = Σ_ij var_ij (M H Mᵀ)_jj.
-        weight_energy = float((variance @ K.diagonal()).sum())
+        weight_energy = float((variance.double() @ K.diagonal().double()).sum())
         activation_energy = 0.0
         if setting.quantizes_activations and inputs.tokens.numel():
-            magnitudes = inputs.tokens.abs() * kept if on_qe_base else inputs.tokens.abs()
-            steps = magnitudes.amax(dim=1).double() / (2 ** (setting.a_bits - 1) - 1)  # the per-token grid's step
+            steps = token_absmax[on_qe_base].double() / (2 ** (setting.a_bits - 1) - 1)  # the per-token grid's step
             activation_energy = float(base_weight.double().pow(2).sum()) * float((steps.pow(2) / 12).mean())
         total = weight_energy + activation_energy
         out[base] = {"share": _top_shares(_error_gram(N, inputs, metric), ranks), "weight_energy": weight_energy,
@@ -167,7 +173,7 @@ def error_model(weight: torch.Tensor, inputs: InputModel, setting: QuantSetting,
                      "weight_fraction": weight_energy / total if total > 0 else 0.0}
         if on_qe_base:
             E = W.double()[:, ~kept]
-            H = inputs.second_moment[~kept][:, ~kept]
+            H = inputs.second_moment[~kept][:, ~kept].double()
             out[base]["exempt_energy"] = float(((E @ H) * E).sum())
     return out
 
