@@ -182,8 +182,8 @@ def advisor_check(store: ResultStore, cell: str, loaded, encoded, out: Path) -> 
     from qe.analysis.advisor import spearman
     from qe.analysis.analyze import AnalyzeOptions, run_analysis
 
-    setting, budget, kind = cell.split("/")
-    quantizer, compensator, _, _ = composition_of(kind, setting, float(budget), linears(loaded))
+    label_setting, budget, kind = cell.split("/")
+    quantizer, compensator, _, setting = composition_of(kind, label_setting, float(budget), linears(loaded))
     base = "qe" if compensator.startswith("qe") else quantizer  # QE's cells measure from QE's base
     cache = out / f"advice-{setting}.json"
     if cache.is_file():

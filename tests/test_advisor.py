@@ -78,12 +78,12 @@ def test_error_model_predicts_what_rtn_gptq_and_activation_rounding_do(seed):
     assert model["gptq"]["activation_energy"] == pytest.approx(activation, rel=0.05)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_error_model_predicts_gptq_on_qes_base(seed):
+@pytest.mark.parametrize("seed,exempt", [(0, [0, 1, 2, 10, 20]), (1, [0, 1, 2, 10, 20]),
+                                         (2, list(range(1, 96, 3)))])  # a third of the channels, all through the order
+def test_error_model_predicts_gptq_on_qes_base(seed, exempt):
     """Reference comparison on QE's base: the exempt columns' whole contribution, and GPTQ's
     rounding of the rest, against gptq_quantize with the same exempt channels."""
     X, W = _layer(seed)
-    exempt = [0, 1, 2, 10, 20]
     model = error_model(W, input_model(X), parse_setting("W4A8"), seed=seed, exempt=exempt)
     mask = torch.zeros(W.shape[1], dtype=torch.bool)
     mask[exempt] = True
@@ -95,7 +95,8 @@ def test_error_model_predicts_gptq_on_qes_base(seed):
     exempt_energy = float(((error - kept) @ X.double().T).pow(2).sum() / X.shape[0])
     assert model["qe"]["exempt_energy"] == pytest.approx(exempt_energy, rel=1e-6)
     # Without its outlier channels the activation grid is finer.
-    assert model["qe"]["activation_energy"] < model["gptq"]["activation_energy"] / 4
+    if {0, 1, 2} <= set(exempt):
+        assert model["qe"]["activation_energy"] < model["gptq"]["activation_energy"] / 4
     assert "qe" not in error_model(W, input_model(X), parse_setting("W4A8"))
 
 

@@ -13,19 +13,19 @@ Nothing is quantized and nothing is fitted. The figures:
   the layer's output error by a whitened rank-``r_ref`` term (plus a routing bonus), from a
   model of that quantizer's error (:func:`error_model`). Layers are ranked by it.
 
-The error model. A weight's rounding error is modelled as independent noise, uniform within the
-entry's grid step ``s`` (variance ``s²/12``, steps from the setting's grid). A whitened rank-r fit
-of an error ``ΔW`` removes the top-r share of the singular-value energy of ``ΔW H^½`` (``H`` the
-inputs' second moment). Round to nearest leaves ``ΔW = R``, so ``R H^½``. GPTQ (act order)
-feeds each column's rounding error forward: ``ΔW = E U`` with ``H⁻¹ = UᵀU`` (``U`` upper, in
-quantization order) and ``E``'s column ``j`` the rounding error over ``U_jj``. ``U H Uᵀ = I``
-makes ``U H^½`` orthogonal, so ``ΔW H^½`` has ``E``'s singular values, and ``E``'s column ``j``
-has variance ``s²/12 · c_j``, ``c_j`` the part of input ``j``'s second moment the inputs
-quantized after it do not explain (:func:`conditional_variances`). GPTQ's error is therefore
-spread over the columns by ``c``, not concentrated in the inputs' top directions, and a
-low-rank term removes less of it. Each share is estimated from one seeded draw of the noise.
-Per-token activation rounding adds an error ``W δx`` of energy ``‖W‖²_F · s_t²/12`` per token that
-no low-rank term removes; the gain is scaled by the weight error's part of the total.
+The error model. A weight's rounding error is modelled as independent noise ``r``, uniform within
+the entry's grid step ``s`` (variance ``s²/12``, steps from the setting's grid, without GPTQ's
+clip search). A whitened rank-r fit of an error ``ΔW`` removes the top-r share of the energy of
+``ΔW X`` (``X`` the sampled inputs). Round to nearest leaves ``ΔW = r``. GPTQ (act order, damping
+λ) feeds each column's rounding error forward to the columns after it: ``ΔW = r D`` in its
+order, with ``D = diag(U)⁻¹ U`` and ``H_damped⁻¹ = UᵀU`` (``U`` upper); the output energy of
+``r D`` is ``r D H Dᵀ rᵀ``, and ``D H Dᵀ = diag(U)⁻² − λ D Dᵀ``. Its error is smaller than round
+to nearest's and spread over more directions, so a low-rank term removes less of it. On QE's
+base, GPTQ quantizes only the channels that are not exempt (its Hessian restricted to them);
+the exempt columns' whole contribution is error the shared expert restores. Each share is
+estimated from one seeded draw of the noise. Per-token activation rounding adds an error
+``W δx`` of energy ``‖W‖²_F · s_t²/12`` per token that no low-rank term removes; the gain is
+scaled by the weight error's part of the total.
 ``benchmarks/equal_bits.py --advisor CELL`` checks the ranking against measured reductions
 (Spearman, docs/results.md, equal bits).
 """
@@ -43,7 +43,7 @@ from qe.quantizers.grid import column_groups, group_params
 from qe.settings import QuantSetting
 
 ADVISOR_RANKS = (8, 16, 32, 64, 128, 256)
-ENERGY_TOKENS = 1024  # sampled tokens the spectrum is computed from (a uniform random draw)
+ENERGY_TOKENS = 1024  # sampled tokens the spectrum is computed from (evenly spaced over the sample)
 ERROR_TOKENS = 8192  # sampled tokens the error model's second moment is computed from
 ENERGY_TARGET = 0.8  # share of the input energy the advised rank should capture
 ROUTING_PAYS = 0.05  # routing figure above which routed experts are advised
@@ -55,7 +55,7 @@ GPTQ_DAMP = 0.01  # GPTQ's default damping, as a share of the mean diagonal
 def energy_shares(sample: torch.Tensor, ranks: tuple[int, ...] = ADVISOR_RANKS) -> dict[int, float]:
     """Share of ``Σ_t ‖x_t‖²`` in the top-r principal directions of ``sample`` ``(T, d_in)`` (uncentred),
     per rank (ranks above ``min(T, d_in)`` get 1)."""
-    X = sample[:ENERGY_TOKENS].double()
+    X = _spread(sample, ENERGY_TOKENS).double()
     if X.numel() == 0:
         return {r: float("nan") for r in ranks}
     G = X @ X.T if X.shape[0] <= X.shape[1] else X.T @ X  # the smaller Gram: same nonzero spectrum
@@ -65,37 +65,43 @@ def energy_shares(sample: torch.Tensor, ranks: tuple[int, ...] = ADVISOR_RANKS) 
     return {r: (float(cum[min(r, cum.numel()) - 1]) / total if total > 0 else 0.0) for r in ranks}
 
 
+def _spread(sample: torch.Tensor, n: int) -> torch.Tensor:
+    """At most ``n`` rows of ``sample``, evenly spaced (the sample is in stream order: a prefix
+    would read the first samples only)."""
+    if sample.shape[0] <= n:
+        return sample
+    return sample[torch.linspace(0, sample.shape[0] - 1, n).round().long()]
+
+
 @dataclass(frozen=True)
-class InputModel:
-    """What the error model needs from one input (shared by the linears that read it, q/k/v):
-    ``second_moment`` ``H = E[x xᵀ]`` ``(d_in, d_in)``; GPTQ's quantization ``order`` (act order:
-    decreasing second moment) and ``gptq_metric`` ``D H Dᵀ`` in that order, where ``D =
-    diag(U)⁻¹ U`` for ``H_damped⁻¹ = UᵀU`` (``U`` upper): GPTQ turns a row of rounding errors ``r``
-    (in order) into the weight error ``r D``, so ``r D H Dᵀ rᵀ`` is its output energy; and
-    ``tokens`` ``(T, d_in)``, whose magnitudes set each token's activation step."""
+class ErrorMetric:
+    """The output energy of a weight error built from rounding noise ``r``: ``r[:, columns] ·
+    matrix · r[:, columns]ᵀ`` (``matrix`` in the order of ``columns``)."""
 
-    second_moment: torch.Tensor
-    order: torch.Tensor
-    gptq_metric: torch.Tensor
-    tokens: torch.Tensor
-    _factors: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    columns: torch.Tensor
+    matrix: torch.Tensor
+    _factor: list[torch.Tensor] = field(default_factory=list, compare=False, repr=False)
 
-    def factor(self, metric: str) -> torch.Tensor:
-        """``F`` with ``F Fᵀ`` the ``second_moment`` or the ``gptq_metric`` (computed once)."""
-        if metric not in self._factors:
-            K = self.second_moment if metric == "rtn" else self.gptq_metric
-            values, vectors = torch.linalg.eigh(K)
-            self._factors[metric] = vectors * values.clamp_min(0).sqrt()
-        return self._factors[metric]
+    def error_gram(self, N: torch.Tensor) -> torch.Tensor:
+        """A matrix with the nonzero eigenvalues of ``N K Nᵀ`` (``N`` the noise in ``columns``'
+        order, ``K`` the ``matrix``), on the smaller side: ``N K Nᵀ`` for a short ``N``,
+        ``(N F)ᵀ (N F)`` with ``F Fᵀ = K`` for a tall one."""
+        if N.shape[0] <= N.shape[1]:
+            return N @ self.matrix @ N.T
+        if not self._factor:
+            values, vectors = torch.linalg.eigh(self.matrix)
+            self._factor.append(vectors * values.clamp_min(0).sqrt())
+        M = N @ self._factor[0]
+        return M.T @ M
 
 
-def input_model(sample: torch.Tensor, damp: float = GPTQ_DAMP) -> InputModel:
-    """The :class:`InputModel` of the sampled inputs ``(T, d_in)`` (the first
-    :data:`ERROR_TOKENS`), with GPTQ's damping ``damp`` (a share of the mean diagonal)."""
-    X = sample[:ERROR_TOKENS].float()
-    H = symmetric_gram(X).div_(max(X.shape[0], 1))  # float32 products: a prediction needs no more
+def gptq_metric(H: torch.Tensor, damp: float = GPTQ_DAMP, columns: torch.Tensor | None = None) -> ErrorMetric:
+    """GPTQ's :class:`ErrorMetric` for the second moment ``H`` (float64) of the channels
+    ``columns`` (default: all): act order (decreasing second moment), damping ``damp`` (a share
+    of the mean diagonal), and ``D H Dᵀ`` with ``D = diag(U)⁻¹ U``, ``H_damped⁻¹ = UᵀU`` in that
+    order: GPTQ turns a row of rounding errors ``r`` (in order) into the weight error ``r D``."""
     diag = H.diagonal()
-    order = torch.argsort(diag, descending=True)
+    order = torch.argsort(diag, descending=True, stable=True)
     P = H[order[:, None], order]
     lam = damp * float(diag.mean()) + 1e-12  # the epsilon keeps an all-zero input factorable
     P.diagonal().add_(lam)
@@ -105,17 +111,35 @@ def input_model(sample: torch.Tensor, damp: float = GPTQ_DAMP) -> InputModel:
     metric = D @ D.T
     metric.mul_(-lam).diagonal().add_(U.diagonal().pow(-2))
     # The products that follow run in float32: a prediction needs no more, at half the time.
-    return InputModel(second_moment=H.float(), order=order, gptq_metric=metric.float(), tokens=X)
+    return ErrorMetric(columns=order if columns is None else columns[order], matrix=metric.float())
 
 
-def _error_gram(N: torch.Tensor, inputs: InputModel, metric: str) -> torch.Tensor:
-    """A matrix with the nonzero eigenvalues of ``N K Nᵀ`` (``K`` the ``metric``), on the
-    smaller side: ``N K Nᵀ`` for a short ``N``, ``(N F)ᵀ (N F)`` for a tall one."""
-    if N.shape[0] <= N.shape[1]:
-        K = inputs.second_moment if metric == "rtn" else inputs.gptq_metric
-        return N @ K @ N.T
-    M = N @ inputs.factor(metric)
-    return M.T @ M
+@dataclass(frozen=True)
+class InputModel:
+    """What the error model needs from one input (shared by the linears that read it, q/k/v):
+    its ``second_moment`` ``H = E[x xᵀ]`` (float64), the :class:`ErrorMetric` of round to
+    nearest (``rtn``, ``H`` itself) and of GPTQ (``gptq``), and the sampled ``tokens``
+    ``(T, d_in)``, whose magnitudes set each token's activation step."""
+
+    second_moment: torch.Tensor
+    rtn: ErrorMetric
+    gptq: ErrorMetric
+    tokens: torch.Tensor
+
+    def gptq_without(self, kept: torch.Tensor) -> ErrorMetric:
+        """GPTQ's metric when only the ``kept`` channels (a boolean mask) are quantized: exempt
+        channels neither take nor pass on its error feedback."""
+        columns = kept.nonzero().flatten()
+        return gptq_metric(self.second_moment[columns[:, None], columns], columns=columns)
+
+
+def input_model(sample: torch.Tensor, damp: float = GPTQ_DAMP) -> InputModel:
+    """The :class:`InputModel` of the sampled inputs ``(T, d_in)`` (at most
+    :data:`ERROR_TOKENS` of them, evenly spaced), with GPTQ's damping ``damp``."""
+    X = _spread(sample, ERROR_TOKENS).float()
+    H = symmetric_gram(X).div_(max(X.shape[0], 1))  # float32 products: a prediction needs no more
+    return InputModel(second_moment=H, rtn=ErrorMetric(columns=torch.arange(H.shape[0]), matrix=H.float()),
+                      gptq=gptq_metric(H, damp), tokens=X)
 
 
 def _top_shares(gram: torch.Tensor, ranks: tuple[int, ...]) -> dict[int, float]:
@@ -146,34 +170,31 @@ def error_model(weight: torch.Tensor, inputs: InputModel, setting: QuantSetting,
     if exempt:
         kept[torch.as_tensor(exempt, dtype=torch.long)] = False
     noise = torch.randn(W.shape, generator=torch.Generator().manual_seed(seed))
-    metrics = {"rtn": (W, None, "rtn", False), "gptq": (W, inputs.order, "gptq", False)}
+    metrics = {"rtn": inputs.rtn, "gptq": inputs.gptq}
     if exempt:
-        metrics["qe"] = (W * kept, inputs.order, "gptq", True)
+        metrics["qe"] = inputs.gptq_without(kept)
     magnitudes = inputs.tokens.abs()
-    token_absmax = {False: magnitudes.amax(dim=1), True: (magnitudes * kept).amax(dim=1) if exempt else None}
     out = {}
-    for base, (base_weight, order, metric, on_qe_base) in metrics.items():
-        K = inputs.second_moment if metric == "rtn" else inputs.gptq_metric
+    for base, metric in metrics.items():
+        on_qe_base = base == "qe"
+        base_weight = W * kept if on_qe_base else W
         scales, _ = group_params(base_weight, setting.w_bits, setting.symmetric, setting.group_size)
-        variance = scales[:, column_groups(d_in, setting.group_size)].pow(2) / 12  # (d_out, d_in)
-        if on_qe_base:
-            variance = variance * kept
-        N = noise * variance.sqrt()
-        if order is not None:
-            N, variance = N[:, order], variance[:, order]
-        # The error ΔW = N·M (M = I, or D in GPTQ's order): E‖ΔW x‖² = Σ_ij var_ij (M H Mᵀ)_jj.
-        weight_energy = float((variance.double() @ K.diagonal().double()).sum())
+        variance = (scales[:, column_groups(d_in, setting.group_size)].pow(2) / 12)[:, metric.columns]
+        N = noise[:, metric.columns] * variance.sqrt()
+        # E‖ΔW x‖² over the noise and the tokens: Σ_ij var_ij K_jj.
+        weight_energy = float((variance.double() @ metric.matrix.diagonal().double()).sum())
         activation_energy = 0.0
         if setting.quantizes_activations and inputs.tokens.numel():
-            steps = token_absmax[on_qe_base].double() / (2 ** (setting.a_bits - 1) - 1)  # the per-token grid's step
+            absmax = (magnitudes * kept if on_qe_base else magnitudes).amax(dim=1)
+            steps = absmax.double() / (2 ** (setting.a_bits - 1) - 1)  # the per-token grid's step
             activation_energy = float(base_weight.double().pow(2).sum()) * float((steps.pow(2) / 12).mean())
         total = weight_energy + activation_energy
-        out[base] = {"share": _top_shares(_error_gram(N, inputs, metric), ranks), "weight_energy": weight_energy,
+        out[base] = {"share": _top_shares(metric.error_gram(N), ranks), "weight_energy": weight_energy,
                      "activation_energy": activation_energy,
                      "weight_fraction": weight_energy / total if total > 0 else 0.0}
         if on_qe_base:
             E = W.double()[:, ~kept]
-            H = inputs.second_moment[~kept][:, ~kept].double()
+            H = inputs.second_moment[~kept][:, ~kept]
             out[base]["exempt_energy"] = float(((E @ H) * E).sum())
     return out
 
