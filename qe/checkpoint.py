@@ -58,10 +58,15 @@ def tensors_digest(directory: Path | str) -> str:
     manifest = read_manifest(directory)
     h = hashlib.sha256()
     with contextlib.ExitStack() as stack:
-        where = {}
+        where: dict[str, Any] = {}
+        shard_of: dict[str, str] = {}
         for name in manifest["shards"]:
             fh = stack.enter_context(safe_open(str(confined_file(directory, name)), framework="pt"))
-            where.update((key, fh) for key in fh.keys())
+            for key in fh.keys():
+                if key in where:  # which copy counts would be arbitrary
+                    raise ModelError(f"checkpoint {directory}: tensor {key} is in both {shard_of[key]} and {name}: "
+                                     "the checkpoint is damaged; re-quantize")
+                where[key], shard_of[key] = fh, name
         for key in sorted(where):
             t = where[key].get_tensor(key).contiguous()
             h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())

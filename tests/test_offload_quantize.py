@@ -126,6 +126,13 @@ def test_offloaded_checkpoint_is_written_in_small_shards(tmp_path, monkeypatch):
     tensors[key].view(-1)[0] += 1
     save_file(tensors, str(shard))
     assert checkpoint.tensors_digest(out) != checkpoint.tensors_digest(ref_dir)
+    # A tensor stored in two shards is damage, not a choice between copies.
+    manifest = json.loads((ref_dir / "qe_manifest.json").read_text())
+    save_file({key: tensors[key]}, str(ref_dir / "extra.safetensors"))
+    manifest["shards"].append("extra.safetensors")
+    (ref_dir / "qe_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(qe.errors.ModelError, match=f"tensor {key} is in both .* and extra.safetensors"):
+        checkpoint.tensors_digest(ref_dir)
 
 
 @pytest.fixture(scope="module")
