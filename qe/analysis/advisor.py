@@ -32,8 +32,9 @@ scaled by the weight error's part of the total.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,11 +59,7 @@ def energy_shares(sample: torch.Tensor, ranks: tuple[int, ...] = ADVISOR_RANKS) 
     X = _spread(sample, ENERGY_TOKENS).double()
     if X.numel() == 0:
         return {r: float("nan") for r in ranks}
-    G = X @ X.T if X.shape[0] <= X.shape[1] else X.T @ X  # the smaller Gram: same nonzero spectrum
-    values = torch.linalg.eigvalsh(G).flip(0).clamp_min(0)
-    total = float(values.sum())
-    cum = values.cumsum(0)
-    return {r: (float(cum[min(r, cum.numel()) - 1]) / total if total > 0 else 0.0) for r in ranks}
+    return _top_shares(X @ X.T if X.shape[0] <= X.shape[1] else X.T @ X, ranks)  # the smaller Gram: same nonzero spectrum
 
 
 def _spread(sample: torch.Tensor, n: int) -> torch.Tensor:
@@ -80,18 +77,20 @@ class ErrorMetric:
 
     columns: torch.Tensor
     matrix: torch.Tensor
-    _factor: list[torch.Tensor] = field(default_factory=list, compare=False, repr=False)
+
+    @functools.cached_property
+    def factor(self) -> torch.Tensor:
+        """``F`` with ``F Fᵀ`` the ``matrix`` (computed once, for the tall weights that need it)."""
+        values, vectors = torch.linalg.eigh(self.matrix)
+        return vectors * values.clamp_min(0).sqrt()
 
     def error_gram(self, N: torch.Tensor) -> torch.Tensor:
         """A matrix with the nonzero eigenvalues of ``N K Nᵀ`` (``N`` the noise in ``columns``'
         order, ``K`` the ``matrix``), on the smaller side: ``N K Nᵀ`` for a short ``N``,
-        ``(N F)ᵀ (N F)`` with ``F Fᵀ = K`` for a tall one."""
+        ``(N F)ᵀ (N F)`` for a tall one."""
         if N.shape[0] <= N.shape[1]:
             return N @ self.matrix @ N.T
-        if not self._factor:
-            values, vectors = torch.linalg.eigh(self.matrix)
-            self._factor.append(vectors * values.clamp_min(0).sqrt())
-        M = N @ self._factor[0]
+        M = N @ self.factor
         return M.T @ M
 
 

@@ -33,6 +33,7 @@ from qe.analysis.analyze import AnalysisResult, LayerPlotData  # noqa: E402
 from qe.modality import MODALITIES  # noqa: E402
 
 SCHEMA_VERSION = 2  # 2: advice.predicted_gain per base quantizer, advice.weight_fraction, run.setting
+BASE_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "qe": "QE's base"}  # the advice's base quantizers, as the report names them
 MODALITY_COLORS = {"all": "black", "text": "tab:blue", "vision": "tab:orange", "answer": "tab:green"}
 
 
@@ -328,9 +329,9 @@ def write_index(path: Path, summary: dict, cross_plots: list[tuple[str, str]], l
         nr = s.get("never_ranked") or {}
         nr_text = f"{nr['count']}/{nr['of']}" if nr.get("of") else "–"
         adv = s.get("advice")
-        bases = {"rtn": "RTN", "gptq": "GPTQ", "qe": "QE's base"}
         adv_text = (f"{adv['compensator']} rank {adv['rank']} (predicted gain "
-                    + ", ".join(f"{_fmt(v, '.0%')} on {bases.get(b, b)}" for b, v in adv["predicted_gain"].items()) + ")"
+                    + ", ".join(f"{_fmt(v, '.0%')} on {BASE_NAMES.get(b, b)}" for b, v in adv["predicted_gain"].items())
+                    + ")"
                     if adv else "–")
         out.append(f"<tr><td>{label}</td><td>{s['d_in']}</td><td>{_fmt(s['token_dependent_share'], '.0%')}</td>"
                    f"<td>{ov_text}</td><td>{_fmt(ratio, '.0f')}</td><td>{nr_text}</td><td>{e(adv_text)}</td>"
