@@ -174,8 +174,8 @@ def run_cell(label: str, loaded, encoded, evaluator, args) -> dict:
 
 def advisor_check(store: ResultStore, cell: str, loaded, encoded, out: Path) -> dict | None:
     """Spearman correlation between the advisor's predicted gain (for the cell's setting and base:
-    its quantizer's, or QE's base for QE's cells) and the measured per-layer relative error reduction ``1 − rel_error /
-    rel_error_base`` of a finished cell. The advice (one ``qe analyze`` pass per setting) is kept
+    its quantizer's, or QE's base for QE's cells) and the measured per-layer relative error
+    reduction ``1 − rel_error / rel_error_base`` of a finished cell. The advice (one ``qe analyze`` pass per setting) is kept
     in ``<out>/advice-<setting>.json``; None while the cell is not done."""
     import json
 
@@ -203,11 +203,11 @@ def advisor_check(store: ResultStore, cell: str, loaded, encoded, out: Path) -> 
             predicted.append(a["predicted_gain"][base])
             measured.append(1 - m["rel_error"] / m["rel_error_base"])
             names.append(name)
-    others = {base: spearman([advice[n]["predicted_gain"][base] for n in names], measured)
-              for base in advice[names[0]]["predicted_gain"]} if names else {}
+    by_base = {b: spearman([advice[n]["predicted_gain"][b] for n in names], measured)
+               for b in advice[names[0]]["predicted_gain"]} if names else {}
     energy32 = [advice[n]["energy"]["32"] for n in names]
     return {"cell": cell, "base": base, "layers": len(names), "spearman_predicted_gain": spearman(predicted, measured),
-            "spearman_by_base_model": others, "spearman_energy32": spearman(energy32, measured),
+            "spearman_by_base_model": by_base, "spearman_energy32": spearman(energy32, measured),
             "per_layer": [{"name": n, "predicted": p, "measured": m} for n, p, m in zip(names, predicted, measured)]}
 
 
