@@ -27,6 +27,7 @@ from qe.errors import ModelError, NumericalError
 from qe.models.base import EncodedSample, ModelAdapter
 from qe.models.loading import LoadedModel
 from qe.models.moe import ExpertMLP, routed_owner
+from qe.memory import release_freed_memory
 
 
 class _StopForward(Exception):
@@ -429,6 +430,8 @@ class BlockWalker:
             yield step
             hidden = step.next_hidden if step.next_hidden is not None else step.run()
             inputs = self.next_inputs(i, inputs, hidden)
+            del step, hidden
+            release_freed_memory()  # what a step holds must not depend on the steps before it
 
     def next_inputs(self, index: int, inputs: BlockInputs, hidden: list[torch.Tensor]) -> BlockInputs:
         """Block ``index + 1``'s inputs from block ``index``'s outputs, with whatever the model

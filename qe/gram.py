@@ -190,13 +190,15 @@ def factor_damped(fresh: Callable[[], torch.Tensor], damp: float, scale: float, 
                          "check the calibration inputs, or use rtn")
 
 
-def damped_gram_cholesky(M: torch.Tensor, damp: float, where: str = "") -> tuple[torch.Tensor, float]:
-    """:func:`damped_cholesky` of the Gram ``MᵀM`` (:func:`symmetric_gram`), factored in the
-    Gram's own memory (rebuilt from ``M`` for a retry): the factor is the one ``d × d`` matrix
-    held, not the Gram and a damped copy of it."""
+def damped_gram_cholesky(M: torch.Tensor, damp: float, where: str = "", *,
+                         scale: float | None = None) -> tuple[torch.Tensor, float]:
+    """:func:`damped_cholesky` of the Gram ``MᵀM`` (:func:`symmetric_gram`), damped by
+    ``λ·scale`` (``scale`` by default the Gram's mean diagonal), factored in the Gram's own
+    memory (rebuilt from ``M`` for a retry): the factor is the one ``d × d`` matrix held, not
+    the Gram and a damped copy of it."""
     G = symmetric_gram(M)
     _require_finite(G, where)
-    scale = damping(G, 1.0)
+    scale = damping(G, 1.0) if scale is None else scale
     first = [G]  # handed over to the factorization, which overwrites it
     del G
     return factor_damped(lambda: first.pop() if first else symmetric_gram(M), damp, scale, where)

@@ -45,6 +45,7 @@ from qe.modality import MODALITIES, Modality
 from qe.models.base import EncodedSample
 from qe.models.loading import LoadedModel
 from qe.models.moe import routed_owner
+from qe.memory import release_freed_memory
 from qe.models.offload import execution_device, is_offloaded, offload_to_file, onloaded
 from qe.plugins import QEPluginManager, default_manager
 from qe.quantized import fake_quantize_activations
@@ -528,6 +529,7 @@ class QuantizationPipeline:
             alpha = scales.alpha if scales is not None else None
             result.layers.append(LayerRecord(name, index, (lin.out_features, lin.in_features), figures, alpha, mode))
             hook.qe_layer_end(block_index=index, layer_name=name, figures=figures)
+            release_freed_memory()
 
     def fit_compensator(self, compensator: Compensator, ctx: LayerContext, q, plan: LayerPlan,
                         measure: Callable[[CompensatorModule | None], tuple[QuantLinear, dict[str, float]]],

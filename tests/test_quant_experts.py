@@ -249,10 +249,10 @@ def test_router_factor_is_shared_by_a_smoothing_group():
     layer = make_layer(T=500)
     comp = QuantExperts(QuantExpertsConfig(k=4, num_experts=3, shared_rank=4, expert_rank=3))
     F = layer.tokens.abs()
-    L1 = comp._router_factor(layer, F)
-    assert comp._router_factor(layer, F) is L1  # same token tensor: cached
+    L1, _ = comp._router_factor(layer, F)
+    assert comp._router_factor(layer, F)[0] is L1  # same token tensor: cached
     other = make_layer(T=500, seed=9)
-    assert comp._router_factor(other, other.tokens.abs()) is not L1
+    assert comp._router_factor(other, other.tokens.abs())[0] is not L1
 
 
 def test_router_factor_is_released_with_its_group():
@@ -263,8 +263,8 @@ def test_router_factor_is_released_with_its_group():
 
     comp = QuantExperts(QuantExpertsConfig(k=4, num_experts=3, shared_rank=4, expert_rank=3))
     first, second = make_layer(T=300), make_layer(T=300, seed=9)
-    L1 = weakref.ref(comp._router_factor(first, first.tokens.abs()))
-    L2 = weakref.ref(comp._router_factor(second, second.tokens.abs()))
+    L1 = weakref.ref(comp._router_factor(first, first.tokens.abs())[0])
+    L2 = weakref.ref(comp._router_factor(second, second.tokens.abs())[0])
     gc.collect()
     assert L1() is None and L2() is not None  # first's tokens alive, its factor gone
     del second
@@ -341,3 +341,46 @@ def test_a_shared_rank_below_k_exempts_only_the_columns_it_can_carry():
     # No shared expert: nothing is exempt.
     no_shared = QuantExperts(QuantExpertsConfig(k=8, num_experts=2, shared_rank=0, expert_rank=3))
     assert no_shared.plan(layer).exempt is None
+
+
+@settings(max_examples=20, deadline=None)
+@given(T=st.integers(8, 60), extra=st.integers(1, 80), ridge=st.sampled_from([1e-3, 1e-1, 1.0]), seed=st.integers(0, 10**6))
+def test_router_fit_with_fewer_tokens_than_channels_is_the_primal_ridge_solution(T, extra, ridge, seed):
+    """Below d_in tokens the router is solved in its dual form; it must be the primal ridge
+    solution ``(FᵀF + μI)⁻¹Fᵀe`` with μ = ridge × mean diag(FᵀF), computed here directly."""
+    d_in = T + extra
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(T, d_in, generator=g)
+    layer = LayerContext("blk.0.q_proj", 0, torch.randn(4, d_in, generator=g), None, parse_setting("W4A8"), None,
+                         tokens=X, seed=0)
+    F, targets = X.abs(), torch.rand(T, 3, generator=g)
+    R = QuantExperts(QuantExpertsConfig(router_ridge=ridge))._fit_router(layer, F, targets)
+    normal = F.double().T @ F.double()
+    mu = ridge * float(normal.diagonal().mean())
+    expected = torch.linalg.solve(normal + mu * torch.eye(d_in, dtype=torch.float64), F.double().T @ targets.double()).T
+    assert R.shape == (3, d_in)
+
+    def objective(R):  # the ridge objective the router minimizes
+        return float((F.double() @ R.T - targets.double()).pow(2).sum() + mu * R.pow(2).sum())
+
+    # Both Grams are formed from float32 products, so R agrees to the conditioning of the
+    # system; the objective, flat at its minimum, agrees far more closely.
+    assert objective(R.double()) <= objective(expected) * (1 + 1e-6)
+    torch.testing.assert_close(R.double(), expected, rtol=1e-2, atol=1e-3 * float(expected.abs().max()))
+
+
+def test_router_with_fewer_tokens_than_channels_holds_no_channel_square_matrix(matrices_held):
+    """The dual router fit allocates T × T and T × d_in matrices, not d_in × d_in ones: fitting
+    from 200 tokens at d_in = 2,000 raises the memory high-water mark by well under one d × d
+    float64 matrix (the primal fit took 2.4: the Gram and its factor)."""
+    setup = """
+from qe.compensators.quant_experts import QuantExperts, QuantExpertsConfig
+from qe.compensators.base import LayerContext
+from qe.settings import parse_setting
+
+def run(W, H):
+    X = torch.randn(min(200, W.shape[1] - 1), W.shape[1], generator=torch.Generator().manual_seed(1))
+    layer = LayerContext("blk.0.q_proj", 0, W, None, parse_setting("W4A8"), None, tokens=X, seed=0)
+    QuantExperts(QuantExpertsConfig())._fit_router(layer, X.abs(), torch.rand(X.shape[0], 4))
+"""
+    assert matrices_held(setup, 2000) < 0.3

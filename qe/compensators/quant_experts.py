@@ -180,7 +180,7 @@ class QuantExperts(Compensator):
         super().__init__(config)
         # Ridge normal matrices of the router, shared by linears reading the same token sample
         # (a smoothing group): key → (weak reference to the tokens, their version, factor).
-        self._router_cache: dict[tuple, tuple[Any, int, torch.Tensor, float]] = {}
+        self._router_cache: dict[tuple, tuple[Any, int, torch.Tensor, bool]] = {}
         self._router_release: weakref.finalize | None = None
 
     # ------------------------------------------------------------------ checks
@@ -428,33 +428,50 @@ class QuantExperts(Compensator):
         return A, B, R, e_sq, figures
 
     def _fit_router(self, layer: LayerContext, F: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Ridge least squares ``R`` ``(N, d_in)``: ``R |x̃_t| ≈ targets_t`` (λ relative to the
-        mean diagonal of the normal matrix). The Cholesky factor of the normal matrix depends
-        only on the tokens, so linears of one smoothing group (same token tensor) share it."""
-        L = self._router_factor(layer, F)
+        """Ridge least squares ``R`` ``(N, d_in)``: ``R |x̃_t| ≈ targets_t``, with μ = ridge ×
+        the mean diagonal of the normal matrix ``FᵀF``.
+
+        With fewer sample tokens ``T`` than input channels, the same solution comes from the
+        dual system: ``(FᵀF + μI)⁻¹Fᵀ = Fᵀ(FFᵀ + μI)⁻¹``, so ``R = (Fᵀ (FFᵀ + μI)⁻¹ e)ᵀ`` from
+        a ``T × T`` factor instead of a ``d_in × d_in`` one (at ``d_in`` = 8,192 and 1,024
+        tokens: 8 MB instead of two 0.5 GB float64 matrices, the Gram and its factor). The
+        factor depends only on the tokens, so linears of one smoothing group (same token
+        tensor) share it."""
+        L, dual = self._router_factor(layer, F)
+        if dual:
+            coefficients = torch.cholesky_solve(targets.double(), L)  # (T, N)
+            return (coefficients.T @ F.double()).float()
         rhs = (targets.to(F.dtype).T @ F).T.double()  # (d_in, N) Fᵀe; this order reads F by rows (10× faster)
         return torch.cholesky_solve(rhs, L).T.float()
 
-    def _router_factor(self, layer: LayerContext, F: torch.Tensor) -> torch.Tensor:
+    def _router_factor(self, layer: LayerContext, F: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The Cholesky factor of the damped normal matrix of ``F`` ``(T, d_in)`` and whether it
+        is the dual one (``FFᵀ``, for ``T < d_in``)."""
         tokens = layer.tokens
         key = (id(tokens), tuple(tokens.shape), F.shape[0], layer.seed, self.config.router_ridge)
         hit = self._router_cache.get(key)
         if hit is not None and hit[0]() is tokens and hit[1] == tokens._version:
-            return hit[2]
-        L, _ = damped_gram_cholesky(F, self.config.router_ridge, where=f"the router of {layer.name}")  # of FᵀF
+            return hit[2], hit[3]
+        where = f"the router of {layer.name}"
+        dual = F.shape[0] < F.shape[1]
+        if dual:  # damped as the primal normal matrix is: mean(diag FᵀF) = ‖F‖² / d_in
+            mean_diag = float(torch.linalg.vector_norm(F, dtype=torch.float64)) ** 2 / F.shape[1]
+            L, _ = damped_gram_cholesky(F.T, self.config.router_ridge, where=where, scale=mean_diag)  # of FFᵀ
+        else:
+            L, _ = damped_gram_cholesky(F, self.config.router_ridge, where=where)  # of FᵀF
         try:
             ref = weakref.ref(tokens)
         except TypeError:
-            return L
-        # One group at a time; the factor is d × d (0.5 GB in float64 at d = 8,192), so it also
-        # goes with the group's tokens (the previous group's release is cancelled: its entry
-        # is replaced here).
+            return L, dual
+        # One group at a time; the factor may be d × d (0.5 GB in float64 at d = 8,192), so it
+        # also goes with the group's tokens (the previous group's release is cancelled: its
+        # entry is replaced here).
         self._router_cache.clear()
         if self._router_release is not None:
             self._router_release.detach()
-        self._router_cache[key] = (ref, tokens._version, L, 0.0)
+        self._router_cache[key] = (ref, tokens._version, L, dual)
         self._router_release = weakref.finalize(tokens, self._router_cache.clear)
-        return L
+        return L, dual
 
     # ------------------------------------------------------------------ costs
     def budget_menu(self) -> tuple[dict[str, Any], ...]:
