@@ -423,27 +423,32 @@ class QuantizationPipeline:
                           sample_positions=sample_positions, hessian=self.needs_hessian, moments=False,
                           estimator=self.estimator if k else None, k=k or 32, linears=names) as stats:
             fp_out = step.run(context)
-        self.quantize_block_with_stats(block, stats, result, names)
+        self.quantize_block_with_stats(block, stats, result, names, owned=True)
+        del stats
         q_out = step.run()
         # The block's own error: quantized vs full-precision block on the same inputs.
         step.next_hidden = q_out if self.options.propagation == "quantized" else fp_out
         return {"block_rel_error": _mean_rel_error(fp_out, q_out)}
 
     def quantize_block_with_stats(self, block: Block, stats: dict[str, LinearStats], result: PipelineResult,
-                                  names: set[str] | None = None) -> None:
+                                  names: set[str] | None = None, *, owned: bool = False) -> None:
         """Quantize (and compensate) a block's linears from already-streamed statistics.
 
         The statistics are only read, so several pipelines can share them (``qe compare`` in
-        fp-inputs mode streams each block once for the whole grid)."""
+        fp-inputs mode streams each block once for the whole grid); ``owned`` statistics are
+        this call's alone, and a smoothed group's Hessian is smoothed in its own memory (one
+        ``d × d`` float64 matrix fewer: 0.5 GB at a width of 8,192)."""
         names = self.linear_names(block) if names is None else names
         for group in self.loaded.adapter.smoothing_groups(block.module):
             members = [n for n in group.linears if n in names]
             if members:
-                self._quantize_group(block, group, members, stats, result)
+                self._quantize_group(block, group, members, stats, result, owned)
         self.quantize_kv_cache(block)
 
-    def _quantize_group(self, block: Block, group, names, stats: dict[str, LinearStats], result: PipelineResult):
-        """plan → transform → quantize → fit, for the linears of one smoothing group."""
+    def _quantize_group(self, block: Block, group, names, stats: dict[str, LinearStats], result: PipelineResult,
+                        owned: bool = False):
+        """plan → transform → quantize → fit, for the linears of one smoothing group (``owned``:
+        see :meth:`quantize_block_with_stats`)."""
         hook = self.manager.hook
         index, module = block.index, block.module
         # Routed experts: each is calibrated on the tokens routed to it; too few, and it is
@@ -489,7 +494,10 @@ class QuantizationPipeline:
         hessian = shared.xtx
         if scale is not None:
             tokens = smoothing.smooth_tokens(tokens, scale)
-            hessian = smoothing.smooth_hessian(hessian, scale) if hessian is not None else None
+            if owned and hessian is not None:  # the group is its last reader: smoothed where it lies
+                hessian = smoothing.smooth_hessian(shared.take_xtx(), scale, in_place=True)
+            elif hessian is not None:
+                hessian = smoothing.smooth_hessian(hessian, scale)
         nf = self.options.figure_tokens
         for n in names:
             name = full[n]

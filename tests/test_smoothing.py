@@ -425,3 +425,63 @@ def test_smoothing_a_hessian_allocates_one_matrix(matrices_held):
     setup = ("import torch\nfrom qe.transforms.smoothing import smooth_hessian\n"
              "run = lambda W, H: smooth_hessian(H, torch.rand(H.shape[0]) + 0.5)")
     assert matrices_held(setup, 2000) < 1.5
+
+
+@given(d=st.integers(1, 40), seed=st.integers(0, 10**6))
+def test_smoothing_in_place_gives_the_same_matrix(d, seed):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(d + 3, d, generator=g, dtype=torch.float64)
+    H = X.T @ X
+    H = (H + H.T) / 2
+    s = torch.rand(d, generator=g) * 4 + 0.05
+    expected = smooth_hessian(H, s)
+    own = H.clone()
+    out = smooth_hessian(own, s, in_place=True)
+    assert out.data_ptr() == own.data_ptr()
+    assert torch.equal(out, expected)  # bit for bit: the pipeline smooths either way
+
+
+def test_smoothing_in_place_allocates_no_matrix(matrices_held):
+    setup = ("import torch\nfrom qe.transforms.smoothing import smooth_hessian\n"
+             "run = lambda W, H: smooth_hessian(H, torch.rand(H.shape[0]) + 0.5, in_place=True)")
+    assert matrices_held(setup, 2000) < 0.2
+
+
+def test_a_hessian_taken_from_its_statistics_cannot_be_read_again():
+    from qe.analysis.statistics import InputStats
+
+    stats = InputStats(6, where="blk.0.mlp.down_proj")
+    stats.update(torch.randn(10, 6), torch.zeros(10, dtype=torch.int8), 0)
+    expected = stats.xtx.clone()
+    assert torch.equal(stats.take_xtx(), expected)
+    with pytest.raises(RuntimeError, match="blk.0.mlp.down_proj.*take_xtx"):
+        stats.xtx
+
+
+def test_a_pipeline_that_owns_its_statistics_quantizes_as_one_that_shares_them(monkeypatch):
+    """``qe quantize`` smooths each group's Hessian where it lies; ``qe compare`` shares the
+    statistics across cells and smooths a copy. Both must give the same model, bit for bit."""
+    from qe.composition import resolve_composition
+    from qe.data.calibration import calibration_set
+    from qe.models.loading import load_model
+    from qe.pipeline import PipelineOptions, QuantizationPipeline
+
+    def quantized_state(owned):
+        loaded = load_model("tiny:llava")
+        _, encoded = calibration_set(loaded, None, 2)
+        pipeline = QuantizationPipeline(loaded, resolve_composition("gptq", "qe[k=4;num_experts=2;shared_rank=4;expert_rank=2]", "W4A6"),
+                                        PipelineOptions(progress=False))
+        shared = pipeline.quantize_block_with_stats
+
+        def with_ownership(block, stats, result, names=None, *, owned=True):
+            shared(block, stats, result, names, owned=owned and owned_run)
+
+        owned_run = owned
+        monkeypatch.setattr(pipeline, "quantize_block_with_stats", with_ownership)
+        result = pipeline.run(encoded)
+        assert any(layer.alpha is not None for layer in result.layers)  # some group was smoothed
+        return {k: v.clone() for k, v in loaded.model.state_dict().items()}
+
+    owned, shared = quantized_state(True), quantized_state(False)
+    assert owned.keys() == shared.keys()
+    assert all(torch.equal(owned[k], shared[k]) for k in owned)

@@ -57,6 +57,7 @@ class InputStats:
         # (0.5 GB each at an MLP width of 8,192).
         self._xtx_upper = torch.zeros(d_in, d_in, dtype=torch.float64) if hessian else None
         self._mirrored = False
+        self._xtx_taken = False
         self.moments = torch.zeros(4, d_in, dtype=torch.float64) if moments else None
         self.sample_positions = sample_positions
         self._sample_chunks: list[torch.Tensor] = []
@@ -102,14 +103,25 @@ class InputStats:
         """``Σ_t x_t x_tᵀ`` (float64, symmetric), or None when no Hessian is streamed.
 
         The accumulator itself, not a copy: read it after the streaming (a later ``update``
-        changes it), and do not modify it.
+        changes it), and do not modify it (:meth:`take_xtx` hands it over to be modified).
         """
+        if self._xtx_taken:
+            raise RuntimeError(f"the Hessian of {self.where or 'this input'} was handed over by take_xtx and may "
+                               "have been modified since: take it once, after every other reader")
         if self._xtx_upper is None:
             return None
         if not self._mirrored:
             mirror_upper_in_place(self._xtx_upper)
             self._mirrored = True
         return self._xtx_upper
+
+    def take_xtx(self) -> torch.Tensor | None:
+        """:attr:`xtx`, handed over to a caller that owns these statistics and may overwrite it
+        (smoothing it where it lies saves a ``d × d`` copy: 0.5 GB at a width of 8,192); the
+        statistics let go of it, and any later read of :attr:`xtx` is refused."""
+        xtx = self.xtx
+        self._xtx_upper, self._xtx_taken = None, True  # the caller's alone now, freed with it
+        return xtx
 
     @property
     def sample(self) -> torch.Tensor:

@@ -76,13 +76,14 @@ def smooth_tokens(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return x / s.to(x)
 
 
-def smooth_hessian(hessian: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``H̃ = diag(1/s) H diag(1/s)`` for ``x̃ = x / s`` (``(d_in, d_in)``, H's dtype)."""
+def smooth_hessian(hessian: torch.Tensor, s: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
+    """``H̃ = diag(1/s) H diag(1/s)`` for ``x̃ = x / s`` (``(d_in, d_in)``, H's dtype); with
+    ``in_place``, written over ``hessian`` (the same values, no new ``d × d`` matrix)."""
     s = s.to(hessian)
-    # Two divisions into one new matrix, not an outer product of s: one d × d allocation, not
-    # two; the order of the divisions differs across the diagonal, so the upper triangle is
-    # mirrored to keep the result exactly symmetric.
-    out = hessian / s[:, None]
+    # Two divisions, not an outer product of s: one d × d allocation at most, not two; the
+    # order of the divisions differs across the diagonal, so the upper triangle is mirrored to
+    # keep the result exactly symmetric.
+    out = hessian.div_(s[:, None]) if in_place else hessian / s[:, None]
     return mirror_upper_in_place(out.div_(s[None, :]))
 
 
