@@ -190,6 +190,72 @@ def factor_damped(fresh: Callable[[], torch.Tensor], damp: float, scale: float, 
                          "check the calibration inputs, or use rtn")
 
 
+def permute_symmetric_in_place(H: torch.Tensor, order: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """``H[order][:, order]`` written over ``H`` (returned): columns a block of rows at a time,
+    then rows along the permutation's cycles, so the only temporaries are a ``block``-row
+    slice and one row, not a second ``d × d`` matrix."""
+    d = H.shape[0]
+    for i0 in range(0, d, block):
+        H[i0 : i0 + block] = H[i0 : i0 + block].index_select(1, order)
+    source = order.tolist()  # row i takes row source[i]
+    moved = [False] * d
+    for start in range(d):
+        if moved[start] or source[start] == start:
+            continue
+        first = H[start].clone()
+        i = start
+        while source[i] != start:
+            H[i] = H[source[i]]
+            moved[i] = True
+            i = source[i]
+        H[i] = first
+        moved[i] = True
+    return H
+
+
+def factor_damped_over(H: torch.Tensor, damp: float, scale: float, where: str = "",
+                       on_retry: Callable[[float, float], None] | None = None) -> tuple[torch.Tensor, float]:
+    """:func:`factor_damped` of the symmetric float64 ``H`` itself, overwritten by its lower
+    factor (returned): no second ``d × d`` matrix, and still able to retry. LAPACK factors the
+    lower triangle and leaves the strict upper one alone, so after a failure the lower
+    triangle is restored from it (and the diagonal from a copy) and λ raised; the upper
+    triangle is zeroed once a factorization succeeds. The same factor as :func:`factor_damped`
+    of a copy, bit for bit. ``H`` must be contiguous on the CPU (see :func:`overwritable`)."""
+    view = _fortran_view(H)
+    if view is None:
+        raise ValueError("factor_damped_over needs a contiguous float64 CPU matrix")
+    a, transposed = view
+    diagonal = H.diagonal().clone()
+    of = f" of {where}" if where else ""
+    lam = damp
+    for _ in range(CHOLESKY_RETRIES + 1):
+        H.diagonal().add_(lam * scale)
+        with _blas_threads().limit(limits=torch.get_num_threads(), user_api="blas"):
+            _, info = lapack.dpotrf(a, lower=0 if transposed else 1, clean=0, overwrite_a=1)
+        if info == 0:
+            return _zero_upper(H), lam
+        mirror_upper_in_place(H)
+        H.diagonal().copy_(diagonal)
+        following = lam * 10 if lam > 0 else 1e-6
+        if on_retry is not None:
+            on_retry(lam, following)
+        lam = following
+    raise NumericalError(f"the Hessian{of} is not positive definite even with damping {lam / 10:g}: "
+                         "check the calibration inputs, or use rtn")
+
+
+def overwritable(H: torch.Tensor) -> bool:
+    """Whether :func:`factor_damped_over` can work in ``H``'s own memory."""
+    return _fortran_view(H) is not None
+
+
+def _zero_upper(H: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """``H`` with its strict upper triangle zeroed, in place, a block of rows at a time."""
+    for i0 in range(0, H.shape[0], block):
+        H[i0 : i0 + block, i0 + 1 :].tril_(-1)  # in this slice, column c' is column i0 + 1 + c'
+    return H
+
+
 def damped_gram_cholesky(M: torch.Tensor, damp: float, where: str = "", *,
                          scale: float | None = None) -> tuple[torch.Tensor, float]:
     """:func:`damped_cholesky` of the Gram ``MᵀM`` (:func:`symmetric_gram`), damped by

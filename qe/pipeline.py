@@ -480,6 +480,7 @@ class QuantizationPipeline:
             token_modality=token_modality, act_absmax=shared.absmax, hessian=shared.xtx, setting=self.setting,
             exempt=[plans[n].exempt for n in names], act_exempt=[plans[n].act_exempt for n in names],
             quantize=[self._quantize_fn(full[n]) for n in names], max_tokens=self.options.alpha_tokens,
+            quantize_spending=[self._quantize_fn(full[n], spending=True) for n in names],
         ))
         scale = scales.scale if scales is not None else None
         already = dict(zip(names, scales.quantized)) if scales is not None and scales.quantized else {}
@@ -549,12 +550,13 @@ class QuantizationPipeline:
         measure several options."""
         return compensator.fit(ctx, q, plan)
 
-    def _quantize_fn(self, full: str):
+    def _quantize_fn(self, full: str, spending: bool = False):
         """The quantization a transform's search runs for one linear (its own quantizer; a
-        warning, e.g. GPTQ's damping, names the linear)."""
+        warning, e.g. GPTQ's damping, names the linear); ``spending``: for a Hessian no one
+        reads afterwards (:meth:`~qe.quantizers.base.Quantizer.quantize_spending_hessian`)."""
         quantizer, _ = self.plugins_for(full)
-        return lambda w_s, h_s, exempt: quantizer.quantize(w_s, self.setting, hessian=h_s, exempt=exempt,
-                                                           layer_name=full)
+        quantize = quantizer.quantize_spending_hessian if spending else quantizer.quantize
+        return lambda w_s, h_s, exempt: quantize(w_s, self.setting, hessian=h_s, exempt=exempt, layer_name=full)
 
     def _base_quantize(self, quantizer: Quantizer, w, hessian, exempt, full, scale, already=None):
         """The base quantization of one linear; ``already``: the same quantization, done while

@@ -442,9 +442,10 @@ def test_smoothing_in_place_gives_the_same_matrix(d, seed):
 
 
 def test_smoothing_in_place_allocates_no_matrix(matrices_held):
+    """Only slices of rows (the mirroring's; a quarter of the matrix at d = 2,000, less wider)."""
     setup = ("import torch\nfrom qe.transforms.smoothing import smooth_hessian\n"
              "run = lambda W, H: smooth_hessian(H, torch.rand(H.shape[0]) + 0.5, in_place=True)")
-    assert matrices_held(setup, 2000) < 0.2
+    assert matrices_held(setup, 2000) < 0.4
 
 
 def test_a_hessian_taken_from_its_statistics_cannot_be_read_again():
@@ -485,3 +486,21 @@ def test_a_pipeline_that_owns_its_statistics_quantizes_as_one_that_shares_them(m
     owned, shared = quantized_state(True), quantized_state(False)
     assert owned.keys() == shared.keys()
     assert all(torch.equal(owned[k], shared[k]) for k in owned)
+
+
+def test_a_search_spends_only_its_own_candidate_hessians():
+    """The last linear's quantization may overwrite each candidate's smoothed Hessian; the
+    group's Hessian (the statistics') stays as it was, and the choice and codes are those of
+    the search without spending."""
+    x, weights = outlier_group(tokens=96, d_in=16)
+    H = (x.T @ x).double()
+    before = H.clone()
+    setting = parse_setting("W4A6")
+    plain = lambda w, h, ex: GPTQ().quantize(w, setting, hessian=h, exempt=ex)  # noqa: E731
+    spending = lambda w, h, ex: GPTQ().quantize_spending_hessian(w, setting, hessian=h, exempt=ex)  # noqa: E731
+    amax = x.abs().amax(0)
+    expected = choose_alpha((None, 0.5, 0.75), amax, weights, x, plain, 6, hessian=H)
+    got = choose_alpha((None, 0.5, 0.75), amax, weights, x, plain, 6, hessian=H, last_spending=spending)
+    assert torch.equal(H, before)
+    assert got.alpha == expected.alpha and got.errors == expected.errors
+    assert all(torch.equal(a.codes, b.codes) for a, b in zip(got.quantized, expected.quantized))

@@ -40,3 +40,18 @@ class Quantizer(Plugin):
         layer_name: str = "",
     ) -> QuantizedWeight:
         raise NotImplementedError(f"{type(self).__name__} must implement quantize()")
+
+    def quantize_spending_hessian(
+        self,
+        weight: torch.Tensor,
+        setting: QuantSetting,
+        *,
+        hessian: torch.Tensor | None = None,
+        exempt: torch.Tensor | None = None,
+        layer_name: str = "",
+    ) -> QuantizedWeight:
+        """:meth:`quantize`, told that no one reads ``hessian`` afterwards, so a quantizer may
+        overwrite it instead of copying it (GPTQ works in its memory: one ``d × d`` float64
+        matrix less, 0.5 GB at a width of 8,192). The same result as :meth:`quantize`, which
+        it calls by default."""
+        return self.quantize(weight, setting, hessian=hessian, exempt=exempt, layer_name=layer_name)

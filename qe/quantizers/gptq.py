@@ -30,7 +30,14 @@ from dataclasses import dataclass
 import torch
 
 from qe.errors import ConfigError, DataError, NumericalError
-from qe.gram import all_finite, factor_damped, invert_lower_in_place
+from qe.gram import (
+    all_finite,
+    factor_damped,
+    factor_damped_over,
+    invert_lower_in_place,
+    overwritable,
+    permute_symmetric_in_place,
+)
 from qe.quantized import QuantizedWeight
 from qe.quantizers.base import Quantizer
 from qe.quantizers.grid import (
@@ -80,14 +87,18 @@ class _InverseCholesky:
     they are read: the one ``d × d`` matrix GPTQ adds to the Hessian it is given.
     """
 
-    def __init__(self, reversed_hessian: Callable[[], torch.Tensor], damp: float, mean_diag: float, layer_name: str):
+    def __init__(self, reversed_hessian: Callable[[], torch.Tensor] | torch.Tensor, damp: float, mean_diag: float,
+                 layer_name: str):
         where = f"GPTQ on {layer_name}" if layer_name else "GPTQ"
 
         def warn(lam: float, following: float) -> None:
             warnings.warn(f"{where}: the Hessian with damping {lam:g} is not positive definite; retrying with "
                           f"damping {following:g}", RuntimeWarning, stacklevel=4)
 
-        M, _ = factor_damped(reversed_hessian, damp, mean_diag, where, on_retry=warn)
+        if isinstance(reversed_hessian, torch.Tensor):  # the caller's own, factored where it lies
+            M, _ = factor_damped_over(reversed_hessian, damp, mean_diag, where, on_retry=warn)
+        else:
+            M, _ = factor_damped(reversed_hessian, damp, mean_diag, where, on_retry=warn)
         self.M_inv = invert_lower_in_place(M)
         if not all_finite(self.M_inv):
             raise NumericalError(f"{where}: the damped Hessian's inverse overflows: check the calibration data or use rtn")
@@ -122,8 +133,13 @@ def gptq_quantize(
     static_groups: bool = True,
     clip_grid: tuple[float, ...] | None = None,
     layer_name: str = "",
+    overwrite_hessian: bool = False,
 ) -> QuantizedWeight:
-    """GPTQ of ``weight`` ``(d_out, d_in)`` with ``hessian`` ``(d_in, d_in)`` (any positive multiple of XᵀX)."""
+    """GPTQ of ``weight`` ``(d_out, d_in)`` with ``hessian`` ``(d_in, d_in)`` (any positive
+    multiple of XᵀX). With ``overwrite_hessian``, a contiguous float64 ``hessian`` on the
+    weight's device becomes GPTQ's working matrix (reordered, factored and inverted where it
+    lies) instead of being copied: the caller must not read it afterwards. The codes are the
+    same either way."""
     d_out, d_in = weight.shape
     check_weight_bits(bits, layer_name)
     check_group_size(d_in, group_size, layer_name)
@@ -170,14 +186,21 @@ def gptq_quantize(
     rev = perm.flip(0)
     gone = dropped[rev]
 
-    def reversed_hessian() -> torch.Tensor:
-        H_rev = hessian[rev[:, None], rev]
+    def decouple(H_rev: torch.Tensor) -> torch.Tensor:
         H_rev[gone, :] = 0
         H_rev[:, gone] = 0
         H_rev.diagonal()[gone] = 1
         return H_rev
 
-    U = _InverseCholesky(reversed_hessian, damp, mean_diag, layer_name)  # upper, permuted order
+    def reversed_hessian() -> torch.Tensor:
+        return decouple(hessian[rev[:, None], rev])
+
+    if overwrite_hessian and overwritable(hessian):
+        source: Callable[[], torch.Tensor] | torch.Tensor = decouple(permute_symmetric_in_place(hessian, rev))
+    else:
+        source = reversed_hessian
+    del diag  # a view of the Hessian, which may be overwritten from here on
+    U = _InverseCholesky(source, damp, mean_diag, layer_name)  # upper, permuted order
     # (d_in, d_out) grid parameters of each processed column
     col_scale = scales.T.index_select(0, g_of[perm]).contiguous()
     col_zero = zeros.T.index_select(0, g_of[perm]).contiguous()
@@ -219,6 +242,12 @@ class GPTQ(Quantizer):
     needs_hessian = True
 
     def quantize(self, weight, setting, *, hessian=None, exempt=None, layer_name="") -> QuantizedWeight:
+        return self._quantize(weight, setting, hessian, exempt, layer_name, overwrite_hessian=False)
+
+    def quantize_spending_hessian(self, weight, setting, *, hessian=None, exempt=None, layer_name="") -> QuantizedWeight:
+        return self._quantize(weight, setting, hessian, exempt, layer_name, overwrite_hessian=True)
+
+    def _quantize(self, weight, setting, hessian, exempt, layer_name, *, overwrite_hessian: bool) -> QuantizedWeight:
         require_weight_bits(setting, layer_name)
         if hessian is None:
             where = f" for {layer_name}" if layer_name else ""
@@ -227,5 +256,5 @@ class GPTQ(Quantizer):
         return gptq_quantize(
             weight, hessian, setting.w_bits, setting.group_size, setting.symmetric, exempt=exempt,
             damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups,
-            clip_grid=CLIP_GRID if cfg.clip else None, layer_name=layer_name,
+            clip_grid=CLIP_GRID if cfg.clip else None, layer_name=layer_name, overwrite_hessian=overwrite_hessian,
         )

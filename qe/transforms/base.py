@@ -48,6 +48,10 @@ class GroupContext:
     act_exempt: list[torch.Tensor | None]  # per linear: channels zeroed before activation quantization
     quantize: list[QuantizeFn]  # per linear: the composition's quantizer, for searches by output error
     max_tokens: int = 4096  # a search uses at most the first this many tokens
+    # Per linear, the same quantization for a Hessian that no one reads after it (a search's
+    # own smoothed copy, at its last use): it may be overwritten, not copied (GPTQ then adds no
+    # d × d matrix: 0.5 GB at a width of 8,192). Empty: use ``quantize``.
+    quantize_spending: list[QuantizeFn] = field(default_factory=list)
 
 
 @dataclass

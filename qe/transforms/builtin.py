@@ -94,13 +94,19 @@ class AWQ(Transform):
         # One quantizer for the search: the group's first linear's (as every group decision).
         quantize = group.quantize[0]
 
+        spending = group.quantize_spending[0] if group.quantize_spending else quantize
+
         def dequantized(w_s, h_s, ex):
             return quantize(w_s, h_s, ex).dequantize()
+
+        def dequantized_spending(w_s, h_s, ex):
+            return spending(w_s, h_s, ex).dequantize()
 
         s, ratio, errors = smoothing.search_activation_scales(
             group.weights, group.tokens, dequantized, group.setting.a_bits, grid=self.config.grid,
             hessian=group.hessian, exempt=exempt, act_exempt=_union(group.act_exempt),
             token_weights=self.token_weights(group.token_modality, group.tokens.shape[0]),
+            last_spending=dequantized_spending,
         )
         return GroupScales(s, figures={"awq_ratio": ratio, "awq_error": errors[ratio]})
 
@@ -128,7 +134,7 @@ class AlphaSearch(Transform):
         choice = smoothing.choose_alpha(
             self.config.candidates, group.act_absmax, group.weights, group.tokens, group.quantize,
             group.setting.a_bits, hessian=group.hessian, exempt=group.exempt, act_exempt=group.act_exempt,
-            max_tokens=group.max_tokens,
+            max_tokens=group.max_tokens, last_spending=group.quantize_spending[-1] if group.quantize_spending else None,
         )
         scale = None if choice.alpha is None else smoothing.smoothing_scales(group.act_absmax, group.weights, choice.alpha)
         return GroupScales(scale, alpha=choice.alpha, quantized=list(choice.quantized),

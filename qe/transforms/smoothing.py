@@ -219,6 +219,12 @@ def relative_group_error(
     return num / max(den, 1e-30)
 
 
+def _spending_last(fns: list, last_spending) -> list:
+    """``fns`` with the last replaced by ``last_spending`` (when given): the last weight's
+    quantization is the last use of a candidate's smoothed Hessian."""
+    return fns if last_spending is None or not fns else [*fns[:-1], last_spending]
+
+
 class AlphaChoice(NamedTuple):
     alpha: float | None
     errors: dict  # {candidate α: relative group error}, in candidate order
@@ -237,6 +243,7 @@ def choose_alpha(
     exempt: Masks = None,
     act_exempt: Masks = None,
     max_tokens: int | None = None,
+    last_spending: QuantizeAny | None = None,
 ) -> AlphaChoice:
     """Pick the smoothing α of one group by its relative output error on calibration tokens.
 
@@ -249,7 +256,9 @@ def choose_alpha(
     (original, unsmoothed basis). ``quantize_fn`` returns a dequantized weight or an object
     with ``.dequantize()``; the chosen candidate's returns come back in ``quantized``, so a
     caller need not quantize the chosen ``W̃`` again (a GPTQ run per linear saved). Ties keep
-    the earlier candidate.
+    the earlier candidate. ``last_spending``: the last weight's quantization, given the
+    candidate's ``H̃`` at its last use, which it may overwrite (the same result as its
+    ``quantize_fn``, without a copy of ``H̃``).
     """
     if not candidates:
         raise ConfigError("choose_alpha needs at least one candidate (None means no smoothing)")
@@ -268,7 +277,7 @@ def choose_alpha(
         h = None  # the previous candidate's d × d Hessian goes before the next is made
         h = smooth_hessian(hessian, s) if hessian is not None else None
         quantized = [fn(smooth_weight(w.float(), s), h, ex)
-                     for fn, w, ex in zip(fns, weights, _per_weight(exempt, len(weights)))]
+                     for fn, w, ex in zip(_spending_last(fns, last_spending), weights, _per_weight(exempt, len(weights)))]
         dequantized = [q if isinstance(q, torch.Tensor) else q.dequantize(torch.float32) for q in quantized]
         errors[alpha] = relative_group_error(x, weights, dequantized, s, a_bits, exempt, act_exempt,
                                              references=references)
@@ -306,12 +315,14 @@ def search_activation_scales(
     exempt: torch.Tensor | None = None,
     act_exempt: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
+    last_spending: QuantizeFn | None = None,
 ) -> tuple[torch.Tensor, float, dict[float, float]]:
     """AWQ-style search over ``s = mean|X|^r`` (``r = 0, 1/grid, …, (grid−1)/grid``) of one
     smoothing group, by the group's (token-weighted) relative output error on ``tokens``.
 
     ``token_weights`` ``(S,)`` weigh each token's error, e.g. by modality as MBQ does.
     Returns ``(s, best r, {r: error})``; ``r = 0`` is no smoothing, and ties keep the smaller r.
+    ``last_spending``: as in :func:`choose_alpha`.
     """
     if grid < 1:
         raise ConfigError(f"the AWQ grid needs at least one point, got {grid}")
@@ -325,7 +336,8 @@ def search_activation_scales(
         s = activation_scales(act_meanabs, r)
         h = None  # the previous ratio's d × d Hessian goes before the next is made
         h = smooth_hessian(hessian, s) if hessian is not None else None
-        dequantized = [quantize_fn(smooth_weight(w.float(), s), h, exempt) for w in weights]
+        fns = _spending_last([quantize_fn] * len(weights), last_spending)
+        dequantized = [fn(smooth_weight(w.float(), s), h, exempt) for fn, w in zip(fns, weights)]
         errors[r] = relative_group_error(tokens, weights, dequantized, s, a_bits, exempt, act_exempt, token_weights)
         if best_s is None or errors[r] < errors[best_r]:
             best_s, best_r = s, r
