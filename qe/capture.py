@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from qe.activations import ActivationStore
 from qe.analysis.statistics import ImportanceStats, InputStats, LinearStats
 from qe.errors import ModelError, NumericalError
+from qe.memory import release_freed_memory
 from qe.models.base import EncodedSample, ModelAdapter
 from qe.models.loading import LoadedModel
 from qe.models.moe import ExpertMLP, routed_owner
-from qe.memory import release_freed_memory
 
 
 class _StopForward(Exception):

@@ -41,11 +41,11 @@ from qe.checkpoint import save_module
 from qe.compensators.base import Compensator, CompensatorModule, LayerContext, LayerPlan
 from qe.composition import Composition
 from qe.errors import ConfigError, NumericalError
+from qe.memory import release_freed_memory
 from qe.modality import MODALITIES, Modality
 from qe.models.base import EncodedSample
 from qe.models.loading import LoadedModel
 from qe.models.moe import routed_owner
-from qe.memory import release_freed_memory
 from qe.models.offload import execution_device, is_offloaded, offload_to_file, onloaded
 from qe.plugins import QEPluginManager, default_manager
 from qe.quantized import fake_quantize_activations
