@@ -239,8 +239,7 @@ def main() -> None:
             sys.exit(f"--blocks {args.blocks}: a partial run of {size} covers 1 to {total - 1} of its {total} blocks; "
                      "leave --blocks out for the whole run")
     results = RESULTS.with_suffix(".json")
-    data = json.loads(results.read_text()) if results.is_file() else {"rows": []}
-    rows = {(r["size"], r["mode"]): r for r in data["rows"]}
+    rows = _read(results)
     for size in args.sizes.split(","):
         for mode in args.modes.split(","):
             if size not in SIZES or mode not in MODES:
@@ -253,10 +252,17 @@ def main() -> None:
                 partial = ["--blocks", str(args.blocks)] if args.blocks is not None else []
                 subprocess.run([sys.executable, __file__, "--one", size, mode, "--samples", str(args.samples),
                                 "--row", row_file.name, *partial], check=True)
-                rows[(size, mode)] = json.loads(Path(row_file.name).read_text())
-            print(f"{size} {mode}: {rows[(size, mode)]}", file=sys.stderr)
+                row = json.loads(Path(row_file.name).read_text())
+            print(f"{size} {mode}: {row}", file=sys.stderr)
+            rows = _read(results)  # rows another run of this script wrote meanwhile are kept
+            rows[(size, mode)] = row
             _write(results, rows)
-    _write(results, rows)
+    _write(results, _read(results))
+
+
+def _read(results: Path) -> dict:
+    data = json.loads(results.read_text()) if results.is_file() else {"rows": []}
+    return {(r["size"], r["mode"]): r for r in data["rows"]}
 
 
 def _write(results: Path, rows: dict) -> None:

@@ -221,8 +221,9 @@ def test_alpha_choice_quantization_is_reused_and_changes_nothing(tmp_path, monke
     from qe.quantizers.gptq import GPTQ
 
     calls = []
-    real_quantize = GPTQ.quantize
-    monkeypatch.setattr(GPTQ, "quantize", lambda self, *a, **k: calls.append(k["layer_name"]) or real_quantize(self, *a, **k))
+    for method in ("quantize", "quantize_spending_hessian"):  # a search's last use of a candidate spends it
+        real = getattr(GPTQ, method)
+        monkeypatch.setattr(GPTQ, method, lambda self, *a, real=real, **k: calls.append(k["layer_name"]) or real(self, *a, **k))
     recipe = Recipe(quantizer="gptq", compensator="qe[k=4;num_experts=2;shared_rank=4;expert_rank=4]", setting="W4A8", samples=2)
     _, manifest = run_quantize(recipe, "tiny:llava", out=tmp_path / "reused", progress=False)
     candidates = 4  # QE's grid: None, 0.25, 0.5, 0.75
