@@ -283,8 +283,10 @@ def _write(results: Path, rows: dict) -> None:
                "offload_vs_memory_wall", "offload_vs_memory_cpu", "same_tensors_as_memory", "load_avg"]
     print_table(ordered, columns)
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps({"compensator": COMPENSATOR, "offload_max_memory": OFFLOAD_MAX_MEMORY,
+    pending = results.with_suffix(".json.tmp")  # renamed into place: another run never reads half a file
+    pending.write_text(json.dumps({"compensator": COMPENSATOR, "offload_max_memory": OFFLOAD_MAX_MEMORY,
                                    "machine": machine(), "rows": ordered}, indent=1))
+    os.replace(pending, results)
     with results.with_suffix(".csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns + ["tensors_sha256"], extrasaction="ignore")
         writer.writeheader()

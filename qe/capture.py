@@ -430,7 +430,6 @@ class BlockWalker:
             yield step
             hidden = step.next_hidden if step.next_hidden is not None else step.run()
             inputs = self.next_inputs(i, inputs, hidden)
-            del step, hidden
             release_freed_memory()  # what a step holds must not depend on the steps before it
 
     def next_inputs(self, index: int, inputs: BlockInputs, hidden: list[torch.Tensor]) -> BlockInputs:

@@ -83,10 +83,15 @@ def all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
 CHOLESKY_RETRIES = 4  # a failed factorization is retried with 10x, 100x, ... the damping
 
 
+def damping_scale(mean_diag: float) -> float:
+    """What damping is relative to: a matrix's mean diagonal, or 1 where it has no positive
+    one (an all-zero Hessian), so the damped matrix is still positive definite."""
+    return mean_diag if mean_diag > 0 and math.isfinite(mean_diag) else 1.0
+
+
 def damping(H: torch.Tensor, damp: float) -> float:
     """``λ · mean(diag H)``; λ alone when H has no positive diagonal (an all-zero Hessian)."""
-    mean_diag = float(H.diagonal(dim1=-2, dim2=-1).double().mean())
-    return damp * mean_diag if mean_diag > 0 and math.isfinite(mean_diag) else damp
+    return damp * damping_scale(float(H.diagonal(dim1=-2, dim2=-1).double().mean()))
 
 
 def damped(H: torch.Tensor, damp: float, scale: float | None = None) -> torch.Tensor:
@@ -220,7 +225,7 @@ def factor_damped_over(H: torch.Tensor, damp: float, scale: float, where: str = 
     lower triangle and leaves the strict upper one alone, so after a failure the lower
     triangle is restored from it (and the diagonal from a copy) and λ raised; the upper
     triangle is zeroed once a factorization succeeds. The same factor as :func:`factor_damped`
-    of a copy, bit for bit. ``H`` must be contiguous on the CPU (see :func:`overwritable`)."""
+    of a copy, bit for bit, where :func:`overwritable` holds."""
     view = _fortran_view(H)
     if view is None:
         raise ValueError("factor_damped_over needs a contiguous float64 CPU matrix")
@@ -245,8 +250,10 @@ def factor_damped_over(H: torch.Tensor, damp: float, scale: float, where: str = 
 
 
 def overwritable(H: torch.Tensor) -> bool:
-    """Whether :func:`factor_damped_over` can work in ``H``'s own memory."""
-    return _fortran_view(H) is not None
+    """Whether :func:`factor_damped_over` can work in ``H``'s own memory and give what a
+    factorization of a copy gives, bit for bit: a C-ordered float64 CPU matrix, laid out as
+    the copy would be (LAPACK is then called on the same triangle)."""
+    return H.is_contiguous() and _fortran_view(H) is not None
 
 
 def _zero_upper(H: torch.Tensor, block: int = 512) -> torch.Tensor:

@@ -270,6 +270,7 @@ def test_gptq_in_the_hessians_own_memory_retries_as_the_copy_does():
     W = torch.randn(5, 12, generator=g)
     X = torch.randn(4, 12, generator=g, dtype=torch.float64)
     H = X.T @ X
+    H = (H + H.T) / 2  # exactly symmetric, as GPTQ's Hessians are
     H.diagonal().sub_(0.05 * float(H.diagonal().mean()))  # indefinite: the first dampings fail
     with pytest.warns(RuntimeWarning) as copied_warnings:
         copied = gptq_quantize(W, H, 4, 0, True)
@@ -277,6 +278,28 @@ def test_gptq_in_the_hessians_own_memory_retries_as_the_copy_does():
         own = gptq_quantize(W, H.clone(), 4, 0, True, overwrite_hessian=True)
     assert len(copied_warnings) == len(own_warnings) >= 1
     assert _same_quantization(copied, own)
+
+
+def test_a_wide_hessian_factored_where_it_lies_retries_on_several_threads():
+    """LAPACK's factorization must leave the untouched triangle alone on its multi-threaded
+    path too, or a retry would start from garbage: d = 700 on two threads, two failures."""
+    from qe.gram import factor_damped, factor_damped_over
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(300, 700, generator=g, dtype=torch.float64)
+    H = X.T @ X
+    H = (H + H.T) / 2  # exactly symmetric, as GPTQ's Hessians are
+    H.diagonal().sub_(0.05 * float(H.diagonal().mean()))  # indefinite until damped enough
+    scale = float(H.diagonal().mean())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        copied, lam = factor_damped(lambda: H.clone(), 1e-3, scale)
+        own, own_lam = factor_damped_over(H.clone(), 1e-3, scale)
+    finally:
+        torch.set_num_threads(threads)
+    assert lam == own_lam > 1e-3  # it did retry
+    assert torch.equal(copied, own)
 
 
 def test_gptq_spending_its_hessian_adds_no_matrix(matrices_held):

@@ -384,3 +384,12 @@ def run(W, H):
     QuantExperts(QuantExpertsConfig())._fit_router(layer, X.abs(), torch.rand(X.shape[0], 4))
 """
     assert matrices_held(setup, 2000) < 0.3
+
+
+def test_router_from_an_all_zero_sample_with_fewer_tokens_than_channels_is_zero():
+    """An all-zero sample has no normal-matrix diagonal to scale the ridge by: the dual fit, like
+    the primal one, damps by the ridge alone and fits R = 0 rather than failing."""
+    X = torch.zeros(8, 16)
+    layer = LayerContext("blk.0.q_proj", 0, torch.randn(4, 16), None, parse_setting("W4A8"), None, tokens=X, seed=0)
+    R = QuantExperts(QuantExpertsConfig())._fit_router(layer, X.abs(), torch.rand(8, 3))
+    assert R.shape == (3, 16) and torch.equal(R, torch.zeros(3, 16))

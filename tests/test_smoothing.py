@@ -457,6 +457,8 @@ def test_a_hessian_taken_from_its_statistics_cannot_be_read_again():
     assert torch.equal(stats.take_xtx(), expected)
     with pytest.raises(RuntimeError, match="blk.0.mlp.down_proj.*take_xtx"):
         _ = stats.xtx
+    with pytest.raises(RuntimeError, match="take_xtx"):  # nor grow without it
+        stats.update(torch.randn(4, 6), torch.zeros(4, dtype=torch.int8), 10)
 
 
 def test_a_pipeline_that_owns_its_statistics_quantizes_as_one_that_shares_them(monkeypatch):

@@ -67,6 +67,9 @@ class InputStats:
         """Add tokens ``x`` ``(T, d_in)`` whose global positions start at ``offset``; with
         ``rows``, ``x`` holds only those rows of the batch (a routed expert's tokens) and
         ``modality`` is theirs."""
+        if self._xtx_taken:
+            raise RuntimeError(f"the Hessian of {self.where or 'this input'} was handed over by take_xtx: "
+                               "statistics cannot grow after it")
         x = x.detach().reshape(-1, self.d_in).float()
         T = x.shape[0]
         batch_absmax = x.abs().amax(0)

@@ -75,7 +75,7 @@ from qe.compensators.lowrank import (
 from qe.compensators.modules import QuantExpertsAdapter, check_adapter_bits
 from qe.compensators.refinement import RefineSchedule, refine_experts
 from qe.errors import ConfigError, DataError
-from qe.gram import damped_gram_cholesky, symmetric_gram
+from qe.gram import damped_gram_cholesky, damping_scale, symmetric_gram
 from qe.quantized import QuantizedWeight
 
 Mode = Literal["full", "shared-only", "routed-only", "random-routing", "random-clustering", "oracle-routing"]
@@ -178,8 +178,9 @@ class QuantExperts(Compensator):
 
     def __init__(self, config: QuantExpertsConfig | None = None):
         super().__init__(config)
-        # Ridge normal matrices of the router, shared by linears reading the same token sample
-        # (a smoothing group): key → (weak reference to the tokens, their version, factor).
+        # The router's factored ridge system, shared by linears reading the same token sample
+        # (a smoothing group): key → (weak reference to the tokens, their version, factor,
+        # whether it is the dual one).
         self._router_cache: dict[tuple, tuple[Any, int, torch.Tensor, bool]] = {}
         self._router_release: weakref.finalize | None = None
 
@@ -434,9 +435,10 @@ class QuantExperts(Compensator):
         With fewer sample tokens ``T`` than input channels, the same solution comes from the
         dual system: ``(FᵀF + μI)⁻¹Fᵀ = Fᵀ(FFᵀ + μI)⁻¹``, so ``R = (Fᵀ (FFᵀ + μI)⁻¹ e)ᵀ`` from
         a ``T × T`` factor instead of a ``d_in × d_in`` one (at ``d_in`` = 8,192 and 1,024
-        tokens: 8 MB instead of two 0.5 GB float64 matrices, the Gram and its factor). The
-        factor depends only on the tokens, so linears of one smoothing group (same token
-        tensor) share it."""
+        tokens: 8 MB instead of a 0.5 GB float64 factor and, while it is formed, a float32
+        Gram). With ``router_ridge`` = 0 the dual system gives the minimum-norm fit, where the
+        singular primal one is retried with a small ridge. The factor depends only on the
+        tokens, so linears of one smoothing group (same token tensor) share it."""
         L, dual = self._router_factor(layer, F)
         if dual:
             coefficients = torch.cholesky_solve(targets.double(), L)  # (T, N)
@@ -456,7 +458,8 @@ class QuantExperts(Compensator):
         dual = F.shape[0] < F.shape[1]
         if dual:  # damped as the primal normal matrix is: mean(diag FᵀF) = ‖F‖² / d_in
             mean_diag = float(torch.linalg.vector_norm(F, dtype=torch.float64)) ** 2 / F.shape[1]
-            L, _ = damped_gram_cholesky(F.T, self.config.router_ridge, where=where, scale=mean_diag)  # of FFᵀ
+            L, _ = damped_gram_cholesky(F.T, self.config.router_ridge, where=where,
+                                        scale=damping_scale(mean_diag))  # of FFᵀ
         else:
             L, _ = damped_gram_cholesky(F, self.config.router_ridge, where=where)  # of FᵀF
         try:

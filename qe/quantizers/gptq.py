@@ -82,12 +82,14 @@ class _InverseCholesky:
 
     Without forming the inverse: with ``J`` the order reversal, ``J H J = M Mᵀ`` (``M`` lower)
     gives ``H = R Rᵀ`` with ``R = J M J`` upper triangular, so ``H⁻¹ = R⁻ᵀ R⁻¹`` and
-    ``U = R⁻¹ = J M⁻¹ J``. ``J H J`` is built by ``reversed_hessian`` (once, or again on a
-    retry), factored and inverted in place, and ``U``'s blocks are flipped out of ``M⁻¹`` as
-    they are read: the one ``d × d`` matrix GPTQ adds to the Hessian it is given.
+    ``U = R⁻¹ = J M⁻¹ J``. ``source`` is either a function that builds ``J H J`` (once, or
+    again on a retry), factored and inverted in place: the one ``d × d`` matrix GPTQ adds to
+    the Hessian it is given; or ``J H J`` itself (the caller's Hessian, reordered where it
+    lies), factored and inverted in its own memory, so GPTQ adds none. ``U``'s blocks are
+    flipped out of ``M⁻¹`` as they are read.
     """
 
-    def __init__(self, reversed_hessian: Callable[[], torch.Tensor] | torch.Tensor, damp: float, mean_diag: float,
+    def __init__(self, source: Callable[[], torch.Tensor] | torch.Tensor, damp: float, mean_diag: float,
                  layer_name: str):
         where = f"GPTQ on {layer_name}" if layer_name else "GPTQ"
 
@@ -95,10 +97,10 @@ class _InverseCholesky:
             warnings.warn(f"{where}: the Hessian with damping {lam:g} is not positive definite; retrying with "
                           f"damping {following:g}", RuntimeWarning, stacklevel=4)
 
-        if isinstance(reversed_hessian, torch.Tensor):  # the caller's own, factored where it lies
-            M, _ = factor_damped_over(reversed_hessian, damp, mean_diag, where, on_retry=warn)
+        if isinstance(source, torch.Tensor):
+            M, _ = factor_damped_over(source, damp, mean_diag, where, on_retry=warn)
         else:
-            M, _ = factor_damped(reversed_hessian, damp, mean_diag, where, on_retry=warn)
+            M, _ = factor_damped(source, damp, mean_diag, where, on_retry=warn)
         self.M_inv = invert_lower_in_place(M)
         if not all_finite(self.M_inv):
             raise NumericalError(f"{where}: the damped Hessian's inverse overflows: check the calibration data or use rtn")
@@ -136,10 +138,10 @@ def gptq_quantize(
     overwrite_hessian: bool = False,
 ) -> QuantizedWeight:
     """GPTQ of ``weight`` ``(d_out, d_in)`` with ``hessian`` ``(d_in, d_in)`` (any positive
-    multiple of XᵀX). With ``overwrite_hessian``, a contiguous float64 ``hessian`` on the
-    weight's device becomes GPTQ's working matrix (reordered, factored and inverted where it
-    lies) instead of being copied: the caller must not read it afterwards. The codes are the
-    same either way."""
+    multiple of XᵀX). With ``overwrite_hessian``, a contiguous float64 ``hessian`` on the CPU
+    becomes GPTQ's working matrix (reordered, factored and inverted where it lies) instead of
+    being copied (elsewhere it is still copied): the caller must not read it afterwards. The
+    codes are the same either way."""
     d_out, d_in = weight.shape
     check_weight_bits(bits, layer_name)
     check_group_size(d_in, group_size, layer_name)
@@ -181,10 +183,11 @@ def gptq_quantize(
     else:
         perm = torch.arange(d_in, device=Wt.device)
     Wt = Wt.index_select(0, perm)
-    # The Hessian in processing order, reversed (what the factorization wants), in one copy;
-    # dropped columns decoupled: H[c, :] = H[:, c] = 0, H_cc = 1.
+    # The Hessian in processing order, reversed (what the factorization wants), in one copy or
+    # where it lies; dropped columns decoupled: H[c, :] = H[:, c] = 0, H_cc = 1.
     rev = perm.flip(0)
     gone = dropped[rev]
+    del diag  # a view of the Hessian, which may be overwritten from here on
 
     def decouple(H_rev: torch.Tensor) -> torch.Tensor:
         H_rev[gone, :] = 0
@@ -199,7 +202,6 @@ def gptq_quantize(
         source: Callable[[], torch.Tensor] | torch.Tensor = decouple(permute_symmetric_in_place(hessian, rev))
     else:
         source = reversed_hessian
-    del diag  # a view of the Hessian, which may be overwritten from here on
     U = _InverseCholesky(source, damp, mean_diag, layer_name)  # upper, permuted order
     # (d_in, d_out) grid parameters of each processed column
     col_scale = scales.T.index_select(0, g_of[perm]).contiguous()
@@ -235,7 +237,10 @@ def gptq_quantize(
 
 
 class GPTQ(Quantizer):
-    """GPTQ: Hessian-weighted error feedback (act-order, static groups, lazy block updates)."""
+    """GPTQ: Hessian-weighted error feedback (act-order, static groups, lazy block updates).
+
+    ``quantize`` and ``quantize_spending_hessian`` share one implementation, so a subclass
+    that changes ``quantize`` must change both."""
 
     name = "gptq"
     Config = GPTQConfig

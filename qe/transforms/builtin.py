@@ -93,7 +93,6 @@ class AWQ(Transform):
         exempt = _union(group.exempt)
         # One quantizer for the search: the group's first linear's (as every group decision).
         quantize = group.quantize[0]
-
         spending = group.quantize_spending[0] if group.quantize_spending else quantize
 
         def dequantized(w_s, h_s, ex):
