@@ -203,9 +203,7 @@ def gptq_quantize(
     else:
         source = reversed_hessian
     U = _InverseCholesky(source, damp, mean_diag, layer_name)  # upper, permuted order
-    # (d_in, d_out) grid parameters of each processed column
-    col_scale = scales.T.index_select(0, g_of[perm]).contiguous()
-    col_zero = zeros.T.index_select(0, g_of[perm]).contiguous()
+    column_group = g_of[perm]  # the group of each processed column
     codes_t = torch.zeros(d_in, d_out, device=Wt.device)  # codes, transposed like Wt
 
     bounds = _block_bounds(d_in, block_size, group_size, dynamic_groups)
@@ -214,7 +212,10 @@ def gptq_quantize(
             g = i1 // group_size
             s, z = group_params(Wt[i1 : i1 + group_size].T.float(), bits, symmetric, 0, clip_grid)
             scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
-            col_scale[i1 : i1 + group_size], col_zero[i1 : i1 + group_size] = s.T, z.T
+        # (B, d_out) grid parameters of the block's columns, gathered per block: for all
+        # columns at once they would be two more weight-sized matrices
+        block_scale = scales.T.index_select(0, column_group[i1:i2])
+        block_zero = zeros.T.index_select(0, column_group[i1:i2])
         W1 = Wt[i1:i2]  # (B, d_out): the block's columns as left by the earlier blocks' updates
         Err1 = torch.zeros_like(W1)  # (B, d_out) scaled errors e_c
         U1 = U.block(i1, i2, i1, i2)
@@ -223,7 +224,7 @@ def gptq_quantize(
             # matrix-vector product: the same as W1[:, i+1:] -= e_i ⊗ U1[i, i+1:] done eagerly,
             # but one small BLAS call per column instead of a rank-1 update of the whole block.
             w = torch.addmv(W1[i], Err1[:i].T, U1[:i, i], alpha=-1)
-            s, z = col_scale[i1 + i], col_zero[i1 + i]
+            s, z = block_scale[i], block_zero[i]
             c = quantize_to_codes(w.float(), s, z, bits)  # the float32 grid, exactly as RTN rounds
             codes_t[i1 + i] = c
             Err1[i] = (w - dequantize_codes(c, s, z).double()) / U1[i, i]
