@@ -426,6 +426,11 @@ class QuantizationPipeline:
         self.quantize_block_with_stats(block, stats, result, names, owned=True)
         del stats
         q_out = step.run()
+        # That forward is the block's only one here; the dequantized weights it kept would hold
+        # a float copy of every quantized block in memory by the end of the run.
+        for module in block.module.modules():
+            if isinstance(module, QuantLinear):
+                module.forget_dequantized()
         # The block's own error: quantized vs full-precision block on the same inputs.
         step.next_hidden = q_out if self.options.propagation == "quantized" else fp_out
         return {"block_rel_error": _mean_rel_error(fp_out, q_out)}

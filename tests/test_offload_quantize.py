@@ -258,3 +258,18 @@ def test_tied_embeddings_are_written_once_when_offloaded(tmp_path, same_checkpoi
     off_dir, got = run_quantize(recipe, out=tmp_path / "off", progress=False, loaded=off, check_heldout=False)
     assert got["tied"] == ref["tied"] and "lm_head.weight" in got["tied"]
     same_checkpoint_tensors(ref_dir, off_dir)
+
+
+def test_quantizing_in_memory_keeps_no_dequantized_weight():
+    """The quantized forward that feeds the next block dequantizes each weight; kept, those
+    floats would be a second copy of every quantized block by the end of an in-memory run."""
+    from qe.composition import resolve_composition
+    from qe.data.calibration import calibration_set
+    from qe.pipeline import PipelineOptions, QuantizationPipeline
+
+    loaded = load_model(str(tiny.tiny_model_dir("llava")))
+    _, encoded = calibration_set(loaded, None, 2)
+    QuantizationPipeline(loaded, resolve_composition("gptq", "none", "W4A8"), PipelineOptions(progress=False)).run(encoded)
+    quantized = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
+    assert quantized and all(m.keep_dequantized for m in quantized)  # a later forward still caches
+    assert all(m._dequantized is None for m in quantized)

@@ -135,6 +135,11 @@ class QuantLinear(nn.Module):
         if self.compensator is not None:
             self.compensator.set_caching(keep)
 
+    def forget_dequantized(self) -> None:
+        """Drop the kept dequantized weight until a forward needs it again (the setting of
+        :attr:`keep_dequantized` stays as it is)."""
+        self._dequantized = None
+
     def codes(self) -> torch.Tensor:
         return unpack(self.qweight, self.bits, self.in_features)
 
