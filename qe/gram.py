@@ -179,18 +179,29 @@ def factor_damped(fresh: Callable[[], torch.Tensor], damp: float, scale: float, 
     owned by the factorization), damped by ``λ·scale``: each attempt damps and factors it in
     place, so the factor is the only ``d × d`` matrix held (a caller that can rebuild a large
     matrix saves the copy a retry would need)."""
-    of = f" of {where}" if where else ""
-    lam = damp
-    for _ in range(CHOLESKY_RETRIES + 1):
+
+    def attempt(lam: float) -> torch.Tensor | None:
         L = fresh()
         L.diagonal().add_(lam * scale)
-        if cholesky_in_place(L):
-            return L, lam
-        del L
+        return L if cholesky_in_place(L) else None  # a failed one is freed before the next is built
+
+    return _with_rising_damping(attempt, damp, where, on_retry)
+
+
+def _with_rising_damping(attempt: Callable[[float], torch.Tensor | None], damp: float, where: str,
+                         on_retry: Callable[[float, float], None] | None) -> tuple[torch.Tensor, float]:
+    """``attempt(λ)``'s factor and the λ that gave it: λ = ``damp``, then ×10 while an attempt
+    returns None, :data:`CHOLESKY_RETRIES` times at most (``on_retry(λ, next λ)`` told each time)."""
+    lam = damp
+    for _ in range(CHOLESKY_RETRIES + 1):
+        factor = attempt(lam)
+        if factor is not None:
+            return factor, lam
         following = lam * 10 if lam > 0 else 1e-6
         if on_retry is not None:
             on_retry(lam, following)
         lam = following
+    of = f" of {where}" if where else ""
     raise NumericalError(f"the Hessian{of} is not positive definite even with damping {lam / 10:g}: "
                          "check the calibration inputs, or use rtn")
 
@@ -231,22 +242,18 @@ def factor_damped_over(H: torch.Tensor, damp: float, scale: float, where: str = 
         raise ValueError("factor_damped_over needs a contiguous float64 CPU matrix")
     a, transposed = view
     diagonal = H.diagonal().clone()
-    of = f" of {where}" if where else ""
-    lam = damp
-    for _ in range(CHOLESKY_RETRIES + 1):
+
+    def attempt(lam: float) -> torch.Tensor | None:
         H.diagonal().add_(lam * scale)
         with _blas_threads().limit(limits=torch.get_num_threads(), user_api="blas"):
             _, info = lapack.dpotrf(a, lower=0 if transposed else 1, clean=0, overwrite_a=1)
         if info == 0:
-            return _zero_upper(H), lam
-        mirror_upper_in_place(H)
+            return _zero_upper(H)
+        mirror_upper_in_place(H)  # the lower triangle back from the untouched upper one
         H.diagonal().copy_(diagonal)
-        following = lam * 10 if lam > 0 else 1e-6
-        if on_retry is not None:
-            on_retry(lam, following)
-        lam = following
-    raise NumericalError(f"the Hessian{of} is not positive definite even with damping {lam / 10:g}: "
-                         "check the calibration inputs, or use rtn")
+        return None
+
+    return _with_rising_damping(attempt, damp, where, on_retry)
 
 
 def overwritable(H: torch.Tensor) -> bool:
