@@ -500,10 +500,8 @@ class QuantizationPipeline:
         hessian = shared.xtx
         if scale is not None:
             tokens = smoothing.smooth_tokens(tokens, scale)
-            if owned and hessian is not None:  # the group is its last reader: smoothed where it lies
-                hessian = smoothing.smooth_hessian(shared.take_xtx(), scale, in_place=True)
-            elif hessian is not None:
-                hessian = smoothing.smooth_hessian(hessian, scale)
+            if hessian is not None:  # owned: the group is its last reader, so smoothed where it lies
+                hessian = smoothing.smooth_hessian(shared.take_xtx() if owned else hessian, scale, in_place=owned)
         nf = self.options.figure_tokens
         for n in names:
             name = full[n]

@@ -249,10 +249,10 @@ def test_router_factor_is_shared_by_a_smoothing_group():
     layer = make_layer(T=500)
     comp = QuantExperts(QuantExpertsConfig(k=4, num_experts=3, shared_rank=4, expert_rank=3))
     F = layer.tokens.abs()
-    L1, _ = comp._router_factor(layer, F)
-    assert comp._router_factor(layer, F)[0] is L1  # same token tensor: cached
+    L1 = comp._router_factor(layer, F)
+    assert comp._router_factor(layer, F) is L1  # same token tensor: cached
     other = make_layer(T=500, seed=9)
-    assert comp._router_factor(other, other.tokens.abs())[0] is not L1
+    assert comp._router_factor(other, other.tokens.abs()) is not L1
 
 
 def test_router_factor_is_released_with_its_group():
@@ -263,8 +263,8 @@ def test_router_factor_is_released_with_its_group():
 
     comp = QuantExperts(QuantExpertsConfig(k=4, num_experts=3, shared_rank=4, expert_rank=3))
     first, second = make_layer(T=300), make_layer(T=300, seed=9)
-    L1 = weakref.ref(comp._router_factor(first, first.tokens.abs())[0])
-    L2 = weakref.ref(comp._router_factor(second, second.tokens.abs())[0])
+    L1 = weakref.ref(comp._router_factor(first, first.tokens.abs()))
+    L2 = weakref.ref(comp._router_factor(second, second.tokens.abs()))
     gc.collect()
     assert L1() is None and L2() is not None  # first's tokens alive, its factor gone
     del second

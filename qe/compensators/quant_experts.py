@@ -179,9 +179,8 @@ class QuantExperts(Compensator):
     def __init__(self, config: QuantExpertsConfig | None = None):
         super().__init__(config)
         # The router's factored ridge system, shared by linears reading the same token sample
-        # (a smoothing group): key → (weak reference to the tokens, their version, factor,
-        # whether it is the dual one).
-        self._router_cache: dict[tuple, tuple[Any, int, torch.Tensor, bool]] = {}
+        # (a smoothing group): key → (weak reference to the tokens, their version, factor).
+        self._router_cache: dict[tuple, tuple[Any, int, torch.Tensor]] = {}
         self._router_release: weakref.finalize | None = None
 
     # ------------------------------------------------------------------ checks
@@ -439,24 +438,23 @@ class QuantExperts(Compensator):
         Gram). With ``router_ridge`` = 0 the dual system gives the minimum-norm fit, where the
         singular primal one is retried with a small ridge. The factor depends only on the
         tokens, so linears of one smoothing group (same token tensor) share it."""
-        L, dual = self._router_factor(layer, F)
-        if dual:
+        L = self._router_factor(layer, F)
+        if _solved_dual(F):
             coefficients = torch.cholesky_solve(targets.double(), L)  # (T, N)
             return (coefficients.T @ F.double()).float()
         rhs = (targets.to(F.dtype).T @ F).T.double()  # (d_in, N) Fᵀe; this order reads F by rows (10× faster)
         return torch.cholesky_solve(rhs, L).T.float()
 
-    def _router_factor(self, layer: LayerContext, F: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """The Cholesky factor of the damped normal matrix of ``F`` ``(T, d_in)`` and whether it
-        is the dual one (``FFᵀ``, for ``T < d_in``)."""
+    def _router_factor(self, layer: LayerContext, F: torch.Tensor) -> torch.Tensor:
+        """The Cholesky factor of the damped normal matrix of ``F`` ``(T, d_in)``: of ``FFᵀ``
+        where :func:`_solved_dual`, else of ``FᵀF``."""
         tokens = layer.tokens
         key = (id(tokens), tuple(tokens.shape), F.shape[0], layer.seed, self.config.router_ridge)
         hit = self._router_cache.get(key)
         if hit is not None and hit[0]() is tokens and hit[1] == tokens._version:
-            return hit[2], hit[3]
+            return hit[2]
         where = f"the router of {layer.name}"
-        dual = F.shape[0] < F.shape[1]
-        if dual:  # damped as the primal normal matrix is: mean(diag FᵀF) = ‖F‖² / d_in
+        if _solved_dual(F):  # damped as the primal normal matrix is: mean(diag FᵀF) = ‖F‖² / d_in
             mean_diag = float(torch.linalg.vector_norm(F, dtype=torch.float64)) ** 2 / F.shape[1]
             L, _ = damped_gram_cholesky(F.T, self.config.router_ridge, where=where,
                                         scale=damping_scale(mean_diag))  # of FFᵀ
@@ -465,16 +463,16 @@ class QuantExperts(Compensator):
         try:
             ref = weakref.ref(tokens)
         except TypeError:
-            return L, dual
+            return L
         # One group at a time; the factor may be d × d (0.5 GB in float64 at d = 8,192), so it
         # also goes with the group's tokens (the previous group's release is cancelled: its
         # entry is replaced here).
         self._router_cache.clear()
         if self._router_release is not None:
             self._router_release.detach()
-        self._router_cache[key] = (ref, tokens._version, L, dual)
+        self._router_cache[key] = (ref, tokens._version, L)
         self._router_release = weakref.finalize(tokens, self._router_cache.clear)
-        return L, dual
+        return L
 
     # ------------------------------------------------------------------ costs
     def budget_menu(self) -> tuple[dict[str, Any], ...]:
@@ -607,6 +605,12 @@ class _Residuals:
     def routed_sq(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """``e²`` ``(T, N)`` for experts ``A (N, d_out, r)``, ``B (N, r, d_in)``."""
         return self._expand(A, B, sign=-1.0)
+
+
+def _solved_dual(F: torch.Tensor) -> bool:
+    """Whether the router's ridge system of ``F`` ``(T, d_in)`` is solved in its ``T × T`` dual
+    form: with fewer sample tokens than input channels."""
+    return F.shape[0] < F.shape[1]
 
 
 def _routed(e_sq: torch.Tensor, F: torch.Tensor, R: torch.Tensor) -> torch.Tensor:

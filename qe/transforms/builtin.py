@@ -95,17 +95,14 @@ class AWQ(Transform):
         quantize = group.quantize[0]
         spending = group.quantize_spending[0] if group.quantize_spending else quantize
 
-        def dequantized(w_s, h_s, ex):
-            return quantize(w_s, h_s, ex).dequantize()
-
-        def dequantized_spending(w_s, h_s, ex):
-            return spending(w_s, h_s, ex).dequantize()
+        def dequantizing(fn):
+            return lambda w_s, h_s, ex: fn(w_s, h_s, ex).dequantize()
 
         s, ratio, errors = smoothing.search_activation_scales(
-            group.weights, group.tokens, dequantized, group.setting.a_bits, grid=self.config.grid,
+            group.weights, group.tokens, dequantizing(quantize), group.setting.a_bits, grid=self.config.grid,
             hessian=group.hessian, exempt=exempt, act_exempt=_union(group.act_exempt),
             token_weights=self.token_weights(group.token_modality, group.tokens.shape[0]),
-            last_spending=dequantized_spending,
+            last_spending=dequantizing(spending),
         )
         return GroupScales(s, figures={"awq_ratio": ratio, "awq_error": errors[ratio]})
 
