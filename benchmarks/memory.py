@@ -203,7 +203,7 @@ def run_one(size: str, mode: str, samples: int, out_json: Path, blocks: int | No
         done = total if manifest is not None else blocks
         model_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         row = {"size": size, "mode": mode, "samples": samples, "blocks": f"{done} of {total}",
-               "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+               "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "minor_faults": usage.ru_minflt,
                "wall_s_per_block": round(wall / done, 1), "cpu_s_per_block": round(cpu / done, 1),
                "peak_rss_GB": round(peak, 3), "peak_anon_GB": round(peak_anon, 3),
                "model_GB": round(model_bytes / 1e9, 3),

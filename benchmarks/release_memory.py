@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,47 +27,17 @@ from _common import machine, median, print_table
 RESULTS = Path(__file__).resolve().parent / "results" / "release-memory"
 
 
-def run_one(size: str, blocks: int, release: bool) -> dict:
-    """One partial offloaded quantization in this process: wall and CPU seconds, minor page
-    faults, peak anonymous memory."""
+def run_one(size: str, blocks: int, release: bool, out_json: Path) -> None:
+    """The memory benchmark's offloaded run of the first ``blocks`` blocks in this process,
+    with qe's release of freed memory on or off; its row goes to ``out_json``."""
     import memory as bench
 
-    import qe
     import qe.capture
     import qe.pipeline
-    from qe.commands.quantize import run_quantize
-    from qe.models.loading import Placement, parse_max_memory
-    from qe.plugins import QEPluginManager
-    from qe.recipe import Recipe
 
     if not release:  # the two places qe releases memory, turned off for this process only
         qe.capture.release_freed_memory = qe.pipeline.release_freed_memory = lambda: False
-
-    class Stop(Exception):
-        pass
-
-    class AfterBlocks:
-        @qe.hookimpl
-        def qe_block_end(self, block_index, num_blocks, figures):
-            if block_index + 1 >= blocks:
-                raise Stop
-
-    anon = bench.AnonymousPeak()
-    with tempfile.TemporaryDirectory() as tmp:
-        placement = Placement(offload_folder=str(Path(tmp) / "offload"),
-                              max_memory=parse_max_memory(bench.OFFLOAD_MAX_MEMORY))
-        recipe = Recipe(quantizer="gptq", compensator=bench.COMPENSATOR, setting="W4A8", calib="pydoc", samples=2)
-        t0 = time.perf_counter()
-        try:
-            run_quantize(recipe, str(bench.model_dir(size)), out=Path(tmp) / "ckpt", progress=False,
-                         check_heldout=False, placement=placement,
-                         manager=QEPluginManager(extra_plugins=[AfterBlocks()]))
-        except Stop:
-            pass
-        wall = time.perf_counter() - t0
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"release": release, "wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-            "minor_faults": usage.ru_minflt, "peak_anon_GB": round(anon.stop(), 3)}
+    bench.run_one(size, "offload", 2, out_json, blocks)
 
 
 def main() -> None:
@@ -81,7 +49,7 @@ def main() -> None:
     ap.add_argument("--row", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        Path(args.row).write_text(json.dumps(run_one(args.size, args.blocks, args.one == "on")))
+        run_one(args.size, args.blocks, args.one == "on", Path(args.row))
         return
     import memory as bench
 
