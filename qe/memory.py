@@ -4,10 +4,9 @@ glibc's allocator keeps what a process frees in its heap for reuse, and tensors 
 mmap threshold (which rises to 32 MB as large blocks are freed) and a few hundred bytes are
 carved from that heap. A block-by-block job frees a block's worth of activations, weights and
 calibration matrices of such sizes at every step and allocates slightly different ones at
-the next, so the retained heap creeps up with the depth of the model: quantizing
-SmolLM2-360M with its blocks on disk, the memory held between blocks grew from 0.8 GB
-after 3 blocks to 1.7 GB after 32, while live tensors stayed under 10 MB. ``malloc_trim``
-returns the free pages, so what a step holds no longer depends on the steps before it.
+the next, so the retained heap creeps up with the depth of the model while live tensors
+stay small (measured in docs/results.md, models larger than memory). ``malloc_trim`` returns
+the free pages, so what a step holds no longer depends on the steps before it.
 """
 
 from __future__ import annotations
